@@ -1,0 +1,19 @@
+//! moat's data plane from userspace: load and attach the XDP program,
+//! compile a [`Spec`] into the exact contents of its maps, apply that as a
+//! diff in an order that never exposes a hole, and read the counters back.
+
+pub mod apply;
+pub mod compile;
+pub mod counters;
+pub mod ecmp;
+pub mod error;
+pub mod loader;
+pub mod spec;
+pub mod testrun;
+
+pub use apply::ApplyReport;
+pub use compile::{compile, Compiled, RouteSetEntry};
+pub use counters::Counters;
+pub use error::Error;
+pub use loader::{Dataplane, XdpMode};
+pub use spec::{CustomerSpec, NextHop, RouteSpec, Spec, TunnelSpec};

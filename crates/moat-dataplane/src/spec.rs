@@ -1,0 +1,64 @@
+//! The input of compilation: customers, their prefixes, tunnels and routes,
+//! already validated by the caller (the config crate), plus next hops.
+
+use std::net::Ipv4Addr;
+
+use ipnet::IpNet;
+
+/// Everything the data plane is to hold.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Spec {
+    /// Node addresses (besides tunnel endpoints) whose inner ICMP is passed up
+    /// still encapsulated, e.g. our side of tunnel interface addresses.
+    pub node_addresses: Vec<Ipv4Addr>,
+    pub customers: Vec<CustomerSpec>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CustomerSpec {
+    pub name: String,
+    /// Protected prefixes (no overlap with other customers).
+    pub prefixes: Vec<IpNet>,
+    /// Extra inner sources accepted on return traffic.
+    pub egress_prefixes: Vec<IpNet>,
+    pub tunnels: Vec<TunnelSpec>,
+    pub routes: Vec<RouteSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TunnelSpec {
+    pub name: String,
+    pub local: Ipv4Addr,
+    pub remote: Ipv4Addr,
+    pub key: Option<u32>,
+    /// Largest inner packet carried.
+    pub mtu: u16,
+    /// Outer TTL.
+    pub ttl: u8,
+    /// Added to the priority of every route through this tunnel (health).
+    pub penalty: u32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouteSpec {
+    pub prefix: IpNet,
+    /// Name of a tunnel of the same customer.
+    pub tunnel: String,
+    /// Lower wins.
+    pub priority: u32,
+    /// Share among routes of equal effective priority, 1..=256.
+    pub weight: u16,
+}
+
+/// Where to send a tunnel's encapsulated packets: resolved by userspace from
+/// the kernel's routing and neighbour tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NextHop {
+    pub ifindex: u32,
+    /// The egress interface's MAC.
+    pub smac: [u8; 6],
+    /// The next hop's MAC.
+    pub dmac: [u8; 6],
+    /// The egress interface's MTU (largest outer IP packet).
+    pub link_mtu: u16,
+}

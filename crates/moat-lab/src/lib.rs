@@ -1,0 +1,9 @@
+//! Tooling around moat's data plane for tests, benchmarks and the demo:
+//! network namespaces, test packets, a reference model of the pipeline, a
+//! bare XDP_DROP baseline program and a userspace GRE endpoint.
+
+pub mod baseline;
+pub mod fixture;
+pub mod model;
+pub mod netns;
+pub mod packet;

@@ -1,0 +1,695 @@
+//! Table-driven BPF_PROG_TEST_RUN cases. Outputs are checked with etherparse
+//! (headers, checksums) and GRE is read per RFC 2784/2890, independently of
+//! moat's parser. Each case also checks the reason counter that moved.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use etherparse::{Ethernet2HeaderSlice, Ipv4HeaderSlice, Ipv6HeaderSlice};
+use moat_common::Reason;
+use moat_lab::{
+    fixture::{Fixture, GW_MAC, NODE},
+    model::Action,
+    packet::{self, Frame, L4},
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+
+fn a4(s: &str) -> IpAddr {
+    IpAddr::V4(s.parse::<Ipv4Addr>().unwrap())
+}
+fn a6(s: &str) -> IpAddr {
+    IpAddr::V6(s.parse::<Ipv6Addr>().unwrap())
+}
+fn udp(sport: u16, dport: u16) -> L4 {
+    L4::Udp { sport, dport }
+}
+
+/// Runs `frame`, asserts the action and that exactly `reason` counted one
+/// packet, and that the model agrees on all of it. Returns the output.
+fn run(f: &Fixture, frame: &[u8], action: u32, reason: Reason) -> Vec<u8> {
+    let before = f.dp.counters([], []).unwrap();
+    let r = f.run(frame);
+    let after = f.dp.counters([], []).unwrap();
+    let moved: Vec<Reason> = Reason::ALL
+        .iter()
+        .copied()
+        .filter(|x| after.packets(*x) != before.packets(*x))
+        .collect();
+    assert_eq!(
+        r.action, action,
+        "action for {reason:?} case; counted {moved:?}"
+    );
+    for &x in Reason::ALL {
+        let d = after.packets(x) - before.packets(x);
+        assert_eq!(
+            d,
+            u64::from(x == reason),
+            "counter {x:?} moved by {d}, expected {reason:?}"
+        );
+    }
+    let expect = f
+        .with_model(|m| m.process(frame))
+        .expect("model predicts this case");
+    assert_eq!(
+        (expect.action.code(), expect.reason),
+        (r.action, reason),
+        "model disagrees"
+    );
+    assert_eq!(expect.output, r.data, "model's bytes differ");
+    if let Action::Redirect(i) = expect.action {
+        assert!(i != 0);
+    }
+    r.data
+}
+
+/// Checks an encapsulated frame with etherparse and returns (outer
+/// destination, GRE key, inner IP packet).
+fn open_gre(out: &[u8], dmac_last: u8) -> ([u8; 4], Option<u32>, Vec<u8>) {
+    let eth = Ethernet2HeaderSlice::from_slice(out).expect("ethernet");
+    assert_eq!(eth.destination(), [0x02, 0, 0, 0, 0xc0, dmac_last]);
+    assert_eq!(eth.source(), [0x02, 0, 0, 0, 0xc0, 0x01]);
+    assert_eq!(eth.ether_type().0, 0x0800);
+    let ip = Ipv4HeaderSlice::from_slice(&out[14..]).expect("outer IPv4");
+    let h = ip.to_header();
+    assert_eq!(
+        h.header_checksum,
+        h.calc_header_checksum(),
+        "outer checksum"
+    );
+    assert_eq!(ip.protocol().0, 47);
+    assert_eq!(ip.source(), NODE.octets());
+    assert_eq!(ip.ttl(), 64);
+    assert!(ip.dont_fragment());
+    assert_eq!(
+        usize::from(ip.total_len()),
+        out.len() - 14,
+        "outer length covers the frame"
+    );
+    let g = &out[34..];
+    let flags = u16::from_be_bytes([g[0], g[1]]);
+    assert_eq!(flags & !0x2000, 0, "only the key bit may be set");
+    let (key, inner) = if flags & 0x2000 != 0 {
+        (Some(u32::from_be_bytes([g[4], g[5], g[6], g[7]])), &g[8..])
+    } else {
+        (None, &g[4..])
+    };
+    let proto = u16::from_be_bytes([g[2], g[3]]);
+    assert_eq!(
+        proto,
+        if inner[0] >> 4 == 6 { 0x86dd } else { 0x0800 },
+        "GRE protocol type"
+    );
+    (ip.destination(), key, inner.to_vec())
+}
+
+/// The inner packet equals `orig` with TTL/hop limit lowered by one and a
+/// valid IPv4 checksum.
+fn check_inner(inner: &[u8], orig: &[u8]) {
+    assert_eq!(inner.len(), orig.len());
+    if orig[0] >> 4 == 4 {
+        let i = Ipv4HeaderSlice::from_slice(inner).unwrap();
+        let o = Ipv4HeaderSlice::from_slice(orig).unwrap();
+        assert_eq!(i.ttl(), o.ttl() - 1);
+        let h = i.to_header();
+        assert_eq!(
+            h.header_checksum,
+            h.calc_header_checksum(),
+            "inner checksum"
+        );
+        assert_eq!(inner[..8], orig[..8]);
+        assert_eq!(inner[9], orig[9]);
+        assert_eq!(inner[12..], orig[12..]);
+    } else {
+        let i = Ipv6HeaderSlice::from_slice(inner).unwrap();
+        let o = Ipv6HeaderSlice::from_slice(orig).unwrap();
+        assert_eq!(i.hop_limit(), o.hop_limit() - 1);
+        assert_eq!(inner[..7], orig[..7]);
+        assert_eq!(inner[8..], orig[8..]);
+    }
+}
+
+fn encap_case(
+    f: &Fixture,
+    ip: &[u8],
+    frame: Frame,
+    action: u32,
+    remote: [u8; 4],
+    key: Option<u32>,
+    dmac_last: u8,
+) {
+    let out = run(f, &packet::eth(frame, ip), action, Reason::ForwardEncap);
+    let (dst, k, inner) = open_gre(&out, dmac_last);
+    assert_eq!((dst, k), (remote, key));
+    check_inner(&inner, ip);
+}
+
+#[test]
+fn encapsulation_cases() {
+    let f = Fixture::new("cases-encap");
+    let untagged = Frame::default();
+    let tagged = Frame {
+        vlan: Some(100),
+        ..Frame::default()
+    };
+    let payload = [0xabu8; 100];
+    // IPv4 inner, untagged and tagged, no key (acme-a).
+    let v4 = packet::ip(
+        a4("192.0.2.99"),
+        a4("203.0.113.5"),
+        64,
+        udp(4000, 53),
+        &payload,
+    );
+    encap_case(&f, &v4, untagged, XDP_REDIRECT, [192, 0, 2, 10], None, 0);
+    encap_case(&f, &v4, tagged, XDP_REDIRECT, [192, 0, 2, 10], None, 0);
+    // Key 42 (acme-b, longer route), TCP.
+    let tcp = packet::ip(
+        a4("192.0.2.99"),
+        a4("203.0.113.70"),
+        30,
+        L4::Tcp {
+            sport: 5555,
+            dport: 443,
+            syn: true,
+        },
+        &[],
+    );
+    encap_case(
+        &f,
+        &tcp,
+        untagged,
+        XDP_REDIRECT,
+        [192, 0, 2, 11],
+        Some(42),
+        1,
+    );
+    // IPv6 inner, with and without a tag, and with extension headers.
+    let v6 = packet::ip(
+        a6("2001:db8:1::1"),
+        a6("2001:db8:100::5"),
+        64,
+        udp(4000, 53),
+        &payload,
+    );
+    encap_case(
+        &f,
+        &v6,
+        untagged,
+        XDP_REDIRECT,
+        [192, 0, 2, 11],
+        Some(42),
+        1,
+    );
+    encap_case(&f, &v6, tagged, XDP_REDIRECT, [192, 0, 2, 11], Some(42), 1);
+    let ext = packet::ipv6_with_ext(&v6, &[(0, 8), (43, 24), (60, 16)]);
+    encap_case(
+        &f,
+        &ext,
+        untagged,
+        XDP_REDIRECT,
+        [192, 0, 2, 11],
+        Some(42),
+        1,
+    );
+    // ICMP echo into a tunnel behind the ingress interface: XDP_TX.
+    let icmp = packet::ip(
+        a4("192.0.2.99"),
+        a4("203.0.113.200"),
+        64,
+        L4::Echo { id: 1, seq: 1 },
+        &payload,
+    );
+    encap_case(&f, &icmp, untagged, XDP_TX, [192, 0, 2, 20], None, 0);
+    // TTL 2 leaves with 1.
+    let ttl2 = packet::ip(a4("192.0.2.99"), a4("203.0.113.5"), 2, udp(1, 2), &payload);
+    encap_case(&f, &ttl2, untagged, XDP_REDIRECT, [192, 0, 2, 10], None, 0);
+    // Ethernet padding after a short packet is not carried into the tunnel.
+    let short = packet::ip(a4("192.0.2.99"), a4("203.0.113.5"), 64, udp(1, 2), &[]);
+    let mut padded = packet::eth(untagged, &short);
+    padded.resize(60, 0);
+    let out = run(&f, &padded, XDP_REDIRECT, Reason::ForwardEncap);
+    check_inner(&open_gre(&out, 0).2, &short);
+}
+
+#[test]
+fn mtu_boundary() {
+    let f = Fixture::new("cases-mtu");
+    // acme-a (no key), tunnel MTU 1476: 1476 bytes pass, 1477 exceed the tunnel MTU.
+    let (s, d) = (a4("192.0.2.99"), a4("203.0.113.5"));
+    let exact = packet::ip(s, d, 64, udp(1, 2), &vec![7u8; 1476 - 28]);
+    assert_eq!(exact.len(), 1476);
+    encap_case(
+        &f,
+        &exact,
+        Frame::default(),
+        XDP_REDIRECT,
+        [192, 0, 2, 10],
+        None,
+        0,
+    );
+    let over = packet::eth(
+        Frame::default(),
+        &packet::ip(s, d, 64, udp(1, 2), &vec![7u8; 1477 - 28]),
+    );
+    assert_eq!(
+        run(&f, &over, XDP_DROP, Reason::DropMtuExceeded),
+        over,
+        "dropped packet untouched"
+    );
+    // acme-b carries a key (28 bytes of overhead): on a 1500-byte link the
+    // largest packet is 1472; 1476 fits the tunnel MTU but not the link.
+    let (s, d) = (a6("2001:db8:1::1"), a6("2001:db8:100::5"));
+    let fits = packet::ip(s, d, 64, udp(1, 2), &vec![7u8; 1472 - 48]);
+    encap_case(
+        &f,
+        &fits,
+        Frame::default(),
+        XDP_REDIRECT,
+        [192, 0, 2, 11],
+        Some(42),
+        1,
+    );
+    let link = packet::eth(
+        Frame::default(),
+        &packet::ip(s, d, 64, udp(1, 2), &vec![7u8; 1476 - 48]),
+    );
+    run(&f, &link, XDP_DROP, Reason::DropNextHopMtu);
+    let over = packet::eth(
+        Frame::default(),
+        &packet::ip(s, d, 64, udp(1, 2), &vec![7u8; 1477 - 48]),
+    );
+    run(&f, &over, XDP_DROP, Reason::DropMtuExceeded);
+}
+
+#[test]
+fn ttl_expiry() {
+    let f = Fixture::new("cases-ttl");
+    for ttl in [0u8, 1] {
+        let p = packet::eth(
+            Frame::default(),
+            &packet::ip(
+                a4("192.0.2.99"),
+                a4("203.0.113.5"),
+                ttl,
+                udp(1, 2),
+                &[1, 2, 3],
+            ),
+        );
+        run(&f, &p, XDP_DROP, Reason::DropTtlExpired);
+        let p6 = packet::eth(
+            Frame::default(),
+            &packet::ip(
+                a6("2001:db8:1::1"),
+                a6("2001:db8:100::5"),
+                ttl,
+                udp(1, 2),
+                &[1],
+            ),
+        );
+        run(&f, &p6, XDP_DROP, Reason::DropTtlExpired);
+    }
+}
+
+#[test]
+fn fragments_all_take_one_tunnel() {
+    let f = Fixture::new("cases-frag");
+    // The ECMP route 203.0.113.96/27 spreads flows; fragments hash on L3
+    // only, so first, middle and last fragments must share a tunnel.
+    for src_last in 1..40u8 {
+        let src = IpAddr::V4(Ipv4Addr::new(192, 0, 2, src_last));
+        let whole = packet::ip(
+            src,
+            a4("203.0.113.100"),
+            64,
+            udp(1000 + u16::from(src_last), 53),
+            &vec![9u8; 3000],
+        );
+        let frags = packet::ipv4_fragments(&whole, 1400, u16::from(src_last));
+        assert_eq!(frags.len(), 3, "first, middle, last");
+        let mut remotes = Vec::new();
+        for fr in &frags {
+            let out = run(
+                &f,
+                &packet::eth(Frame::default(), fr),
+                XDP_REDIRECT,
+                Reason::ForwardEncap,
+            );
+            let eth_dst_last = out[5];
+            let (remote, _, inner) = open_gre(&out, eth_dst_last);
+            check_inner(&inner, fr);
+            remotes.push(remote);
+        }
+        assert!(
+            remotes.windows(2).all(|w| w[0] == w[1]),
+            "fragments of one datagram split over tunnels: {remotes:?}"
+        );
+    }
+    let whole6 = packet::ip(
+        a6("2001:db8:1::1"),
+        a6("2001:db8:100::5"),
+        64,
+        udp(1, 2),
+        &vec![9u8; 3000],
+    );
+    for fr in packet::ipv6_fragments(&whole6, 1400, 7) {
+        encap_case(
+            &f,
+            &fr,
+            Frame::default(),
+            XDP_REDIRECT,
+            [192, 0, 2, 11],
+            Some(42),
+            1,
+        );
+    }
+}
+
+#[test]
+fn not_ours_passes_untouched() {
+    let f = Fixture::new("cases-miss");
+    for ip in [
+        packet::ip(a4("192.0.2.1"), a4("192.0.2.99"), 64, udp(1, 2), &[0; 20]),
+        packet::ip(
+            a4("192.0.2.1"),
+            a4("198.51.100.1"),
+            64,
+            L4::Echo { id: 1, seq: 2 },
+            &[],
+        ),
+        packet::ip(
+            a6("2001:db8::1"),
+            a6("2001:db8:300::1"),
+            64,
+            udp(1, 2),
+            &[0; 20],
+        ),
+    ] {
+        let frame = packet::eth(Frame::default(), &ip);
+        assert_eq!(run(&f, &frame, XDP_PASS, Reason::PassNotProtected), frame);
+    }
+    let arp = packet::eth_typed(Frame::default(), 0x0806, &[0u8; 28]);
+    assert_eq!(run(&f, &arp, XDP_PASS, Reason::PassNotIp), arp);
+}
+
+#[test]
+fn routing_failures_are_counted() {
+    let f = Fixture::new("cases-noroute");
+    let v6 = packet::eth(
+        Frame::default(),
+        &packet::ip(
+            a6("2001:db8:1::1"),
+            a6("2001:db8:200::1"),
+            64,
+            udp(1, 2),
+            &[],
+        ),
+    );
+    run(&f, &v6, XDP_DROP, Reason::DropNoRoute);
+    let nh = packet::eth(
+        Frame::default(),
+        &packet::ip(a4("192.0.2.1"), a4("203.0.113.40"), 64, udp(1, 2), &[]),
+    );
+    run(&f, &nh, XDP_DROP, Reason::DropNoNextHop);
+    let c = f.dp.counters([0, 1], []).unwrap();
+    assert_eq!(
+        c.customers[&1].in_dropped.packets, 1,
+        "globex counted its drop"
+    );
+    assert_eq!(
+        c.customers[&0].in_dropped.packets, 1,
+        "acme counted its drop"
+    );
+    assert_eq!(c.customers[&0].in_received.packets, 1);
+}
+
+fn gre_frame(remote: [u8; 4], key: Option<u32>, inner: &[u8]) -> Vec<u8> {
+    packet::eth(
+        Frame::default(),
+        &packet::gre(remote, NODE.octets(), 64, key, inner),
+    )
+}
+
+#[test]
+fn decapsulation_cases() {
+    let f = Fixture::new("cases-decap");
+    let payload = [5u8; 64];
+    let inner = packet::ip(
+        a4("203.0.113.5"),
+        a4("198.51.100.77"),
+        64,
+        udp(53, 4000),
+        &payload,
+    );
+    // Valid remote, no key: decapsulated and sent toward the upstream gateway.
+    let out = run(
+        &f,
+        &gre_frame([192, 0, 2, 10], None, &inner),
+        XDP_REDIRECT,
+        Reason::ForwardDecap,
+    );
+    let eth = Ethernet2HeaderSlice::from_slice(&out).unwrap();
+    assert_eq!(eth.destination(), GW_MAC);
+    assert_eq!(eth.source(), f.up_mac);
+    assert_eq!(eth.ether_type().0, 0x0800);
+    check_inner(&out[14..], &inner);
+    // Keyed tunnel with its key; IPv6 inner; source from egress_prefixes.
+    run(
+        &f,
+        &gre_frame([192, 0, 2, 11], Some(42), &inner),
+        XDP_REDIRECT,
+        Reason::ForwardDecap,
+    );
+    let inner6 = packet::ip(
+        a6("2001:db8:100::5"),
+        a6("2001:db8:9::1"),
+        64,
+        udp(53, 4000),
+        &payload,
+    );
+    let out6 = run(
+        &f,
+        &gre_frame([192, 0, 2, 11], Some(42), &inner6),
+        XDP_REDIRECT,
+        Reason::ForwardDecap,
+    );
+    assert_eq!(
+        Ethernet2HeaderSlice::from_slice(&out6)
+            .unwrap()
+            .ether_type()
+            .0,
+        0x86dd
+    );
+    check_inner(&out6[14..], &inner6);
+    let egress = packet::ip(
+        a4("192.0.2.130"),
+        a4("198.51.100.77"),
+        64,
+        udp(53, 4000),
+        &payload,
+    );
+    run(
+        &f,
+        &gre_frame([192, 0, 2, 10], None, &egress),
+        XDP_REDIRECT,
+        Reason::ForwardDecap,
+    );
+    // Unknown remote, wrong key, missing key, unexpected key: dropped.
+    for (remote, key) in [
+        ([192, 0, 2, 99], None),
+        ([192, 0, 2, 11], Some(41)),
+        ([192, 0, 2, 11], None),
+        ([192, 0, 2, 10], Some(1)),
+    ] {
+        let frame = gre_frame(remote, key, &inner);
+        assert_eq!(
+            run(&f, &frame, XDP_DROP, Reason::DropGreUnknownTunnel),
+            frame
+        );
+    }
+    // Spoofed inner source (globex's prefix through acme's tunnel, and an outside address).
+    for src in ["203.0.113.200", "192.0.2.50"] {
+        let spoofed = packet::ip(a4(src), a4("198.51.100.77"), 64, udp(53, 4000), &payload);
+        run(
+            &f,
+            &gre_frame([192, 0, 2, 10], None, &spoofed),
+            XDP_DROP,
+            Reason::DropSpoofedSource,
+        );
+    }
+    // ICMP for the node (probe replies) stays encapsulated and goes up.
+    for dst in ["169.254.10.0", "198.51.100.1"] {
+        let probe = packet::ip(
+            a4("169.254.10.1"),
+            a4(dst),
+            64,
+            L4::Echo { id: 7, seq: 1 },
+            &[1; 16],
+        );
+        let frame = gre_frame([192, 0, 2, 10], None, &probe);
+        assert_eq!(run(&f, &frame, XDP_PASS, Reason::PassTunnelToNode), frame);
+    }
+    // Inner TTL 1 cannot be forwarded.
+    let expiring = packet::ip(
+        a4("203.0.113.5"),
+        a4("198.51.100.77"),
+        1,
+        udp(53, 4000),
+        &payload,
+    );
+    run(
+        &f,
+        &gre_frame([192, 0, 2, 10], None, &expiring),
+        XDP_DROP,
+        Reason::DropTtlExpired,
+    );
+    // GRE with routing bit, another version, and a non-IP payload.
+    let mut bad = gre_frame([192, 0, 2, 10], None, &inner);
+    bad[34] |= 0x40;
+    run(&f, &bad, XDP_DROP, Reason::DropGreMalformed);
+    let mut v1 = gre_frame([192, 0, 2, 10], None, &inner);
+    v1[35] |= 0x01;
+    run(&f, &v1, XDP_DROP, Reason::DropGreMalformed);
+    let mut eth_payload = gre_frame([192, 0, 2, 10], None, &inner);
+    eth_payload[36..38].copy_from_slice(&0x6558u16.to_be_bytes());
+    run(
+        &f,
+        &eth_payload,
+        XDP_DROP,
+        Reason::DropGreUnsupportedPayload,
+    );
+    let c = f.dp.counters([0], [0, 1]).unwrap();
+    // acme-a accepted: valid, egress source, 2 spoofed, 2 probes, TTL 1,
+    // non-IP payload (the malformed GRE headers never matched a tunnel).
+    assert_eq!(c.tunnels[&0].rx.packets, 8);
+    assert_eq!(
+        c.customers[&0].out_dropped.packets, 4,
+        "2 spoofed, TTL 1, non-IP payload"
+    );
+    assert_eq!(
+        c.customers[&0].out_forwarded.packets, 4,
+        "across acme's tunnels a and b"
+    );
+}
+
+#[test]
+fn every_truncation_point_is_dropped_and_counted() {
+    let f = Fixture::new("cases-trunc");
+    let tagged = Frame {
+        vlan: Some(7),
+        ..Frame::default()
+    };
+    let frames = [
+        packet::eth(
+            tagged,
+            &packet::ip(a4("192.0.2.99"), a4("203.0.113.5"), 64, udp(1, 2), &[3; 30]),
+        ),
+        packet::eth(
+            Frame::default(),
+            &packet::ip(
+                a6("2001:db8:1::1"),
+                a6("2001:db8:100::5"),
+                64,
+                L4::Tcp {
+                    sport: 1,
+                    dport: 2,
+                    syn: false,
+                },
+                &[3; 30],
+            ),
+        ),
+        gre_frame(
+            [192, 0, 2, 11],
+            Some(42),
+            &packet::ip(
+                a4("203.0.113.70"),
+                a4("198.51.100.77"),
+                64,
+                udp(1, 2),
+                &[3; 30],
+            ),
+        ),
+    ];
+    for full in &frames {
+        let l3 = if full[12..14] == [0x81, 0x00] { 18 } else { 14 };
+        // BPF_PROG_TEST_RUN refuses frames under 14 bytes (no driver delivers
+        // them either); every longer cut is tried.
+        for len in 14..full.len() {
+            let cut = &full[..len];
+            let reason = if len < l3 {
+                Reason::DropTruncatedEthernet
+            } else {
+                Reason::DropTruncatedIp
+            };
+            assert_eq!(run(&f, cut, XDP_DROP, reason), cut, "truncated at {len}");
+        }
+    }
+    // An IP length that ends inside the L4 header.
+    let mut ip = packet::ip(a4("192.0.2.99"), a4("203.0.113.5"), 64, udp(1, 2), &[]);
+    ip.truncate(24);
+    ip[2..4].copy_from_slice(&24u16.to_be_bytes());
+    let frame = packet::eth(Frame::default(), &ip);
+    run(&f, &frame, XDP_DROP, Reason::DropTruncatedL4);
+    // Malformed: IHL below 5, total length below the header, wrong version.
+    for (at, value) in [(14usize, 0x44u8), (17, 10), (14, 0x65)] {
+        let mut m = packet::eth(
+            Frame::default(),
+            &packet::ip(a4("192.0.2.99"), a4("203.0.113.5"), 64, udp(1, 2), &[]),
+        );
+        m[at] = value;
+        if at == 17 {
+            m[16] = 0;
+        }
+        run(&f, &m, XDP_DROP, Reason::DropMalformedIp);
+    }
+}
+
+#[test]
+fn weighted_spread_and_consistency_on_failure() {
+    let mut f = Fixture::new("cases-ecmp");
+    let flows: Vec<Vec<u8>> = (0..4000u32)
+        .map(|i| {
+            let src = IpAddr::V4(Ipv4Addr::new(192, 0, 2, (i % 250) as u8));
+            packet::eth(
+                Frame::default(),
+                &packet::ip(
+                    src,
+                    a4("203.0.113.100"),
+                    64,
+                    udp(1024 + (i / 250) as u16 * 97, 443),
+                    &[0; 8],
+                ),
+            )
+        })
+        .collect();
+    let remote = |out: &[u8]| [out[30], out[31], out[32], out[33]];
+    let before: Vec<[u8; 4]> = flows.iter().map(|p| remote(&f.run(p).data)).collect();
+    let on_b = before.iter().filter(|r| **r == [192, 0, 2, 11]).count() as f64 / flows.len() as f64;
+    assert!(
+        (on_b - 0.75).abs() < 0.04,
+        "weights 1:3 gave {on_b:.3} on the weight-3 tunnel"
+    );
+    // Tunnel a goes down (penalised): only its flows move.
+    let mut spec = f.spec.clone();
+    spec.customers[0].tunnels[0].penalty = 1_000_000;
+    f.apply(spec);
+    let after: Vec<[u8; 4]> = flows.iter().map(|p| remote(&f.run(p).data)).collect();
+    for (b, a) in before.iter().zip(&after) {
+        if *b == [192, 0, 2, 11] {
+            assert_eq!(a, b, "a flow on the surviving tunnel moved");
+        }
+        assert_eq!(
+            *a,
+            [192, 0, 2, 11],
+            "every flow now on the surviving tunnel"
+        );
+    }
+    // Back up: exactly the original assignment returns.
+    let mut spec = f.spec.clone();
+    spec.customers[0].tunnels[0].penalty = 0;
+    f.apply(spec);
+    let restored: Vec<[u8; 4]> = flows.iter().map(|p| remote(&f.run(p).data)).collect();
+    assert_eq!(restored, before);
+}
