@@ -24,5 +24,19 @@ pub const MAX_LOCAL_ADDRS: u32 = 4_096;
 /// Distinct (local, remote, key) tunnel identities accepted on decapsulation.
 pub const MAX_DECAP_ENTRIES: u32 = MAX_TUNNELS;
 
+/// Destination prefilter: one bit per block of the top `FILTER_BITS`
+/// address bits (an IPv4 /24); a clear bit means "not protected".
+pub const FILTER_BITS: u32 = 24;
+/// 64-bit words of each prefilter array.
+pub const FILTER_WORDS: u32 = 1 << (FILTER_BITS - 6);
+/// Block lengths of the exact-match block tables (IPv4 /24, IPv6 /48).
+pub const BLOCK4_LEN: u32 = 24;
+pub const BLOCK6_LEN: u32 = 48;
+/// Entries of each block table.
+pub const MAX_BLOCKS: u32 = 1 << 20;
+/// A prefix shorter than a block is expanded into the block table only if
+/// it covers at most this many blocks (longer ones are served by the LPM table).
+pub const BLOCK_EXPAND_MAX: u32 = 256;
+
 /// Route set value meaning "no route covers this address".
 pub const NO_ROUTE_SET: u32 = u32::MAX;

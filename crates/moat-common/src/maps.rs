@@ -18,17 +18,10 @@ pub type SourceKey4 = [u8; 8];
 /// Anti-spoofing LPM key data for IPv6: customer id (big endian) then address.
 pub type SourceKey6 = [u8; 20];
 
-/// A route set: the members of the best effective priority for one route prefix.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct RouteSet {
-    /// 1: `tunnel` serves every flow. >1: `table` maps flow-hash slots to tunnels.
-    pub members: u32,
-    pub tunnel: u32,
-    pub table: u32,
-    pub _pad: u32,
-}
-const _: () = assert!(core::mem::size_of::<RouteSet>() == 16);
+/// `ROUTE_SETS` value bit: the low 31 bits index `ECMP_TABLES` (several
+/// members); without it they are the single member's tunnel id. One `u32`,
+/// so a route set changes with one atomic store.
+pub const ROUTE_SET_TABLE: u32 = 1 << 31;
 
 /// Weighted, consistent slot table of a multi-member route set:
 /// `slots[flow_hash % ECMP_SLOTS]` is the tunnel id.
@@ -43,22 +36,25 @@ const _: () = assert!(core::mem::size_of::<EcmpTable>() == 2 * ECMP_SLOTS);
 pub const TUNNEL_HAS_KEY: u8 = 1;
 /// `Tunnel::flags`: `ifindex`, `smac`, `dmac` and `link_mtu` are current.
 pub const TUNNEL_NEXTHOP_VALID: u8 = 2;
+/// `Tunnel::flags`: the slot holds a configured tunnel.
+pub const TUNNEL_PRESENT: u8 = 4;
 
 /// Everything the data plane needs to encapsulate into and transmit on a
-/// tunnel, replaced as a whole so a packet never sees half an update.
-#[repr(C)]
+/// tunnel. `TUNNELS` holds two slots per tunnel id and `TUNNEL_SLOT` says
+/// which is live: userspace writes the idle slot, then flips the live one
+/// with a single store, so a packet never sees half an update.
+///
+/// `header` is the outer Ethernet + IPv4 + GRE header as sent (built by
+/// userspace from the tunnel and its next hop), with the IP total length,
+/// IP checksum and GRE protocol left zero: the data plane copies
+/// `header_len` bytes in word-sized stores and patches those three fields.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Tunnel {
-    /// Outer source (network order).
-    pub local: [u8; 4],
-    /// Outer destination (network order).
-    pub remote: [u8; 4],
-    /// GRE key (network order), valid with [`TUNNEL_HAS_KEY`].
-    pub key: [u8; 4],
+    pub header: [u8; TUNNEL_HEADER_MAX],
     pub customer: u32,
-    pub flags: u8,
-    /// Outer TTL.
-    pub ttl: u8,
+    /// Next hop's interface.
+    pub ifindex: u32,
     /// Largest inner packet (IP total length) the tunnel carries.
     pub mtu: u16,
     /// Largest outer IP packet the next hop's link carries.
@@ -67,16 +63,62 @@ pub struct Tunnel {
     /// checksum zero, folded to 16 bits; the data plane adds the length,
     /// folds again and complements.
     pub outer_csum_partial: u16,
-    pub ifindex: u32,
-    /// Next hop's link (source) MAC.
-    pub smac: [u8; 6],
-    /// Next hop's MAC (destination).
-    pub dmac: [u8; 6],
+    pub flags: u8,
+    /// 38 without a key, 42 with one.
+    pub header_len: u8,
 }
-const _: () = assert!(core::mem::size_of::<Tunnel>() == 40);
+const _: () = assert!(core::mem::size_of::<Tunnel>() == 64);
+
+/// Room for the outer header template: 14 + 20 + 8 = 42, padded to words.
+pub const TUNNEL_HEADER_MAX: usize = 48;
+/// Offsets inside the outer header template.
+pub mod header {
+    pub const ETH_DST: usize = 0;
+    pub const ETH_SRC: usize = 6;
+    pub const IP: usize = 14;
+    pub const IP_TOT_LEN: usize = 16;
+    pub const IP_TTL: usize = 22;
+    pub const IP_CHECK: usize = 24;
+    pub const IP_SRC: usize = 26;
+    pub const IP_DST: usize = 30;
+    pub const GRE: usize = 34;
+    pub const GRE_PROTO: usize = 36;
+    pub const GRE_KEY: usize = 38;
+}
+
+impl Tunnel {
+    fn bytes<const N: usize>(&self, at: usize) -> [u8; N] {
+        let mut b = [0u8; N];
+        b.copy_from_slice(&self.header[at..at + N]);
+        b
+    }
+    /// Outer source address.
+    pub fn local(&self) -> [u8; 4] {
+        self.bytes(header::IP_SRC)
+    }
+    /// Outer destination address.
+    pub fn remote(&self) -> [u8; 4] {
+        self.bytes(header::IP_DST)
+    }
+    /// GRE key, when the tunnel has one.
+    pub fn key(&self) -> Option<u32> {
+        (self.flags & TUNNEL_HAS_KEY != 0).then(|| u32::from_be_bytes(self.bytes(header::GRE_KEY)))
+    }
+    pub fn ttl(&self) -> u8 {
+        self.header[header::IP_TTL]
+    }
+    /// Next hop MAC (destination).
+    pub fn dmac(&self) -> [u8; 6] {
+        self.bytes(header::ETH_DST)
+    }
+    /// Egress interface MAC (source).
+    pub fn smac(&self) -> [u8; 6] {
+        self.bytes(header::ETH_SRC)
+    }
+}
 
 /// Key of the decapsulation table: which GRE packets are ours.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DecapKey {
     /// Outer destination (our endpoint), network order.
@@ -149,8 +191,6 @@ mod pod {
     // arrays, with no implicit padding (sizes are pinned above), so any bit
     // pattern is a valid value.
     unsafe impl aya::Pod for super::DestValue {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::RouteSet {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::EcmpTable {}
     // SAFETY: as above.

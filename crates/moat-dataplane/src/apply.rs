@@ -1,16 +1,23 @@
 //! Reading the maps back and applying a compiled state as a diff.
 //!
 //! Order of an apply, so that no packet ever meets a hole:
-//! 1. tunnels (a route set may point at them next),
+//! 1. tunnels (a route set may point at them next), each written into its
+//!    idle slot and then made live with one store,
 //! 2. ECMP tables, each into a slot no route set uses yet,
-//! 3. route sets (a destination entry may point at them next),
+//! 3. route sets, one atomic `u32` each (a destination entry may point at
+//!    them next),
 //! 4. anti-spoofing sources, decapsulation entries, local addresses,
-//! 5. destination entries (they make traffic reach everything above);
+//! 5. prefilter bits (old and new), destination entries (they make traffic
+//!    reach everything above), then the blocks that cache them;
 //!
-//! then removals in the reverse order: destination entries, local
-//! addresses, decapsulation entries, sources, route sets, tunnels. A freed
-//! ECMP table slot is only reused by a later apply, after packets that
-//! might still read it have finished.
+//! then removals in the reverse order: blocks, destination entries,
+//! prefilter bits, local addresses, decapsulation entries, sources, tunnels. Route sets and ECMP
+//! tables need no removal: once no destination entry refers to them they
+//! are unreachable, and their slots are reused by a later apply, after
+//! packets that might still read them have finished.
+//!
+//! Reading back follows references from the destination and
+//! decapsulation tables, so it sees exactly what packets can reach.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -18,12 +25,16 @@ use aya::{
     maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues},
     Pod,
 };
-use moat_common::{limits::MAX_ECMP_TABLES, EcmpTable, RouteSet};
+use moat_common::{
+    limits::{MAX_ECMP_TABLES, NO_ROUTE_SET},
+    EcmpTable, Tunnel, ROUTE_SET_TABLE, TUNNEL_PRESENT,
+};
 
 use crate::{
     compile::{Compiled, Lpm, RouteSetEntry},
     error::Error,
     loader::Dataplane,
+    mmap::MmapWords,
 };
 
 /// What an apply changed, entry by entry over all maps.
@@ -37,6 +48,15 @@ pub struct ApplyReport {
 impl ApplyReport {
     pub fn is_empty(&self) -> bool {
         self.added + self.changed + self.removed == 0
+    }
+
+    fn count<V: PartialEq>(&mut self, have: Option<&V>, want: &V) -> bool {
+        match have {
+            Some(h) if h == want => return false,
+            Some(_) => self.changed += 1,
+            None => self.added += 1,
+        }
+        true
     }
 }
 
@@ -52,10 +72,7 @@ fn read_lpm<const N: usize, V: Pod>(
     Ok(out)
 }
 
-fn read_hash<K: Pod + Ord, V: Pod>(
-    map: &HashMap<MapData, K, V>,
-    name: &'static str,
-) -> Result<BTreeMap<K, V>, Error> {
+fn read_hash<K: Pod + Ord, V: Pod>(map: &HashMap<MapData, K, V>, name: &'static str) -> Result<BTreeMap<K, V>, Error> {
     let mut out = BTreeMap::new();
     for item in map.iter() {
         let (k, v) = item.map_err(Error::map(name))?;
@@ -72,13 +89,9 @@ fn upsert_lpm<const N: usize, V: Pod + PartialEq>(
     report: &mut ApplyReport,
 ) -> Result<(), Error> {
     for (k, v) in want {
-        match have.get(k) {
-            Some(h) if h == v => continue,
-            Some(_) => report.changed += 1,
-            None => report.added += 1,
+        if report.count(have.get(k), v) {
+            map.insert(&Key::new(k.0, k.1), v, 0).map_err(Error::map(name))?;
         }
-        map.insert(&Key::new(k.0, k.1), v, 0)
-            .map_err(Error::map(name))?;
     }
     Ok(())
 }
@@ -105,20 +118,17 @@ fn upsert_hash<K: Pod + Ord, V: Pod + PartialEq>(
     report: &mut ApplyReport,
 ) -> Result<(), Error> {
     for (k, v) in want {
-        match have.get(k) {
-            Some(h) if h == v => continue,
-            Some(_) => report.changed += 1,
-            None => report.added += 1,
+        if report.count(have.get(k), v) {
+            map.insert(k, v, 0).map_err(Error::map(name))?;
         }
-        map.insert(k, v, 0).map_err(Error::map(name))?;
     }
     Ok(())
 }
 
-fn remove_hash<K: Pod + Ord, V: Pod, W>(
+fn remove_hash<K: Pod + Ord, V: Pod>(
     map: &mut HashMap<MapData, K, V>,
     name: &'static str,
-    want: &BTreeMap<K, W>,
+    want: &BTreeMap<K, V>,
     have: &BTreeMap<K, V>,
     report: &mut ApplyReport,
 ) -> Result<(), Error> {
@@ -132,6 +142,24 @@ fn remove_hash<K: Pod + Ord, V: Pod, W>(
     Ok(())
 }
 
+fn union_words(a: &BTreeMap<u32, u64>, b: &BTreeMap<u32, u64>) -> BTreeMap<u32, u64> {
+    let mut out = a.clone();
+    for (i, w) in b {
+        *out.entry(*i).or_default() |= w;
+    }
+    out
+}
+
+/// Moves the mapped words from `from` to `to`, storing only words that differ.
+fn write_words(map: &MmapWords, from: &BTreeMap<u32, u64>, to: &BTreeMap<u32, u64>) {
+    for i in from.keys().chain(to.keys()) {
+        let v = to.get(i).copied().unwrap_or(0);
+        if from.get(i).copied().unwrap_or(0) != v {
+            map.set(*i, v);
+        }
+    }
+}
+
 fn set_to_map<const N: usize>(s: &BTreeSet<Lpm<N>>) -> BTreeMap<Lpm<N>, u32> {
     s.iter().map(|k| (*k, 1u32)).collect()
 }
@@ -142,37 +170,86 @@ fn zero_per_cpu<V: Pod + Default>(
     index: u32,
 ) -> Result<(), Error> {
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::map(name)(MapError::IoError(e)))?;
-    let zeros = PerCpuValues::try_from(vec![V::default(); cpus])
-        .map_err(|e| Error::map(name)(MapError::IoError(e)))?;
+    let zeros = PerCpuValues::try_from(vec![V::default(); cpus]).map_err(|e| Error::map(name)(MapError::IoError(e)))?;
     map.set(index, zeros, 0).map_err(Error::map(name))
 }
 
 impl Dataplane {
+    /// The live slot of tunnel `id`.
+    fn live_slot(&self, id: u32) -> Result<u32, Error> {
+        Ok(self.maps.tunnel_slot.get(&id, 0).map_err(Error::map("TUNNEL_SLOT"))? & 1)
+    }
+
+    /// Writes `t` into tunnel `id`'s idle slot, then makes that slot live.
+    fn write_tunnel(&mut self, id: u32, t: &Tunnel) -> Result<(), Error> {
+        let idle = self.live_slot(id)? ^ 1;
+        self.maps
+            .tunnels
+            .set(id * 2 + idle, t, 0)
+            .map_err(Error::map("TUNNELS"))?;
+        self.maps
+            .tunnel_slot
+            .set(id, idle, 0)
+            .map_err(Error::map("TUNNEL_SLOT"))
+    }
+
+    /// Raw route set values referenced by destination entries.
+    fn read_route_sets(&self, state: &Compiled) -> Result<BTreeMap<u32, u32>, Error> {
+        let ids: BTreeSet<u32> = state
+            .dest4
+            .values()
+            .chain(state.dest6.values())
+            .map(|d| d.route_set)
+            .filter(|r| *r != NO_ROUTE_SET)
+            .collect();
+        let mut out = BTreeMap::new();
+        for id in ids {
+            out.insert(id, self.maps.route_sets.get(&id, 0).map_err(Error::map("ROUTE_SETS"))?);
+        }
+        Ok(out)
+    }
+
     /// Reads every map back into the shape `compile` produces (names
-    /// excepted), resolving ECMP tables through their slots.
+    /// excepted), following references the way packets do.
     pub fn read_back(&self) -> Result<Compiled, Error> {
         let m = &self.maps;
         let mut out = Compiled {
             dest4: read_lpm(&m.dest4, "DEST4")?,
             dest6: read_lpm(&m.dest6, "DEST6")?,
+            filter4: m.filter4.non_zero(),
+            filter6: m.filter6.non_zero(),
+            block4: read_hash(&m.block4, "BLOCK4")?,
+            block6: read_hash(&m.block6, "BLOCK6")?,
             source4: read_lpm(&m.source4, "SOURCE4")?.into_keys().collect(),
             source6: read_lpm(&m.source6, "SOURCE6")?.into_keys().collect(),
-            tunnels: read_hash(&m.tunnels, "TUNNELS")?,
             decap: read_hash(&m.decap, "DECAP")?,
             local_addrs: read_hash(&m.local_addrs, "LOCAL_ADDRS")?,
             ..Compiled::default()
         };
-        for (id, rs) in read_hash(&m.route_sets, "ROUTE_SETS")? {
-            let entry = if rs.members <= 1 {
-                RouteSetEntry::Single(rs.tunnel)
+        let mut tunnel_ids: BTreeSet<u32> = out.decap.values().map(|d| d.tunnel).collect();
+        for (id, v) in self.read_route_sets(&out)? {
+            let entry = if v & ROUTE_SET_TABLE == 0 {
+                tunnel_ids.insert(v);
+                RouteSetEntry::Single(v)
             } else {
                 let t = m
                     .ecmp_tables
-                    .get(&rs.table, 0)
+                    .get(&(v & !ROUTE_SET_TABLE), 0)
                     .map_err(Error::map("ECMP_TABLES"))?;
+                tunnel_ids.extend(t.slots.iter().map(|s| u32::from(*s)));
                 RouteSetEntry::Table(Box::new(t.slots))
             };
             out.route_sets.insert(id, entry);
+        }
+        for id in tunnel_ids {
+            let slot = id
+                .checked_mul(2)
+                .ok_or(Error::Spec(format!("tunnel id {id} out of range")))?
+                + self.live_slot(id)?;
+            let t = m.tunnels.get(&slot, 0).map_err(Error::map("TUNNELS"))?;
+            if t.flags & TUNNEL_PRESENT != 0 {
+                out.tunnels.insert(id, t);
+            }
         }
         Ok(out)
     }
@@ -181,46 +258,35 @@ impl Dataplane {
     pub fn apply(&mut self, want: &Compiled) -> Result<ApplyReport, Error> {
         let mut report = ApplyReport::default();
         let have = self.read_back()?;
-        let have_sets = read_hash(&self.maps.route_sets, "ROUTE_SETS")?;
-        let m = &mut self.maps;
+        let have_sets = self.read_route_sets(&have)?;
 
         // 1. Tunnels; fresh ids start with zeroed counters.
-        for id in want
-            .tunnels
-            .keys()
-            .filter(|id| !have.tunnels.contains_key(*id))
-        {
-            zero_per_cpu(&mut m.tunnel_stats, "TUNNEL_STATS", *id)?;
+        for (id, t) in &want.tunnels {
+            if !have.tunnels.contains_key(id) {
+                zero_per_cpu(&mut self.maps.tunnel_stats, "TUNNEL_STATS", *id)?;
+            }
+            if report.count(have.tunnels.get(id), t) {
+                self.write_tunnel(*id, t)?;
+            }
         }
-        upsert_hash(
-            &mut m.tunnels,
-            "TUNNELS",
-            &want.tunnels,
-            &have.tunnels,
-            &mut report,
-        )?;
 
         // 2 + 3. ECMP tables into unused slots, then route sets.
+        let m = &mut self.maps;
         let mut used: BTreeSet<u32> = have_sets
             .values()
-            .filter(|rs| rs.members > 1)
-            .map(|rs| rs.table)
+            .filter(|v| *v & ROUTE_SET_TABLE != 0)
+            .map(|v| v & !ROUTE_SET_TABLE)
             .collect();
         let mut free = (0..MAX_ECMP_TABLES)
             .filter(|i| !used.contains(i))
             .collect::<Vec<_>>()
             .into_iter();
         for (id, entry) in &want.route_sets {
-            if have.route_sets.get(id) == Some(entry) {
+            if !report.count(have.route_sets.get(id), entry) {
                 continue;
             }
             let value = match entry {
-                RouteSetEntry::Single(t) => RouteSet {
-                    members: 1,
-                    tunnel: *t,
-                    table: 0,
-                    _pad: 0,
-                },
+                RouteSetEntry::Single(t) => *t,
                 RouteSetEntry::Table(slots) => {
                     let index = free.next().ok_or(Error::Capacity {
                         what: "ECMP tables",
@@ -228,26 +294,13 @@ impl Dataplane {
                         limit: MAX_ECMP_TABLES as usize,
                     })?;
                     used.insert(index);
-                    let members = slots.iter().collect::<BTreeSet<_>>().len() as u32;
                     m.ecmp_tables
                         .set(index, EcmpTable { slots: **slots }, 0)
                         .map_err(Error::map("ECMP_TABLES"))?;
-                    RouteSet {
-                        members,
-                        tunnel: 0,
-                        table: index,
-                        _pad: 0,
-                    }
+                    index | ROUTE_SET_TABLE
                 }
             };
-            if have.route_sets.contains_key(id) {
-                report.changed += 1;
-            } else {
-                report.added += 1;
-            }
-            m.route_sets
-                .insert(id, value, 0)
-                .map_err(Error::map("ROUTE_SETS"))?;
+            m.route_sets.set(*id, value, 0).map_err(Error::map("ROUTE_SETS"))?;
         }
 
         // 4. Sources, decapsulation, local addresses.
@@ -255,21 +308,15 @@ impl Dataplane {
         let (want_s6, have_s6) = (set_to_map(&want.source6), set_to_map(&have.source6));
         upsert_lpm(&mut m.source4, "SOURCE4", &want_s4, &have_s4, &mut report)?;
         upsert_lpm(&mut m.source6, "SOURCE6", &want_s6, &have_s6, &mut report)?;
-        let mut fresh_customers: BTreeSet<u32> = want.decap.values().map(|d| d.customer).collect();
-        fresh_customers.extend(
-            want.dest4
+        let customers = |c: &Compiled| -> BTreeSet<u32> {
+            c.decap
                 .values()
-                .chain(want.dest6.values())
-                .map(|d| d.customer),
-        );
-        for d in have.decap.values() {
-            fresh_customers.remove(&d.customer);
-        }
-        for d in have.dest4.values().chain(have.dest6.values()) {
-            fresh_customers.remove(&d.customer);
-        }
-        for c in fresh_customers {
-            zero_per_cpu(&mut m.customer_stats, "CUSTOMER_STATS", c)?;
+                .map(|d| d.customer)
+                .chain(c.dest4.values().chain(c.dest6.values()).map(|d| d.customer))
+                .collect()
+        };
+        for c in customers(want).difference(&customers(&have)) {
+            zero_per_cpu(&mut m.customer_stats, "CUSTOMER_STATS", *c)?;
         }
         upsert_hash(&mut m.decap, "DECAP", &want.decap, &have.decap, &mut report)?;
         upsert_hash(
@@ -280,13 +327,26 @@ impl Dataplane {
             &mut report,
         )?;
 
-        // 5. Destinations.
+        // 5. Destinations: prefilter bits for old and new entries, the LPM
+        // entries, then the blocks that cache them.
+        let union4 = union_words(&have.filter4, &want.filter4);
+        let union6 = union_words(&have.filter6, &want.filter6);
+        write_words(&m.filter4, &have.filter4, &union4);
+        write_words(&m.filter6, &have.filter6, &union6);
         upsert_lpm(&mut m.dest4, "DEST4", &want.dest4, &have.dest4, &mut report)?;
         upsert_lpm(&mut m.dest6, "DEST6", &want.dest6, &have.dest6, &mut report)?;
+        let mut derived = ApplyReport::default();
+        upsert_hash(&mut m.block4, "BLOCK4", &want.block4, &have.block4, &mut derived)?;
+        upsert_hash(&mut m.block6, "BLOCK6", &want.block6, &have.block6, &mut derived)?;
 
-        // Removals, in reverse.
+        // Removals, in reverse: blocks first (their addresses fall back to
+        // the LPM entries, still complete), then LPM entries, then prefilter bits.
+        remove_hash(&mut m.block6, "BLOCK6", &want.block6, &have.block6, &mut derived)?;
+        remove_hash(&mut m.block4, "BLOCK4", &want.block4, &have.block4, &mut derived)?;
         remove_lpm(&mut m.dest6, "DEST6", &want.dest6, &have.dest6, &mut report)?;
         remove_lpm(&mut m.dest4, "DEST4", &want.dest4, &have.dest4, &mut report)?;
+        write_words(&m.filter4, &union4, &want.filter4);
+        write_words(&m.filter6, &union6, &want.filter6);
         remove_hash(
             &mut m.local_addrs,
             "LOCAL_ADDRS",
@@ -297,20 +357,27 @@ impl Dataplane {
         remove_hash(&mut m.decap, "DECAP", &want.decap, &have.decap, &mut report)?;
         remove_lpm(&mut m.source6, "SOURCE6", &want_s6, &have_s6, &mut report)?;
         remove_lpm(&mut m.source4, "SOURCE4", &want_s4, &have_s4, &mut report)?;
-        remove_hash(
-            &mut m.route_sets,
-            "ROUTE_SETS",
-            &want.route_sets,
-            &have_sets,
-            &mut report,
-        )?;
-        remove_hash(
-            &mut m.tunnels,
-            "TUNNELS",
-            &want.tunnels,
-            &have.tunnels,
-            &mut report,
-        )?;
+        report.removed += have
+            .route_sets
+            .keys()
+            .filter(|id| !want.route_sets.contains_key(*id))
+            .count();
+        let gone: Vec<u32> = have
+            .tunnels
+            .keys()
+            .filter(|id| !want.tunnels.contains_key(*id))
+            .copied()
+            .collect();
+        for id in gone {
+            self.write_tunnel(
+                id,
+                &Tunnel {
+                    flags: 0,
+                    ..have.tunnels[&id]
+                },
+            )?;
+            report.removed += 1;
+        }
         Ok(report)
     }
 }

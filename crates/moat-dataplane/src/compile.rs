@@ -15,13 +15,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ipnet::IpNet;
 use moat_common::{
-    limits::*, DecapKey, DecapValue, DestValue, Tunnel, LOCAL_NODE_ADDRESS, LOCAL_TUNNEL_ENDPOINT,
-    TUNNEL_HAS_KEY, TUNNEL_NEXTHOP_VALID,
+    header, limits::*, DecapKey, DecapValue, DestValue, Tunnel, LOCAL_NODE_ADDRESS, LOCAL_TUNNEL_ENDPOINT,
+    TUNNEL_HAS_KEY, TUNNEL_HEADER_MAX, TUNNEL_NEXTHOP_VALID, TUNNEL_PRESENT,
 };
 
 use crate::{
     ecmp::{self, Member},
     error::Error,
+    lookup_cache,
     spec::{NextHop, Spec, TunnelSpec},
 };
 
@@ -42,6 +43,11 @@ pub type Lpm<const N: usize> = (u32, [u8; N]);
 pub struct Compiled {
     pub dest4: BTreeMap<Lpm<4>, DestValue>,
     pub dest6: BTreeMap<Lpm<16>, DestValue>,
+    /// Prefilter words and uniform blocks derived from dest4 / dest6.
+    pub filter4: BTreeMap<u32, u64>,
+    pub filter6: BTreeMap<u32, u64>,
+    pub block4: BTreeMap<[u8; 4], DestValue>,
+    pub block6: BTreeMap<[u8; 8], DestValue>,
     pub source4: BTreeSet<Lpm<8>>,
     pub source6: BTreeSet<Lpm<20>>,
     pub route_sets: BTreeMap<u32, RouteSetEntry>,
@@ -52,6 +58,32 @@ pub struct Compiled {
     pub customers: Vec<String>,
     /// Tunnel id -> (customer name, tunnel name).
     pub tunnel_names: BTreeMap<u32, (String, String)>,
+}
+
+/// The outer Ethernet + IPv4 (DF, id 0) + GRE header template of a tunnel,
+/// with total length, checksum and GRE protocol left zero.
+pub fn outer_header(
+    nh: &NextHop,
+    local: [u8; 4],
+    remote: [u8; 4],
+    ttl: u8,
+    key: Option<u32>,
+) -> [u8; TUNNEL_HEADER_MAX] {
+    let mut h = [0u8; TUNNEL_HEADER_MAX];
+    h[header::ETH_DST..header::ETH_DST + 6].copy_from_slice(&nh.dmac);
+    h[header::ETH_SRC..header::ETH_SRC + 6].copy_from_slice(&nh.smac);
+    h[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    h[header::IP] = 0x45;
+    h[header::IP + 6] = 0x40;
+    h[header::IP_TTL] = ttl;
+    h[header::IP_TTL + 1] = 47;
+    h[header::IP_SRC..header::IP_SRC + 4].copy_from_slice(&local);
+    h[header::IP_DST..header::IP_DST + 4].copy_from_slice(&remote);
+    if let Some(k) = key {
+        h[header::GRE] = 0x20;
+        h[header::GRE_KEY..header::GRE_KEY + 4].copy_from_slice(&k.to_be_bytes());
+    }
+    h
 }
 
 /// Sum of the outer IPv4 header's 16-bit words with total length and
@@ -87,10 +119,7 @@ fn check_capacity(what: &'static str, have: usize, limit: u32) -> Result<(), Err
 /// Compiles `spec`. `next_hop` resolves each tunnel's next hop; `None`
 /// leaves the tunnel installed but marked unresolved (its packets are
 /// dropped and counted until it is resolved).
-pub fn compile(
-    spec: &Spec,
-    next_hop: &dyn Fn(&TunnelSpec) -> Option<NextHop>,
-) -> Result<Compiled, Error> {
+pub fn compile(spec: &Spec, next_hop: &dyn Fn(&TunnelSpec) -> Option<NextHop>) -> Result<Compiled, Error> {
     check_capacity("customers", spec.customers.len(), MAX_CUSTOMERS)?;
     let tunnel_count: usize = spec.customers.iter().map(|c| c.tunnels.len()).sum();
     check_capacity("tunnels", tunnel_count, MAX_TUNNELS)?;
@@ -111,7 +140,7 @@ pub fn compile(
         for t in &customer.tunnels {
             let id = out.tunnels.len() as u32;
             let (local, remote) = (t.local.octets(), t.remote.octets());
-            let mut flags = 0;
+            let mut flags = TUNNEL_PRESENT;
             if t.key.is_some() {
                 flags |= TUNNEL_HAS_KEY;
             }
@@ -128,22 +157,17 @@ pub fn compile(
             out.tunnels.insert(
                 id,
                 Tunnel {
-                    local,
-                    remote,
-                    key: t.key.unwrap_or(0).to_be_bytes(),
+                    header: outer_header(&nh, local, remote, t.ttl, t.key),
                     customer: cid,
-                    flags,
-                    ttl: t.ttl,
+                    ifindex: nh.ifindex,
                     mtu: t.mtu,
                     link_mtu: nh.link_mtu,
                     outer_csum_partial: outer_csum_partial(local, remote, t.ttl),
-                    ifindex: nh.ifindex,
-                    smac: nh.smac,
-                    dmac: nh.dmac,
+                    flags,
+                    header_len: if t.key.is_some() { 42 } else { 38 },
                 },
             );
-            out.tunnel_names
-                .insert(id, (customer.name.clone(), t.name.clone()));
+            out.tunnel_names.insert(id, (customer.name.clone(), t.name.clone()));
             let dk = DecapKey {
                 local,
                 remote,
@@ -166,8 +190,7 @@ pub fn compile(
                     customer.name, t.name, t.local, t.remote, t.key
                 )));
             }
-            *out.local_addrs.entry(local).or_default() |=
-                LOCAL_TUNNEL_ENDPOINT | LOCAL_NODE_ADDRESS;
+            *out.local_addrs.entry(local).or_default() |= LOCAL_TUNNEL_ENDPOINT | LOCAL_NODE_ADDRESS;
             tunnel_ids.insert(&t.name, (id, ecmp::tunnel_identity(local, remote, t.key)));
         }
 
@@ -187,12 +210,10 @@ pub fn compile(
                 .find(|t| t.name == r.tunnel)
                 .map_or(0, |t| t.penalty);
             let effective = u64::from(r.priority) + u64::from(penalty);
-            groups.entry(r.prefix.trunc()).or_default().push((
-                effective,
-                tid,
-                u32::from(r.weight),
-                identity,
-            ));
+            groups
+                .entry(r.prefix.trunc())
+                .or_default()
+                .push((effective, tid, u32::from(r.weight), identity));
         }
         let mut set_of: BTreeMap<IpNet, u32> = BTreeMap::new();
         for (prefix, routes) in &groups {
@@ -214,9 +235,7 @@ pub fn compile(
                 RouteSetEntry::Single(*members.keys().next().unwrap_or(&0))
             } else {
                 tables += 1;
-                RouteSetEntry::Table(ecmp::build_table(
-                    &members.into_values().collect::<Vec<_>>(),
-                ))
+                RouteSetEntry::Table(ecmp::build_table(&members.into_values().collect::<Vec<_>>()))
             };
             let id = next_route_set;
             next_route_set += 1;
@@ -228,11 +247,9 @@ pub fn compile(
         // route), then route prefixes.
         for p in &customer.prefixes {
             let p = p.trunc();
-            let covering = (0..=p.prefix_len()).rev().find_map(|len| {
-                IpNet::new(p.addr(), len)
-                    .ok()
-                    .and_then(|n| set_of.get(&n.trunc()))
-            });
+            let covering = (0..=p.prefix_len())
+                .rev()
+                .find_map(|len| IpNet::new(p.addr(), len).ok().and_then(|n| set_of.get(&n.trunc())));
             let value = DestValue {
                 customer: cid,
                 route_set: covering.copied().unwrap_or(NO_ROUTE_SET),
@@ -272,16 +289,14 @@ pub fn compile(
         }
     }
 
-    check_capacity(
-        "IPv4 destination entries",
-        out.dest4.len(),
-        MAX_DEST_ENTRIES,
-    )?;
-    check_capacity(
-        "IPv6 destination entries",
-        out.dest6.len(),
-        MAX_DEST_ENTRIES,
-    )?;
+    out.filter4 = lookup_cache::filter(&out.dest4);
+    out.filter6 = lookup_cache::filter(&out.dest6);
+    out.block4 = lookup_cache::blocks::<4, 4>(&out.dest4, BLOCK4_LEN);
+    out.block6 = lookup_cache::blocks::<16, 8>(&out.dest6, BLOCK6_LEN);
+    check_capacity("IPv4 blocks", out.block4.len(), MAX_BLOCKS)?;
+    check_capacity("IPv6 blocks", out.block6.len(), MAX_BLOCKS)?;
+    check_capacity("IPv4 destination entries", out.dest4.len(), MAX_DEST_ENTRIES)?;
+    check_capacity("IPv6 destination entries", out.dest6.len(), MAX_DEST_ENTRIES)?;
     check_capacity("IPv4 source entries", out.source4.len(), MAX_SOURCE_ENTRIES)?;
     check_capacity("IPv6 source entries", out.source6.len(), MAX_SOURCE_ENTRIES)?;
     check_capacity("route sets", out.route_sets.len(), MAX_ROUTE_SETS)?;
@@ -293,12 +308,10 @@ pub fn compile(
 fn insert_dest(out: &mut Compiled, prefix: IpNet, value: DestValue) {
     match prefix {
         IpNet::V4(n) => {
-            out.dest4
-                .insert((u32::from(n.prefix_len()), n.addr().octets()), value);
+            out.dest4.insert((u32::from(n.prefix_len()), n.addr().octets()), value);
         }
         IpNet::V6(n) => {
-            out.dest6
-                .insert((u32::from(n.prefix_len()), n.addr().octets()), value);
+            out.dest6.insert((u32::from(n.prefix_len()), n.addr().octets()), value);
         }
     }
 }
@@ -337,16 +350,10 @@ mod tests {
             node_addresses: vec![],
             customers: vec![CustomerSpec {
                 name: "acme".into(),
-                prefixes: vec![
-                    "203.0.113.0/24".parse().unwrap(),
-                    "203.0.113.128/26".parse().unwrap(),
-                ],
+                prefixes: vec!["203.0.113.0/24".parse().unwrap(), "203.0.113.128/26".parse().unwrap()],
                 egress_prefixes: vec![],
                 tunnels: vec![tunnel("a", [192, 0, 2, 10]), tunnel("b", [192, 0, 2, 11])],
-                routes: vec![
-                    route("203.0.113.0/24", "a", 100),
-                    route("203.0.113.128/25", "b", 100),
-                ],
+                routes: vec![route("203.0.113.0/24", "a", 100), route("203.0.113.128/25", "b", 100)],
             }],
         };
         let c = compile(&spec, &|_| None).unwrap();
@@ -376,10 +383,7 @@ mod tests {
                 prefixes: vec!["203.0.113.0/24".parse().unwrap()],
                 egress_prefixes: vec![],
                 tunnels: vec![t1, t2],
-                routes: vec![
-                    route("203.0.113.0/24", "a", 100),
-                    route("203.0.113.0/24", "b", 200),
-                ],
+                routes: vec![route("203.0.113.0/24", "a", 100), route("203.0.113.0/24", "b", 200)],
             }],
         };
         let c = compile(&spec, &|_| None).unwrap();

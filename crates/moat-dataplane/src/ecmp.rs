@@ -32,8 +32,7 @@ pub fn splitmix64(mut x: u64) -> u64 {
 
 /// Stable identity of a tunnel from what identifies it on the wire.
 pub fn tunnel_identity(local: [u8; 4], remote: [u8; 4], key: Option<u32>) -> u64 {
-    let addrs =
-        (u64::from(u32::from_be_bytes(local)) << 32) | u64::from(u32::from_be_bytes(remote));
+    let addrs = (u64::from(u32::from_be_bytes(local)) << 32) | u64::from(u32::from_be_bytes(remote));
     let key = match key {
         Some(k) => (1u64 << 32) | u64::from(k),
         None => 0,
@@ -121,11 +120,7 @@ mod tests {
             let all = members(&(1..=n).map(|i| i * 7 % 5 + 1).collect::<Vec<_>>());
             let full = build_table(&all);
             for gone in 0..all.len() {
-                let rest: Vec<Member> = all
-                    .iter()
-                    .copied()
-                    .filter(|m| m.tunnel != gone as u16)
-                    .collect();
+                let rest: Vec<Member> = all.iter().copied().filter(|m| m.tunnel != gone as u16).collect();
                 let reduced = build_table(&rest);
                 for slot in 0..ECMP_SLOTS {
                     if full[slot] != gone as u16 {

@@ -13,6 +13,8 @@ pub enum Error {
     },
     #[error("map {map} is missing from the BPF object")]
     MissingMap { map: &'static str },
+    #[error("program {program} is missing from the BPF object")]
+    MissingProgram { program: &'static str },
     #[error("map {map}: {source}")]
     Map {
         map: &'static str,

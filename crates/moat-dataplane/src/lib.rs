@@ -8,6 +8,8 @@ pub mod counters;
 pub mod ecmp;
 pub mod error;
 pub mod loader;
+pub mod lookup_cache;
+mod mmap;
 pub mod spec;
 pub mod testrun;
 

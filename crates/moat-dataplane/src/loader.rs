@@ -6,27 +6,33 @@ use aya::{
     programs::{xdp::XdpLinkId, Xdp},
     Ebpf, EbpfLoader,
 };
-use moat_common::{
-    Counter, CustomerStats, DecapKey, DecapValue, DestValue, EcmpTable, RouteSet, Tunnel,
-    TunnelStats,
-};
+use moat_common::{Counter, CustomerStats, DecapKey, DecapValue, DestValue, EcmpTable, Tunnel, TunnelStats};
 
-use crate::error::Error;
+use crate::{error::Error, mmap::MmapWords};
+use moat_common::limits::FILTER_WORDS;
 
 /// The BPF object built from crates/moat-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/moat"));
 /// The XDP program's name in the object.
 pub const PROGRAM: &str = "moat_ingress";
+/// Benchmark harnesses in the same object (never attached): the pipeline
+/// with the packet restored after each run, and the restore alone.
+pub const BENCH_PROGRAMS: [&str; 2] = ["moat_bench", "moat_bench_nop"];
 
 /// Typed handles on every map of the data plane.
 pub struct Maps {
     pub dest4: LpmTrie<MapData, [u8; 4], DestValue>,
     pub dest6: LpmTrie<MapData, [u8; 16], DestValue>,
+    pub filter4: MmapWords,
+    pub filter6: MmapWords,
+    pub block4: HashMap<MapData, [u8; 4], DestValue>,
+    pub block6: HashMap<MapData, [u8; 8], DestValue>,
     pub source4: LpmTrie<MapData, [u8; 8], u32>,
     pub source6: LpmTrie<MapData, [u8; 20], u32>,
-    pub route_sets: HashMap<MapData, u32, RouteSet>,
+    pub route_sets: Array<MapData, u32>,
     pub ecmp_tables: Array<MapData, EcmpTable>,
-    pub tunnels: HashMap<MapData, u32, Tunnel>,
+    pub tunnels: Array<MapData, Tunnel>,
+    pub tunnel_slot: Array<MapData, u32>,
     pub decap: HashMap<MapData, DecapKey, DecapValue>,
     pub local_addrs: HashMap<MapData, [u8; 4], u32>,
     pub reason_stats: PerCpuArray<MapData, Counter>,
@@ -45,24 +51,34 @@ fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, Error>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let map = ebpf.take_map(name).ok_or(Error::MissingMap { map: name })?;
+    let map = ebpf.take_map(name).ok_or(Error::MissingProgram { program: name })?;
     T::try_from(map).map_err(Error::map(name))
+}
+
+fn take_mmap(ebpf: &mut Ebpf, name: &'static str) -> Result<MmapWords, Error> {
+    match ebpf.take_map(name).ok_or(Error::MissingMap { map: name })? {
+        aya::maps::Map::Array(data) => MmapWords::new(data, FILTER_WORDS as usize, name),
+        _ => Err(Error::MissingMap { map: name }),
+    }
 }
 
 impl Dataplane {
     /// Loads the object and the program (verifier included); attaches nothing.
     pub fn load() -> Result<Self, Error> {
-        let mut ebpf = EbpfLoader::new()
-            .load(OBJECT)
-            .map_err(|e| Error::Load(Box::new(e)))?;
+        let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(|e| Error::Load(Box::new(e)))?;
         let maps = Maps {
             dest4: take(&mut ebpf, "DEST4")?,
             dest6: take(&mut ebpf, "DEST6")?,
+            filter4: take_mmap(&mut ebpf, "FILTER4")?,
+            filter6: take_mmap(&mut ebpf, "FILTER6")?,
+            block4: take(&mut ebpf, "BLOCK4")?,
+            block6: take(&mut ebpf, "BLOCK6")?,
             source4: take(&mut ebpf, "SOURCE4")?,
             source6: take(&mut ebpf, "SOURCE6")?,
             route_sets: take(&mut ebpf, "ROUTE_SETS")?,
             ecmp_tables: take(&mut ebpf, "ECMP_TABLES")?,
             tunnels: take(&mut ebpf, "TUNNELS")?,
+            tunnel_slot: take(&mut ebpf, "TUNNEL_SLOT")?,
             decap: take(&mut ebpf, "DECAP")?,
             local_addrs: take(&mut ebpf, "LOCAL_ADDRS")?,
             reason_stats: take(&mut ebpf, "REASON_STATS")?,
@@ -82,25 +98,41 @@ impl Dataplane {
     }
 
     pub(crate) fn program(&self) -> Result<&Xdp, Error> {
+        self.program_named(PROGRAM)
+    }
+
+    pub(crate) fn program_named(&self, name: &'static str) -> Result<&Xdp, Error> {
+        let p = self.ebpf.program(name).ok_or(Error::MissingProgram { program: name })?;
+        p.try_into().map_err(|e| Error::Program {
+            program: name,
+            source: Box::new(e),
+        })
+    }
+
+    fn program_mut_named(&mut self, name: &'static str) -> Result<&mut Xdp, Error> {
         let p = self
             .ebpf
-            .program(PROGRAM)
-            .ok_or(Error::MissingMap { map: PROGRAM })?;
+            .program_mut(name)
+            .ok_or(Error::MissingProgram { program: name })?;
         p.try_into().map_err(|e| Error::Program {
-            program: PROGRAM,
+            program: name,
             source: Box::new(e),
         })
     }
 
     fn program_mut(&mut self) -> Result<&mut Xdp, Error> {
-        let p = self
-            .ebpf
-            .program_mut(PROGRAM)
-            .ok_or(Error::MissingMap { map: PROGRAM })?;
-        p.try_into().map_err(|e| Error::Program {
-            program: PROGRAM,
-            source: Box::new(e),
-        })
+        self.program_mut_named(PROGRAM)
+    }
+
+    /// Loads the benchmark harness programs (they share the maps).
+    pub fn load_bench_programs(&mut self) -> Result<(), Error> {
+        for name in BENCH_PROGRAMS {
+            self.program_mut_named(name)?.load().map_err(|e| Error::Program {
+                program: name,
+                source: Box::new(e),
+            })?;
+        }
+        Ok(())
     }
 
     /// Attaches the program to `interface` (in the caller's network namespace).
@@ -120,12 +152,10 @@ impl Dataplane {
     pub fn detach_all(&mut self) -> Result<(), Error> {
         let links = std::mem::take(&mut self.links);
         for (interface, id) in links {
-            self.program_mut()?
-                .detach(id)
-                .map_err(|e| Error::Interface {
-                    interface: interface.clone(),
-                    message: format!("detaching XDP: {e}"),
-                })?;
+            self.program_mut()?.detach(id).map_err(|e| Error::Interface {
+                interface: interface.clone(),
+                message: format!("detaching XDP: {e}"),
+            })?;
         }
         Ok(())
     }

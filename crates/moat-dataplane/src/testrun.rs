@@ -3,7 +3,10 @@
 
 use aya::programs::{TestRun, TestRunAttrs, TestRunOptions};
 
-use crate::{error::Error, loader::Dataplane, loader::PROGRAM};
+use crate::{
+    error::Error,
+    loader::{Dataplane, BENCH_PROGRAMS, PROGRAM},
+};
 
 /// Headroom for encapsulation in the output buffer.
 const GROWTH: usize = 256;
@@ -58,9 +61,42 @@ impl Dataplane {
     /// syscall. The kernel reuses the buffer between repeats, so this is
     /// only meaningful for paths that do not rewrite the packet.
     pub fn time_repeat(&self, data: &[u8], repeat: u32) -> Result<f64, Error> {
+        self.time_program(self.program()?, data, repeat)
+    }
+
+    /// Like [`Dataplane::time_repeat`] through the benchmark harness, which
+    /// restores the packet after every run (`nop`: the harness alone).
+    /// Needs [`Dataplane::load_bench_programs`].
+    pub fn time_harness(&self, data: &[u8], repeat: u32, nop: bool) -> Result<f64, Error> {
+        let name = BENCH_PROGRAMS[usize::from(nop)];
+        self.time_program(self.program_named(name)?, data, repeat)
+    }
+
+    /// Runs the benchmark harness `repeat` times and returns the last
+    /// output: equal to a single run's output when the harness restores correctly.
+    pub fn run_harness(&self, data: &[u8], repeat: u32) -> Result<RunResult, Error> {
         let mut out = vec![0u8; data.len() + GROWTH];
         let r = self
-            .program()?
+            .program_named(BENCH_PROGRAMS[0])?
+            .test_run(TestRunOptions {
+                data_in: Some(data),
+                data_out: Some(&mut out),
+                ctx_in: None,
+                ctx_out: None,
+                repeat,
+                attrs: TestRunAttrs::new(),
+            })
+            .map_err(run_err)?;
+        out.truncate(r.data_size_out as usize);
+        Ok(RunResult {
+            action: r.return_value,
+            data: out,
+        })
+    }
+
+    fn time_program(&self, program: &aya::programs::Xdp, data: &[u8], repeat: u32) -> Result<f64, Error> {
+        let mut out = vec![0u8; data.len() + GROWTH];
+        let r = program
             .test_run(TestRunOptions {
                 data_in: Some(data),
                 data_out: Some(&mut out),

@@ -3,19 +3,17 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_fib_lookup, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
     },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_xdp_adjust_head},
-    maps::lpm_trie::Key,
     programs::XdpContext,
 };
 use moat_common::{DecapKey, DecapValue, Reason, LOCAL_NODE_ADDRESS};
 
 use crate::{
     encap::{decrement_ttl, transmit, trim},
-    maps::{DECAP, LOCAL_ADDRS, SOURCE4, SOURCE6},
-    parse::{at, parse_ip, read, Family, Packet, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_ICMP},
+    maps::{as_key, SourceKey4W, SourceKey6W, DECAP, LOCAL_ADDRS, SOURCE4, SOURCE6},
+    parse::{load, parse_ip, ptr, Family, Packet, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_ICMP},
     program::Outcome,
     stats,
 };
@@ -38,8 +36,8 @@ pub fn decapsulate(ctx: &XdpContext, outer: &Packet) -> Outcome {
     if gre + 4 > ip_end {
         return Err(Reason::DropGreMalformed);
     }
-    let g = read::<4>(ctx, gre).ok_or(Reason::DropGreMalformed)?;
-    let flags = u16::from_be_bytes([g[0], g[1]]);
+    let g = load::<[u16; 2]>(ctx, gre).ok_or(Reason::DropGreMalformed)?;
+    let flags = u16::from_be(g[0]);
     if flags & GRE_MUST_BE_ZERO != 0 {
         return Err(Reason::DropGreMalformed);
     }
@@ -51,14 +49,14 @@ pub fn decapsulate(ctx: &XdpContext, outer: &Packet) -> Outcome {
         return Err(Reason::DropGreMalformed);
     }
     let key = if key_len != 0 {
-        read::<4>(ctx, gre + 4 + csum_len).ok_or(Reason::DropGreMalformed)?
+        load::<u32>(ctx, gre + 4 + csum_len).ok_or(Reason::DropGreMalformed)?
     } else {
-        [0; 4]
+        0
     };
     let dk = DecapKey {
-        local: outer.dst4(ctx),
-        remote: outer.src4(ctx),
-        key,
+        local: outer.dst[0].to_ne_bytes(),
+        remote: outer.src[0].to_ne_bytes(),
+        key: key.to_ne_bytes(),
         has_key: (key_len != 0) as u32,
     };
     // SAFETY: read-only; copied out at once.
@@ -68,12 +66,9 @@ pub fn decapsulate(ctx: &XdpContext, outer: &Packet) -> Outcome {
     if let Some(s) = stats::tunnel(tunnel.tunnel) {
         stats::bump(&mut s.rx, frame_len);
     }
+    let out = forward_inner(ctx, outer, &tunnel, u16::from_be(g[1]), inner, ip_end);
     if let Some(s) = stats::customer(tunnel.customer) {
         stats::bump(&mut s.out_received, frame_len);
-    }
-    let payload = u16::from_be_bytes([g[2], g[3]]);
-    let out = forward_inner(ctx, outer, &tunnel, payload, inner, ip_end);
-    if let Some(s) = stats::customer(tunnel.customer) {
         match out {
             Ok((_, Reason::PassTunnelToNode)) => {}
             Ok(_) => stats::bump(&mut s.out_forwarded, frame_len),
@@ -101,33 +96,38 @@ fn forward_inner(
 
     if family == Family::V4 && inner.proto == IPPROTO_ICMP {
         // SAFETY: read-only use of a plain-integer map value.
-        if let Some(f) = unsafe { LOCAL_ADDRS.get(&inner.dst4(ctx)) } {
+        if let Some(f) = unsafe { LOCAL_ADDRS.get(inner.dst[0]) } {
             if *f & LOCAL_NODE_ADDRESS != 0 {
                 return Ok((xdp_action::XDP_PASS, Reason::PassTunnelToNode));
             }
         }
     }
 
-    let cust = tunnel.customer.to_be_bytes();
+    let customer = tunnel.customer.to_be();
     let allowed = match family {
         Family::V4 => {
-            let s = inner.src4(ctx);
-            let k = [cust[0], cust[1], cust[2], cust[3], s[0], s[1], s[2], s[3]];
-            SOURCE4.get(Key::new(64, k)).is_some()
+            let k = SourceKey4W {
+                prefix_len: 64,
+                customer,
+                addr: inner.src[0],
+            };
+            SOURCE4.get(as_key::<_, [u8; 8]>(&k)).is_some()
         }
         Family::V6 => {
-            let s = inner.src6(ctx);
-            let mut k = [0u8; 20];
-            k[..4].copy_from_slice(&cust);
-            k[4..].copy_from_slice(&s);
-            SOURCE6.get(Key::new(160, k)).is_some()
+            let k = SourceKey6W {
+                prefix_len: 160,
+                customer,
+                addr: inner.src,
+            };
+            SOURCE6.get(as_key::<_, [u8; 20]>(&k)).is_some()
         }
     };
     if !allowed {
         return Err(Reason::DropSpoofedSource);
     }
-    let ttl = read::<2>(ctx, inner.ttl_off).ok_or(Reason::DropInternal)?[0];
-    if ttl <= 1 {
+    let ttl = ptr::<u16>(ctx, inner.ttl_off).ok_or(Reason::DropInternal)?;
+    // SAFETY: `ptr` checked the bytes lie inside the packet.
+    if unsafe { *(ttl as *const u8) } <= 1 {
         return Err(Reason::DropTtlExpired);
     }
 
@@ -140,25 +140,18 @@ fn forward_inner(
     match family {
         Family::V4 => {
             fib.family = AF_INET;
-            let tos = read::<2>(ctx, inner.l3 + 1).ok_or(Reason::DropInternal)?[0];
+            let tos = load::<u16>(ctx, inner.l3).ok_or(Reason::DropInternal)?.to_le_bytes()[1];
             fib.__bindgen_anon_2.tos = tos;
-            fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(inner.src4(ctx));
-            fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(inner.dst4(ctx));
+            fib.__bindgen_anon_3.ipv4_src = inner.src[0];
+            fib.__bindgen_anon_4.ipv4_dst = inner.dst[0];
         }
         Family::V6 => {
             fib.family = AF_INET6;
-            let (s, d) = (inner.src6(ctx), inner.dst6(ctx));
-            let mut sw = [0u32; 4];
-            let mut dw = [0u32; 4];
-            for i in 0..4 {
-                sw[i] = u32::from_ne_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]]);
-                dw[i] = u32::from_ne_bytes([d[4 * i], d[4 * i + 1], d[4 * i + 2], d[4 * i + 3]]);
-            }
-            fib.__bindgen_anon_3.ipv6_src = sw;
-            fib.__bindgen_anon_4.ipv6_dst = dw;
+            fib.__bindgen_anon_3.ipv6_src = inner.src;
+            fib.__bindgen_anon_4.ipv6_dst = inner.dst;
         }
     }
-    let orig_macs = read::<12>(ctx, 0).ok_or(Reason::DropInternal)?;
+    let orig_macs = load::<[u16; 6]>(ctx, 0).ok_or(Reason::DropInternal)?;
     // SAFETY: `fib` is a valid, exclusively borrowed lookup structure of the size passed.
     let rc = unsafe {
         fib_lookup(
@@ -176,8 +169,8 @@ fn forward_inner(
         BPF_FIB_LKUP_RET_SUCCESS => {
             decrement_ttl(ctx, &inner)?;
             strip(ctx, outer.frame_len, &inner, ethertype)?;
-            let h = at::<12>(ctx, 0).ok_or(Reason::DropInternal)?;
-            // SAFETY: `at` checked that 12 bytes lie inside the packet.
+            let h = ptr::<[u8; 14]>(ctx, 0).ok_or(Reason::DropInternal)?;
+            // SAFETY: `ptr` checked that 14 bytes lie inside the packet.
             let h = unsafe { &mut *h };
             h[0..6].copy_from_slice(&fib.dmac);
             h[6..12].copy_from_slice(&fib.smac);
@@ -185,8 +178,8 @@ fn forward_inner(
         }
         BPF_FIB_LKUP_RET_NO_NEIGH => {
             strip(ctx, outer.frame_len, &inner, ethertype)?;
-            let h = at::<12>(ctx, 0).ok_or(Reason::DropInternal)?;
-            // SAFETY: `at` checked that 12 bytes lie inside the packet.
+            let h = ptr::<[u16; 6]>(ctx, 0).ok_or(Reason::DropInternal)?;
+            // SAFETY: `ptr` checked that 12 bytes lie inside the packet.
             unsafe { *h = orig_macs };
             Ok((xdp_action::XDP_PASS, Reason::PassDecapToKernel))
         }
@@ -205,8 +198,8 @@ fn strip(ctx: &XdpContext, frame_len: usize, inner: &Packet, ethertype: u16) -> 
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, cut) } != 0 {
         return Err(Reason::DropInternal);
     }
-    let h = at::<14>(ctx, 0).ok_or(Reason::DropInternal)?;
-    // SAFETY: `at` checked that 14 bytes lie inside the packet.
-    unsafe { (&mut *h)[12..14].copy_from_slice(&ethertype.to_be_bytes()) };
+    let h = ptr::<[u16; 7]>(ctx, 0).ok_or(Reason::DropInternal)?;
+    // SAFETY: `ptr` checked that 14 bytes lie inside the packet.
+    unsafe { (*h)[6] = ethertype.to_be() };
     Ok(())
 }

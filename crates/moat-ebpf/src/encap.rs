@@ -7,43 +7,35 @@ use aya_ebpf::{
 };
 use moat_common::{
     flowhash::{mix, SEED},
+    header,
     limits::ECMP_SLOTS,
-    Reason, Tunnel, TUNNEL_HAS_KEY, TUNNEL_NEXTHOP_VALID,
+    Reason, Tunnel, ROUTE_SET_TABLE, TUNNEL_NEXTHOP_VALID, TUNNEL_PRESENT,
 };
 
 use crate::{
     csum,
-    maps::{ECMP_TABLES, ROUTE_SETS, TUNNELS},
-    parse::{at, read, Family, Packet, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_GRE},
+    maps::{ECMP_TABLES, ROUTE_SETS, TUNNELS, TUNNEL_SLOT},
+    parse::{ptr, Family, Ipv4Hdr, Packet, ETH_P_IPV4, ETH_P_IPV6},
     program::Outcome,
     stats,
 };
 
-const ETH_LEN: usize = 14;
-const OUTER_IP_LEN: usize = 20;
-
-/// The flow hash of moat_common::flowhash's specification.
+/// The flow hash of moat_common::flowhash's specification (words are the
+/// address words as stored, i.e. little-endian readings of the bytes).
 #[inline(always)]
-pub fn flow_hash(ctx: &XdpContext, pkt: &Packet) -> u32 {
+pub fn flow_hash(pkt: &Packet) -> u32 {
     let mut h = SEED;
     match pkt.family {
         Family::V4 => {
-            h = mix(h, u32::from_le_bytes(pkt.src4(ctx)));
-            h = mix(h, u32::from_le_bytes(pkt.dst4(ctx)));
+            h = mix(h, pkt.src[0]);
+            h = mix(h, pkt.dst[0]);
         }
         Family::V6 => {
-            let (s, d) = (pkt.src6(ctx), pkt.dst6(ctx));
-            for i in 0..4 {
-                h = mix(
-                    h,
-                    u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]]),
-                );
+            for w in pkt.src {
+                h = mix(h, w);
             }
-            for i in 0..4 {
-                h = mix(
-                    h,
-                    u32::from_le_bytes([d[4 * i], d[4 * i + 1], d[4 * i + 2], d[4 * i + 3]]),
-                );
+            for w in pkt.dst {
+                h = mix(h, w);
             }
         }
     }
@@ -56,26 +48,36 @@ pub fn flow_hash(ctx: &XdpContext, pkt: &Packet) -> u32 {
 
 /// Picks the tunnel of a route set for this packet's flow.
 #[inline(always)]
-fn choose_tunnel(ctx: &XdpContext, pkt: &Packet, route_set: u32) -> Result<u32, Reason> {
-    // SAFETY: read-only use of a plain-integer map value.
-    let rs = unsafe { ROUTE_SETS.get(&route_set) }.ok_or(Reason::DropInternal)?;
-    if rs.members <= 1 {
-        return Ok(rs.tunnel);
+fn choose_tunnel(pkt: &Packet, route_set: u32) -> Result<u32, Reason> {
+    let v = *ROUTE_SETS.get(route_set).ok_or(Reason::DropInternal)?;
+    if v & ROUTE_SET_TABLE == 0 {
+        return Ok(v);
     }
-    let table = ECMP_TABLES.get(rs.table).ok_or(Reason::DropInternal)?;
-    let slot = (flow_hash(ctx, pkt) as usize) & (ECMP_SLOTS - 1);
+    let table = ECMP_TABLES.get(v & !ROUTE_SET_TABLE).ok_or(Reason::DropInternal)?;
+    let slot = (flow_hash(pkt) as usize) & (ECMP_SLOTS - 1);
     // SAFETY: slot < ECMP_SLOTS by the mask above.
     Ok(unsafe { *table.slots.as_ptr().add(slot) } as u32)
 }
 
+/// The live slot of a tunnel.
+#[inline(always)]
+fn tunnel(id: u32) -> Result<&'static Tunnel, Reason> {
+    let live = *TUNNEL_SLOT.get(id).ok_or(Reason::DropInternal)? & 1;
+    let t = TUNNELS.get(id.wrapping_mul(2) | live).ok_or(Reason::DropInternal)?;
+    if t.flags & TUNNEL_PRESENT == 0 {
+        return Err(Reason::DropInternal);
+    }
+    Ok(t)
+}
+
 #[inline(always)]
 pub fn encapsulate(ctx: &XdpContext, pkt: &Packet, route_set: u32) -> Outcome {
-    let tunnel_id = choose_tunnel(ctx, pkt, route_set)?;
-    // SAFETY: read-only; the value is copied out at once.
-    let t: Tunnel = *unsafe { TUNNELS.get(&tunnel_id) }.ok_or(Reason::DropInternal)?;
+    let tunnel_id = choose_tunnel(pkt, route_set)?;
+    let t = tunnel(tunnel_id)?;
 
-    let ttl = read::<2>(ctx, pkt.ttl_off).ok_or(Reason::DropInternal)?[0];
-    if ttl <= 1 {
+    let ttl = ptr::<u16>(ctx, pkt.ttl_off).ok_or(Reason::DropInternal)?;
+    // SAFETY: `ptr` checked the bytes lie inside the packet.
+    if unsafe { *(ttl as *const u8) } <= 1 {
         return Err(Reason::DropTtlExpired);
     }
     if pkt.ip_len > t.mtu as usize {
@@ -84,56 +86,52 @@ pub fn encapsulate(ctx: &XdpContext, pkt: &Packet, route_set: u32) -> Outcome {
     if t.flags & TUNNEL_NEXTHOP_VALID == 0 {
         return Err(Reason::DropNoNextHop);
     }
-    let has_key = t.flags & TUNNEL_HAS_KEY != 0;
-    let gre_len: usize = if has_key { 8 } else { 4 };
-    let outer_len = OUTER_IP_LEN + gre_len + pkt.ip_len;
+    let header_len = t.header_len as usize;
+    let outer_len = header_len - 14 + pkt.ip_len;
     if outer_len > t.link_mtu as usize {
         return Err(Reason::DropNextHopMtu);
     }
 
     decrement_ttl(ctx, pkt)?;
     trim(ctx, pkt.frame_len, pkt.l3 + pkt.ip_len)?;
-    let grow = (ETH_LEN + OUTER_IP_LEN + gre_len) as i32 - pkt.l3 as i32;
+    let grow = header_len as i32 - pkt.l3 as i32;
     // SAFETY: the helper only moves the packet's start pointer; every pointer
     // used afterwards is derived again from the context.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -grow) } != 0 {
         return Err(Reason::DropInternal);
     }
 
-    let h = at::<42>(ctx, 0).ok_or(Reason::DropInternal)?;
-    // SAFETY: `at` checked that 42 bytes lie inside the packet.
-    let h = unsafe { &mut *h };
-    h[0..6].copy_from_slice(&t.dmac);
-    h[6..12].copy_from_slice(&t.smac);
-    h[12..14].copy_from_slice(&ETH_P_IPV4.to_be_bytes());
-    let ip = &mut h[14..34];
-    ip[0] = 0x45;
-    ip[1] = 0;
-    ip[2..4].copy_from_slice(&(outer_len as u16).to_be_bytes());
-    ip[4] = 0;
-    ip[5] = 0;
-    ip[6] = 0x40; // DF: the outer packet is never fragmented by us
-    ip[7] = 0;
-    ip[8] = t.ttl;
-    ip[9] = IPPROTO_GRE;
-    let check = !csum::fold(t.outer_csum_partial as u32 + outer_len as u32);
-    ip[10..12].copy_from_slice(&check.to_be_bytes());
-    ip[12..16].copy_from_slice(&t.local);
-    ip[16..20].copy_from_slice(&t.remote);
-    let gre = &mut h[34..42];
-    gre[0] = if has_key { 0x20 } else { 0 };
-    gre[1] = 0;
-    let proto = match pkt.family {
+    // Copy the template in words: bytes 0..36 always, the key only when
+    // present; then patch length, checksum and protocol. Packet words may be
+    // unaligned, which the targets moat runs on handle natively (and the
+    // verifier allows for packet pointers).
+    let h = ptr::<[u16; 21]>(ctx, 0).ok_or(Reason::DropInternal)? as *mut u8;
+    let src = t.header.as_ptr();
+    let proto: u16 = match pkt.family {
         Family::V4 => ETH_P_IPV4,
         Family::V6 => ETH_P_IPV6,
     };
-    gre[2..4].copy_from_slice(&proto.to_be_bytes());
-    if has_key {
-        gre[4..8].copy_from_slice(&t.key);
+    let check = !csum::fold(t.outer_csum_partial as u32 + outer_len as u32);
+    // SAFETY: `ptr` checked 42 bytes at the new start lie inside the packet
+    // (the frame is at least header_len + 20 bytes), and `header_len` is 38
+    // or 42, so no store reaches past the template's end into the inner packet.
+    unsafe {
+        let (d64, s64) = (h as *mut u64, src as *const u64);
+        for i in 0..4 {
+            *d64.add(i) = *s64.add(i);
+        }
+        *(h.add(32) as *mut u16) = *(src.add(32) as *const u16);
+        *(h.add(header::GRE) as *mut u16) = *(src.add(header::GRE) as *const u16);
+        *(h.add(header::GRE_PROTO) as *mut u16) = proto.to_be();
+        if header_len > 38 {
+            *(h.add(header::GRE_KEY) as *mut u32) = *(src.add(header::GRE_KEY) as *const u32);
+        }
+        *(h.add(header::IP_TOT_LEN) as *mut u16) = (outer_len as u16).to_be();
+        *(h.add(header::IP_CHECK) as *mut u16) = check.to_be();
     }
 
     if let Some(s) = stats::tunnel(tunnel_id) {
-        stats::bump(&mut s.tx, (ETH_LEN + outer_len) as u64);
+        stats::bump(&mut s.tx, (14 + outer_len) as u64);
     }
     Ok((transmit(ctx, t.ifindex), Reason::ForwardEncap))
 }
@@ -141,13 +139,20 @@ pub fn encapsulate(ctx: &XdpContext, pkt: &Packet, route_set: u32) -> Outcome {
 /// Decrements the TTL / hop limit in place, fixing the IPv4 checksum.
 #[inline(always)]
 pub fn decrement_ttl(ctx: &XdpContext, pkt: &Packet) -> Result<(), Reason> {
-    let p = at::<2>(ctx, pkt.ttl_off).ok_or(Reason::DropInternal)?;
-    // SAFETY: `at` checked the bytes lie inside the packet.
-    unsafe { (*p)[0] -= 1 };
-    if pkt.family == Family::V4 {
-        let c = at::<2>(ctx, pkt.l3 + 10).ok_or(Reason::DropInternal)?;
-        // SAFETY: `at` checked the two bytes lie inside the packet.
-        unsafe { *c = csum::ttl_decrement(u16::from_be_bytes(*c)).to_be_bytes() };
+    match pkt.family {
+        Family::V4 => {
+            let h = ptr::<Ipv4Hdr>(ctx, pkt.l3).ok_or(Reason::DropInternal)?;
+            // SAFETY: `ptr` checked the header lies inside the packet.
+            unsafe {
+                (*h).ttl -= 1;
+                (*h).check = csum::ttl_decrement(u16::from_be((*h).check)).to_be();
+            }
+        }
+        Family::V6 => {
+            let p = ptr::<u16>(ctx, pkt.ttl_off).ok_or(Reason::DropInternal)? as *mut u8;
+            // SAFETY: `ptr` checked the bytes lie inside the packet.
+            unsafe { *p -= 1 };
+        }
     }
     Ok(())
 }

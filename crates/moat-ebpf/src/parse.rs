@@ -1,5 +1,7 @@
 //! Header parsing with bounds checks the verifier can follow: every offset
-//! is capped before it is added to the packet pointer.
+//! is capped before it is added to the packet pointer, and fields are read
+//! through `#[repr(C)]` header structs so that loads are word-sized (byte
+//! arrays would make the compiler copy byte by byte).
 
 use aya_ebpf::programs::XdpContext;
 use moat_common::Reason;
@@ -21,6 +23,32 @@ const MAX_EXT_HEADERS: usize = 6;
 /// Largest header offset we parse at (L2 + outer IP + GRE + inner IP + ext headers).
 pub const MAX_OFFSET: usize = 1024;
 
+/// IPv4 header without options. Multi-byte fields in network order.
+#[repr(C)]
+pub struct Ipv4Hdr {
+    pub vihl: u8,
+    pub tos: u8,
+    pub tot_len: u16,
+    pub id: u16,
+    pub frag_off: u16,
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: u16,
+    pub src: u32,
+    pub dst: u32,
+}
+
+/// IPv6 fixed header.
+#[repr(C)]
+pub struct Ipv6Hdr {
+    pub vtc_flow: u32,
+    pub payload_len: u16,
+    pub next: u8,
+    pub hop_limit: u8,
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Family {
     V4,
@@ -39,41 +67,25 @@ pub struct Packet {
     pub proto: u8,
     /// Any fragment (first, middle or last).
     pub frag: bool,
-    /// Offset of the L4 header (only meaningful when not a later fragment).
+    /// Offset of the L4 header (only meaningful when not a fragment).
     pub l4: usize,
     /// Source and destination port bytes as on the wire, for unfragmented TCP/UDP.
     pub ports: Option<u32>,
     /// Offset of the IPv4 TTL / IPv6 hop limit byte.
     pub ttl_off: usize,
     pub frame_len: usize,
+    /// Addresses as network-order words (IPv4: word 0 only).
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
 }
 
-impl Packet {
-    #[inline(always)]
-    pub fn dst4(&self, ctx: &XdpContext) -> [u8; 4] {
-        read::<4>(ctx, self.l3 + 16).unwrap_or([0; 4])
-    }
-    #[inline(always)]
-    pub fn src4(&self, ctx: &XdpContext) -> [u8; 4] {
-        read::<4>(ctx, self.l3 + 12).unwrap_or([0; 4])
-    }
-    #[inline(always)]
-    pub fn dst6(&self, ctx: &XdpContext) -> [u8; 16] {
-        read::<16>(ctx, self.l3 + 24).unwrap_or([0; 16])
-    }
-    #[inline(always)]
-    pub fn src6(&self, ctx: &XdpContext) -> [u8; 16] {
-        read::<16>(ctx, self.l3 + 8).unwrap_or([0; 16])
-    }
-}
-
-/// A pointer to `N` (>= 2) bytes at `off`, or `None` if the frame is shorter.
+/// A pointer to a `T` (at least two bytes) at `off`, or `None` if the
+/// frame is shorter.
 #[inline(always)]
-pub fn at<const N: usize>(ctx: &XdpContext, off: usize) -> Option<*mut [u8; N]> {
+pub fn ptr<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
     // A one-byte window compiles to `ptr >= end`, from which the verifier
-    // learns no range; every one-byte field we touch has a neighbour, so
-    // windows are at least two bytes.
-    const { assert!(N >= 2) };
+    // learns no range; every one-byte field we touch has a neighbour.
+    const { assert!(core::mem::size_of::<T>() >= 2) };
     if off > MAX_OFFSET {
         return None;
     }
@@ -86,22 +98,18 @@ pub fn at<const N: usize>(ctx: &XdpContext, off: usize) -> Option<*mut [u8; N]> 
             core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize,
         )
     };
-    if start + off + N > end {
+    if start + off + core::mem::size_of::<T>() > end {
         return None;
     }
-    Some((start + off) as *mut [u8; N])
+    Some((start + off) as *mut T)
 }
 
-/// A copy of `N` bytes at `off`.
+/// A copy of the `T` at `off`. Packet data may be unaligned; the targets
+/// moat runs on load unaligned words natively and the verifier allows it.
 #[inline(always)]
-pub fn read<const N: usize>(ctx: &XdpContext, off: usize) -> Option<[u8; N]> {
-    // SAFETY: `at` checked that N bytes at `off` lie inside the packet.
-    at::<N>(ctx, off).map(|p| unsafe { *p })
-}
-
-#[inline(always)]
-fn be16(b: [u8; 2]) -> u16 {
-    u16::from_be_bytes(b)
+pub fn load<T: Copy>(ctx: &XdpContext, off: usize) -> Option<T> {
+    // SAFETY: `ptr` checked that the bytes lie inside the packet.
+    ptr::<T>(ctx, off).map(|p| unsafe { p.read() })
 }
 
 /// Parses Ethernet (optionally one 802.1Q tag) and the IP packet behind it.
@@ -109,12 +117,10 @@ fn be16(b: [u8; 2]) -> u16 {
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Result<Option<Packet>, Reason> {
     let frame_len = ctx.data_end() - ctx.data();
-    let eth = read::<14>(ctx, 0).ok_or(Reason::DropTruncatedEthernet)?;
-    let mut ethertype = be16([eth[12], eth[13]]);
+    let mut ethertype = u16::from_be(load::<u16>(ctx, 12).ok_or(Reason::DropTruncatedEthernet)?);
     let mut l3 = 14;
     if ethertype == ETH_P_8021Q {
-        let tag = read::<4>(ctx, 14).ok_or(Reason::DropTruncatedEthernet)?;
-        ethertype = be16([tag[2], tag[3]]);
+        ethertype = u16::from_be(load::<u16>(ctx, 16).ok_or(Reason::DropTruncatedEthernet)?);
         l3 = 18;
     }
     let family = match ethertype {
@@ -127,44 +133,46 @@ pub fn parse(ctx: &XdpContext) -> Result<Option<Packet>, Reason> {
 
 /// Parses an IP packet at `l3` that must end at or before `limit`.
 #[inline(always)]
-pub fn parse_ip(
-    ctx: &XdpContext,
-    family: Family,
-    l3: usize,
-    limit: usize,
-) -> Result<Packet, Reason> {
+pub fn parse_ip(ctx: &XdpContext, family: Family, l3: usize, limit: usize) -> Result<Packet, Reason> {
     let frame_len = ctx.data_end() - ctx.data();
+    let mut src = [0u32; 4];
+    let mut dst = [0u32; 4];
     let (ip_len, proto, frag, l4, ttl_off) = match family {
         Family::V4 => {
-            let h = read::<20>(ctx, l3).ok_or(Reason::DropTruncatedIp)?;
-            if h[0] >> 4 != 4 {
+            let h = ptr::<Ipv4Hdr>(ctx, l3).ok_or(Reason::DropTruncatedIp)?;
+            // SAFETY: `ptr` checked that the header lies inside the packet.
+            let h = unsafe { &*h };
+            if h.vihl >> 4 != 4 {
                 return Err(Reason::DropMalformedIp);
             }
-            let hl = ((h[0] & 0x0f) as usize) * 4;
-            let tot = be16([h[2], h[3]]) as usize;
+            let hl = ((h.vihl & 0x0f) as usize) * 4;
+            let tot = u16::from_be(h.tot_len) as usize;
             if hl < 20 || tot < hl {
                 return Err(Reason::DropMalformedIp);
             }
             if l3 + tot > limit {
                 return Err(Reason::DropTruncatedIp);
             }
-            let frag = be16([h[6], h[7]]) & 0x3fff != 0;
-            (tot, h[9], frag, l3 + hl, l3 + 8)
+            src[0] = h.src;
+            dst[0] = h.dst;
+            let frag = u16::from_be(h.frag_off) & 0x3fff != 0;
+            (tot, h.proto, frag, l3 + hl, l3 + 8)
         }
         Family::V6 => {
-            let h = read::<8>(ctx, l3).ok_or(Reason::DropTruncatedIp)?;
-            if read::<40>(ctx, l3).is_none() {
-                return Err(Reason::DropTruncatedIp);
-            }
-            if h[0] >> 4 != 6 {
+            let h = ptr::<Ipv6Hdr>(ctx, l3).ok_or(Reason::DropTruncatedIp)?;
+            // SAFETY: `ptr` checked that the header lies inside the packet.
+            let h = unsafe { &*h };
+            if (h.vtc_flow & 0xf0) >> 4 != 6 {
                 return Err(Reason::DropMalformedIp);
             }
-            let tot = 40 + be16([h[4], h[5]]) as usize;
+            let tot = 40 + u16::from_be(h.payload_len) as usize;
             if l3 + tot > limit {
                 return Err(Reason::DropTruncatedIp);
             }
+            src = h.src;
+            dst = h.dst;
             let end = l3 + tot;
-            let mut next = h[6];
+            let mut next = h.next;
             let mut off = l3 + 40;
             let mut frag = false;
             for _ in 0..MAX_EXT_HEADERS {
@@ -173,7 +181,7 @@ pub fn parse_ip(
                         if off + 8 > end {
                             return Err(Reason::DropMalformedIp);
                         }
-                        let e = read::<2>(ctx, off).ok_or(Reason::DropMalformedIp)?;
+                        let e = load::<u16>(ctx, off).ok_or(Reason::DropMalformedIp)?.to_le_bytes();
                         next = e[0];
                         off += (e[1] as usize + 1) * 8;
                     }
@@ -181,8 +189,8 @@ pub fn parse_ip(
                         if off + 8 > end {
                             return Err(Reason::DropMalformedIp);
                         }
-                        let e = read::<4>(ctx, off).ok_or(Reason::DropMalformedIp)?;
-                        let fo = be16([e[2], e[3]]);
+                        let e = load::<u32>(ctx, off).ok_or(Reason::DropMalformedIp)?.to_le_bytes();
+                        let fo = u16::from_be_bytes([e[2], e[3]]);
                         next = e[0];
                         off += 8;
                         frag = fo & 0xfff9 != 0;
@@ -198,12 +206,7 @@ pub fn parse_ip(
                     return Err(Reason::DropMalformedIp);
                 }
             }
-            if !frag
-                && matches!(
-                    next,
-                    IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_FRAGMENT
-                )
-            {
+            if !frag && matches!(next, IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_FRAGMENT) {
                 return Err(Reason::DropMalformedIp);
             }
             if off > end {
@@ -226,8 +229,7 @@ pub fn parse_ip(
             return Err(Reason::DropTruncatedL4);
         }
         if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
-            let p = read::<4>(ctx, l4).ok_or(Reason::DropTruncatedL4)?;
-            ports = Some(u32::from_le_bytes(p));
+            ports = Some(load::<u32>(ctx, l4).ok_or(Reason::DropTruncatedL4)?);
         }
     }
     Ok(Packet {
@@ -240,5 +242,7 @@ pub fn parse_ip(
         ports,
         ttl_off,
         frame_len,
+        src,
+        dst,
     })
 }

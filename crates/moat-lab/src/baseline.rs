@@ -26,25 +26,13 @@ impl Attr {
         self.0[off..off + 8].copy_from_slice(&v.to_ne_bytes());
     }
     fn get_u32(&self, off: usize) -> u32 {
-        u32::from_ne_bytes([
-            self.0[off],
-            self.0[off + 1],
-            self.0[off + 2],
-            self.0[off + 3],
-        ])
+        u32::from_ne_bytes([self.0[off], self.0[off + 1], self.0[off + 2], self.0[off + 3]])
     }
 }
 
 fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<i64> {
     // SAFETY: `attr` is a valid, zero-initialised bpf_attr of sufficient size.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut Attr,
-            std::mem::size_of::<Attr>(),
-        )
-    };
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut Attr, std::mem::size_of::<Attr>()) };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }

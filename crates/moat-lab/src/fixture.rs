@@ -101,15 +101,7 @@ impl Fixture {
         veth(&ns, "cust0", &peer, "cust1");
         veth(&ns, "up0", &peer, "up1");
         ns.ip(&["addr", "add", "169.254.100.1/24", "dev", "up0"]);
-        ns.ip(&[
-            "-6",
-            "addr",
-            "add",
-            "2001:db8:ff::1/64",
-            "dev",
-            "up0",
-            "nodad",
-        ]);
+        ns.ip(&["-6", "addr", "add", "2001:db8:ff::1/64", "dev", "up0", "nodad"]);
         ns.ip(&[
             "neigh",
             "add",
@@ -133,25 +125,8 @@ impl Fixture {
             "nud",
             "permanent",
         ]);
-        ns.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            "169.254.100.254",
-            "dev",
-            "up0",
-        ]);
-        ns.ip(&[
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            "2001:db8:ff::fe",
-            "dev",
-            "up0",
-        ]);
+        ns.ip(&["route", "add", "default", "via", "169.254.100.254", "dev", "up0"]);
+        ns.ip(&["-6", "route", "add", "default", "via", "2001:db8:ff::fe", "dev", "up0"]);
         ns.ip(&["route", "add", "blackhole", "198.51.100.240/28"]);
         ns.sysctl("net.ipv4.conf.all.forwarding", "1");
         ns.sysctl("net.ipv6.conf.all.forwarding", "1");
@@ -194,10 +169,7 @@ impl Fixture {
             _ => match (ci * 7 + ti) % 5 {
                 0 => None,
                 1 => hop(self.ingress),
-                2 => hop(self.cust_if).map(|h| NextHop {
-                    link_mtu: 1400,
-                    ..h
-                }),
+                2 => hop(self.cust_if).map(|h| NextHop { link_mtu: 1400, ..h }),
                 _ => hop(self.cust_if),
             },
         }
@@ -205,14 +177,15 @@ impl Fixture {
 
     pub fn apply(&mut self, spec: Spec) {
         self.spec = spec;
-        let hops =
-            |t: &TunnelSpec| {
-                let (ci, ti) =
-                    self.spec.customers.iter().enumerate().find_map(|(ci, c)| {
-                        c.tunnels.iter().position(|x| x == t).map(|ti| (ci, ti))
-                    })?;
-                self.next_hop(ci, ti)
-            };
+        let hops = |t: &TunnelSpec| {
+            let (ci, ti) = self
+                .spec
+                .customers
+                .iter()
+                .enumerate()
+                .find_map(|(ci, c)| c.tunnels.iter().position(|x| x == t).map(|ti| (ci, ti)))?;
+            self.next_hop(ci, ti)
+        };
         let compiled = compile(&self.spec, &hops).expect("compile");
         self.dp.apply(&compiled).expect("apply");
     }

@@ -4,6 +4,8 @@
 
 pub mod baseline;
 pub mod fixture;
+pub mod gre;
 pub mod model;
 pub mod netns;
 pub mod packet;
+pub mod topology;

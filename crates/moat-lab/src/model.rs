@@ -108,18 +108,8 @@ fn parse_ip(b: &[u8], v6: bool, l3: usize, limit: usize) -> Result<Ip, Reason> {
         frag = be16(b, l3 + 6) & 0x3fff != 0;
         l4 = l3 + hl;
         ttl_pos = l3 + 8;
-        src = IpAddr::V4(Ipv4Addr::new(
-            b[l3 + 12],
-            b[l3 + 13],
-            b[l3 + 14],
-            b[l3 + 15],
-        ));
-        dst = IpAddr::V4(Ipv4Addr::new(
-            b[l3 + 16],
-            b[l3 + 17],
-            b[l3 + 18],
-            b[l3 + 19],
-        ));
+        src = IpAddr::V4(Ipv4Addr::new(b[l3 + 12], b[l3 + 13], b[l3 + 14], b[l3 + 15]));
+        dst = IpAddr::V4(Ipv4Addr::new(b[l3 + 16], b[l3 + 17], b[l3 + 18], b[l3 + 19]));
     } else {
         if b.len() < l3 + 40 {
             return Err(Reason::DropTruncatedIp);
@@ -392,11 +382,7 @@ impl Model<'_> {
         let best = routes.iter().map(eff).min().expect("at least one route");
         let mut members: Vec<(usize, u32)> = Vec::new();
         for r in routes.iter().filter(|r| eff(r) == best) {
-            let ti = c
-                .tunnels
-                .iter()
-                .position(|t| t.name == r.tunnel)
-                .expect("tunnel");
+            let ti = c.tunnels.iter().position(|t| t.name == r.tunnel).expect("tunnel");
             match members.iter_mut().find(|m| m.0 == ti) {
                 Some(m) => m.1 += u32::from(r.weight),
                 None => members.push((ti, u32::from(r.weight))),
@@ -405,8 +391,7 @@ impl Model<'_> {
         let ti = if members.len() == 1 {
             members[0].0
         } else {
-            let slot = flow_hash(ip.src, ip.dst, ip.proto, ip.ports) as usize
-                % moat_common::limits::ECMP_SLOTS;
+            let slot = flow_hash(ip.src, ip.dst, ip.proto, ip.ports) as usize % moat_common::limits::ECMP_SLOTS;
             let scored: Vec<(u64, u32)> = members
                 .iter()
                 .map(|&(ti, w)| {
@@ -470,8 +455,7 @@ impl Model<'_> {
         let has_c = flags & 0x8000 != 0;
         let has_k = flags & 0x2000 != 0;
         let has_s = flags & 0x1000 != 0;
-        let inner_at =
-            outer.l4 + 4 + 4 * (usize::from(has_c) + usize::from(has_k) + usize::from(has_s));
+        let inner_at = outer.l4 + 4 + 4 * (usize::from(has_c) + usize::from(has_k) + usize::from(has_s));
         if inner_at > end {
             return self.drop(b, Reason::DropGreMalformed);
         }
@@ -504,12 +488,7 @@ impl Model<'_> {
             return self.pass(b, Reason::PassTunnelToNode);
         }
         let c = &self.spec.customers[ci];
-        if !c
-            .prefixes
-            .iter()
-            .chain(&c.egress_prefixes)
-            .any(|p| contains(p, ip.src))
-        {
+        if !c.prefixes.iter().chain(&c.egress_prefixes).any(|p| contains(p, ip.src)) {
             return self.drop(b, Reason::DropSpoofedSource);
         }
         if b[ip.ttl_pos] <= 1 {
@@ -517,11 +496,7 @@ impl Model<'_> {
         }
         let ethertype: u16 = if v6 { 0x86dd } else { 0x0800 };
         match (self.fib)(ip.dst, ip.ip_len) {
-            Fib::Forward {
-                ifindex,
-                smac,
-                dmac,
-            } => {
+            Fib::Forward { ifindex, smac, dmac } => {
                 let mut out = Vec::new();
                 out.extend_from_slice(&dmac);
                 out.extend_from_slice(&smac);

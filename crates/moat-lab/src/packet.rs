@@ -196,13 +196,7 @@ pub fn ipv6_with_ext(packet: &[u8], exts: &[(u8, usize)]) -> Vec<u8> {
 
 /// A GRE packet (outer IPv4, RFC 2784 header, RFC 2890 key when given)
 /// carrying `inner` (an IP packet).
-pub fn gre(
-    outer_src: [u8; 4],
-    outer_dst: [u8; 4],
-    ttl: u8,
-    key: Option<u32>,
-    inner: &[u8],
-) -> Vec<u8> {
+pub fn gre(outer_src: [u8; 4], outer_dst: [u8; 4], ttl: u8, key: Option<u32>, inner: &[u8]) -> Vec<u8> {
     let proto: u16 = if inner.first().map(|b| b >> 4) == Some(6) {
         ETH_IPV6
     } else {
@@ -215,8 +209,7 @@ pub fn gre(
         g.extend_from_slice(&k.to_be_bytes());
     }
     g.extend_from_slice(inner);
-    let mut h =
-        Ipv4Header::new(g.len() as u16, ttl, IpNumber(47), outer_src, outer_dst).expect("header");
+    let mut h = Ipv4Header::new(g.len() as u16, ttl, IpNumber(47), outer_src, outer_dst).expect("header");
     h.dont_fragment = true;
     let mut v = Vec::new();
     h.write(&mut v).expect("write");

@@ -38,10 +38,7 @@ fn run(f: &Fixture, frame: &[u8], action: u32, reason: Reason) -> Vec<u8> {
         .copied()
         .filter(|x| after.packets(*x) != before.packets(*x))
         .collect();
-    assert_eq!(
-        r.action, action,
-        "action for {reason:?} case; counted {moved:?}"
-    );
+    assert_eq!(r.action, action, "action for {reason:?} case; counted {moved:?}");
     for &x in Reason::ALL {
         let d = after.packets(x) - before.packets(x);
         assert_eq!(
@@ -50,9 +47,7 @@ fn run(f: &Fixture, frame: &[u8], action: u32, reason: Reason) -> Vec<u8> {
             "counter {x:?} moved by {d}, expected {reason:?}"
         );
     }
-    let expect = f
-        .with_model(|m| m.process(frame))
-        .expect("model predicts this case");
+    let expect = f.with_model(|m| m.process(frame)).expect("model predicts this case");
     assert_eq!(
         (expect.action.code(), expect.reason),
         (r.action, reason),
@@ -74,11 +69,7 @@ fn open_gre(out: &[u8], dmac_last: u8) -> ([u8; 4], Option<u32>, Vec<u8>) {
     assert_eq!(eth.ether_type().0, 0x0800);
     let ip = Ipv4HeaderSlice::from_slice(&out[14..]).expect("outer IPv4");
     let h = ip.to_header();
-    assert_eq!(
-        h.header_checksum,
-        h.calc_header_checksum(),
-        "outer checksum"
-    );
+    assert_eq!(h.header_checksum, h.calc_header_checksum(), "outer checksum");
     assert_eq!(ip.protocol().0, 47);
     assert_eq!(ip.source(), NODE.octets());
     assert_eq!(ip.ttl(), 64);
@@ -114,11 +105,7 @@ fn check_inner(inner: &[u8], orig: &[u8]) {
         let o = Ipv4HeaderSlice::from_slice(orig).unwrap();
         assert_eq!(i.ttl(), o.ttl() - 1);
         let h = i.to_header();
-        assert_eq!(
-            h.header_checksum,
-            h.calc_header_checksum(),
-            "inner checksum"
-        );
+        assert_eq!(h.header_checksum, h.calc_header_checksum(), "inner checksum");
         assert_eq!(inner[..8], orig[..8]);
         assert_eq!(inner[9], orig[9]);
         assert_eq!(inner[12..], orig[12..]);
@@ -131,15 +118,7 @@ fn check_inner(inner: &[u8], orig: &[u8]) {
     }
 }
 
-fn encap_case(
-    f: &Fixture,
-    ip: &[u8],
-    frame: Frame,
-    action: u32,
-    remote: [u8; 4],
-    key: Option<u32>,
-    dmac_last: u8,
-) {
+fn encap_case(f: &Fixture, ip: &[u8], frame: Frame, action: u32, remote: [u8; 4], key: Option<u32>, dmac_last: u8) {
     let out = run(f, &packet::eth(frame, ip), action, Reason::ForwardEncap);
     let (dst, k, inner) = open_gre(&out, dmac_last);
     assert_eq!((dst, k), (remote, key));
@@ -156,13 +135,7 @@ fn encapsulation_cases() {
     };
     let payload = [0xabu8; 100];
     // IPv4 inner, untagged and tagged, no key (acme-a).
-    let v4 = packet::ip(
-        a4("192.0.2.99"),
-        a4("203.0.113.5"),
-        64,
-        udp(4000, 53),
-        &payload,
-    );
+    let v4 = packet::ip(a4("192.0.2.99"), a4("203.0.113.5"), 64, udp(4000, 53), &payload);
     encap_case(&f, &v4, untagged, XDP_REDIRECT, [192, 0, 2, 10], None, 0);
     encap_case(&f, &v4, tagged, XDP_REDIRECT, [192, 0, 2, 10], None, 0);
     // Key 42 (acme-b, longer route), TCP.
@@ -177,43 +150,13 @@ fn encapsulation_cases() {
         },
         &[],
     );
-    encap_case(
-        &f,
-        &tcp,
-        untagged,
-        XDP_REDIRECT,
-        [192, 0, 2, 11],
-        Some(42),
-        1,
-    );
+    encap_case(&f, &tcp, untagged, XDP_REDIRECT, [192, 0, 2, 11], Some(42), 1);
     // IPv6 inner, with and without a tag, and with extension headers.
-    let v6 = packet::ip(
-        a6("2001:db8:1::1"),
-        a6("2001:db8:100::5"),
-        64,
-        udp(4000, 53),
-        &payload,
-    );
-    encap_case(
-        &f,
-        &v6,
-        untagged,
-        XDP_REDIRECT,
-        [192, 0, 2, 11],
-        Some(42),
-        1,
-    );
+    let v6 = packet::ip(a6("2001:db8:1::1"), a6("2001:db8:100::5"), 64, udp(4000, 53), &payload);
+    encap_case(&f, &v6, untagged, XDP_REDIRECT, [192, 0, 2, 11], Some(42), 1);
     encap_case(&f, &v6, tagged, XDP_REDIRECT, [192, 0, 2, 11], Some(42), 1);
     let ext = packet::ipv6_with_ext(&v6, &[(0, 8), (43, 24), (60, 16)]);
-    encap_case(
-        &f,
-        &ext,
-        untagged,
-        XDP_REDIRECT,
-        [192, 0, 2, 11],
-        Some(42),
-        1,
-    );
+    encap_case(&f, &ext, untagged, XDP_REDIRECT, [192, 0, 2, 11], Some(42), 1);
     // ICMP echo into a tunnel behind the ingress interface: XDP_TX.
     let icmp = packet::ip(
         a4("192.0.2.99"),
@@ -241,15 +184,7 @@ fn mtu_boundary() {
     let (s, d) = (a4("192.0.2.99"), a4("203.0.113.5"));
     let exact = packet::ip(s, d, 64, udp(1, 2), &vec![7u8; 1476 - 28]);
     assert_eq!(exact.len(), 1476);
-    encap_case(
-        &f,
-        &exact,
-        Frame::default(),
-        XDP_REDIRECT,
-        [192, 0, 2, 10],
-        None,
-        0,
-    );
+    encap_case(&f, &exact, Frame::default(), XDP_REDIRECT, [192, 0, 2, 10], None, 0);
     let over = packet::eth(
         Frame::default(),
         &packet::ip(s, d, 64, udp(1, 2), &vec![7u8; 1477 - 28]),
@@ -263,15 +198,7 @@ fn mtu_boundary() {
     // largest packet is 1472; 1476 fits the tunnel MTU but not the link.
     let (s, d) = (a6("2001:db8:1::1"), a6("2001:db8:100::5"));
     let fits = packet::ip(s, d, 64, udp(1, 2), &vec![7u8; 1472 - 48]);
-    encap_case(
-        &f,
-        &fits,
-        Frame::default(),
-        XDP_REDIRECT,
-        [192, 0, 2, 11],
-        Some(42),
-        1,
-    );
+    encap_case(&f, &fits, Frame::default(), XDP_REDIRECT, [192, 0, 2, 11], Some(42), 1);
     let link = packet::eth(
         Frame::default(),
         &packet::ip(s, d, 64, udp(1, 2), &vec![7u8; 1476 - 48]),
@@ -290,24 +217,12 @@ fn ttl_expiry() {
     for ttl in [0u8, 1] {
         let p = packet::eth(
             Frame::default(),
-            &packet::ip(
-                a4("192.0.2.99"),
-                a4("203.0.113.5"),
-                ttl,
-                udp(1, 2),
-                &[1, 2, 3],
-            ),
+            &packet::ip(a4("192.0.2.99"), a4("203.0.113.5"), ttl, udp(1, 2), &[1, 2, 3]),
         );
         run(&f, &p, XDP_DROP, Reason::DropTtlExpired);
         let p6 = packet::eth(
             Frame::default(),
-            &packet::ip(
-                a6("2001:db8:1::1"),
-                a6("2001:db8:100::5"),
-                ttl,
-                udp(1, 2),
-                &[1],
-            ),
+            &packet::ip(a6("2001:db8:1::1"), a6("2001:db8:100::5"), ttl, udp(1, 2), &[1]),
         );
         run(&f, &p6, XDP_DROP, Reason::DropTtlExpired);
     }
@@ -355,15 +270,7 @@ fn fragments_all_take_one_tunnel() {
         &vec![9u8; 3000],
     );
     for fr in packet::ipv6_fragments(&whole6, 1400, 7) {
-        encap_case(
-            &f,
-            &fr,
-            Frame::default(),
-            XDP_REDIRECT,
-            [192, 0, 2, 11],
-            Some(42),
-            1,
-        );
+        encap_case(&f, &fr, Frame::default(), XDP_REDIRECT, [192, 0, 2, 11], Some(42), 1);
     }
 }
 
@@ -372,20 +279,8 @@ fn not_ours_passes_untouched() {
     let f = Fixture::new("cases-miss");
     for ip in [
         packet::ip(a4("192.0.2.1"), a4("192.0.2.99"), 64, udp(1, 2), &[0; 20]),
-        packet::ip(
-            a4("192.0.2.1"),
-            a4("198.51.100.1"),
-            64,
-            L4::Echo { id: 1, seq: 2 },
-            &[],
-        ),
-        packet::ip(
-            a6("2001:db8::1"),
-            a6("2001:db8:300::1"),
-            64,
-            udp(1, 2),
-            &[0; 20],
-        ),
+        packet::ip(a4("192.0.2.1"), a4("198.51.100.1"), 64, L4::Echo { id: 1, seq: 2 }, &[]),
+        packet::ip(a6("2001:db8::1"), a6("2001:db8:300::1"), 64, udp(1, 2), &[0; 20]),
     ] {
         let frame = packet::eth(Frame::default(), &ip);
         assert_eq!(run(&f, &frame, XDP_PASS, Reason::PassNotProtected), frame);
@@ -399,13 +294,7 @@ fn routing_failures_are_counted() {
     let f = Fixture::new("cases-noroute");
     let v6 = packet::eth(
         Frame::default(),
-        &packet::ip(
-            a6("2001:db8:1::1"),
-            a6("2001:db8:200::1"),
-            64,
-            udp(1, 2),
-            &[],
-        ),
+        &packet::ip(a6("2001:db8:1::1"), a6("2001:db8:200::1"), 64, udp(1, 2), &[]),
     );
     run(&f, &v6, XDP_DROP, Reason::DropNoRoute);
     let nh = packet::eth(
@@ -414,35 +303,20 @@ fn routing_failures_are_counted() {
     );
     run(&f, &nh, XDP_DROP, Reason::DropNoNextHop);
     let c = f.dp.counters([0, 1], []).unwrap();
-    assert_eq!(
-        c.customers[&1].in_dropped.packets, 1,
-        "globex counted its drop"
-    );
-    assert_eq!(
-        c.customers[&0].in_dropped.packets, 1,
-        "acme counted its drop"
-    );
+    assert_eq!(c.customers[&1].in_dropped.packets, 1, "globex counted its drop");
+    assert_eq!(c.customers[&0].in_dropped.packets, 1, "acme counted its drop");
     assert_eq!(c.customers[&0].in_received.packets, 1);
 }
 
 fn gre_frame(remote: [u8; 4], key: Option<u32>, inner: &[u8]) -> Vec<u8> {
-    packet::eth(
-        Frame::default(),
-        &packet::gre(remote, NODE.octets(), 64, key, inner),
-    )
+    packet::eth(Frame::default(), &packet::gre(remote, NODE.octets(), 64, key, inner))
 }
 
 #[test]
 fn decapsulation_cases() {
     let f = Fixture::new("cases-decap");
     let payload = [5u8; 64];
-    let inner = packet::ip(
-        a4("203.0.113.5"),
-        a4("198.51.100.77"),
-        64,
-        udp(53, 4000),
-        &payload,
-    );
+    let inner = packet::ip(a4("203.0.113.5"), a4("198.51.100.77"), 64, udp(53, 4000), &payload);
     // Valid remote, no key: decapsulated and sent toward the upstream gateway.
     let out = run(
         &f,
@@ -462,34 +336,16 @@ fn decapsulation_cases() {
         XDP_REDIRECT,
         Reason::ForwardDecap,
     );
-    let inner6 = packet::ip(
-        a6("2001:db8:100::5"),
-        a6("2001:db8:9::1"),
-        64,
-        udp(53, 4000),
-        &payload,
-    );
+    let inner6 = packet::ip(a6("2001:db8:100::5"), a6("2001:db8:9::1"), 64, udp(53, 4000), &payload);
     let out6 = run(
         &f,
         &gre_frame([192, 0, 2, 11], Some(42), &inner6),
         XDP_REDIRECT,
         Reason::ForwardDecap,
     );
-    assert_eq!(
-        Ethernet2HeaderSlice::from_slice(&out6)
-            .unwrap()
-            .ether_type()
-            .0,
-        0x86dd
-    );
+    assert_eq!(Ethernet2HeaderSlice::from_slice(&out6).unwrap().ether_type().0, 0x86dd);
     check_inner(&out6[14..], &inner6);
-    let egress = packet::ip(
-        a4("192.0.2.130"),
-        a4("198.51.100.77"),
-        64,
-        udp(53, 4000),
-        &payload,
-    );
+    let egress = packet::ip(a4("192.0.2.130"), a4("198.51.100.77"), 64, udp(53, 4000), &payload);
     run(
         &f,
         &gre_frame([192, 0, 2, 10], None, &egress),
@@ -504,10 +360,7 @@ fn decapsulation_cases() {
         ([192, 0, 2, 10], Some(1)),
     ] {
         let frame = gre_frame(remote, key, &inner);
-        assert_eq!(
-            run(&f, &frame, XDP_DROP, Reason::DropGreUnknownTunnel),
-            frame
-        );
+        assert_eq!(run(&f, &frame, XDP_DROP, Reason::DropGreUnknownTunnel), frame);
     }
     // Spoofed inner source (globex's prefix through acme's tunnel, and an outside address).
     for src in ["203.0.113.200", "192.0.2.50"] {
@@ -521,24 +374,12 @@ fn decapsulation_cases() {
     }
     // ICMP for the node (probe replies) stays encapsulated and goes up.
     for dst in ["169.254.10.0", "198.51.100.1"] {
-        let probe = packet::ip(
-            a4("169.254.10.1"),
-            a4(dst),
-            64,
-            L4::Echo { id: 7, seq: 1 },
-            &[1; 16],
-        );
+        let probe = packet::ip(a4("169.254.10.1"), a4(dst), 64, L4::Echo { id: 7, seq: 1 }, &[1; 16]);
         let frame = gre_frame([192, 0, 2, 10], None, &probe);
         assert_eq!(run(&f, &frame, XDP_PASS, Reason::PassTunnelToNode), frame);
     }
     // Inner TTL 1 cannot be forwarded.
-    let expiring = packet::ip(
-        a4("203.0.113.5"),
-        a4("198.51.100.77"),
-        1,
-        udp(53, 4000),
-        &payload,
-    );
+    let expiring = packet::ip(a4("203.0.113.5"), a4("198.51.100.77"), 1, udp(53, 4000), &payload);
     run(
         &f,
         &gre_frame([192, 0, 2, 10], None, &expiring),
@@ -554,12 +395,7 @@ fn decapsulation_cases() {
     run(&f, &v1, XDP_DROP, Reason::DropGreMalformed);
     let mut eth_payload = gre_frame([192, 0, 2, 10], None, &inner);
     eth_payload[36..38].copy_from_slice(&0x6558u16.to_be_bytes());
-    run(
-        &f,
-        &eth_payload,
-        XDP_DROP,
-        Reason::DropGreUnsupportedPayload,
-    );
+    run(&f, &eth_payload, XDP_DROP, Reason::DropGreUnsupportedPayload);
     let c = f.dp.counters([0], [0, 1]).unwrap();
     // acme-a accepted: valid, egress source, 2 spoofed, 2 probes, TTL 1,
     // non-IP payload (the malformed GRE headers never matched a tunnel).
@@ -603,13 +439,7 @@ fn every_truncation_point_is_dropped_and_counted() {
         gre_frame(
             [192, 0, 2, 11],
             Some(42),
-            &packet::ip(
-                a4("203.0.113.70"),
-                a4("198.51.100.77"),
-                64,
-                udp(1, 2),
-                &[3; 30],
-            ),
+            &packet::ip(a4("203.0.113.70"), a4("198.51.100.77"), 64, udp(1, 2), &[3; 30]),
         ),
     ];
     for full in &frames {
@@ -680,11 +510,7 @@ fn weighted_spread_and_consistency_on_failure() {
         if *b == [192, 0, 2, 11] {
             assert_eq!(a, b, "a flow on the surviving tunnel moved");
         }
-        assert_eq!(
-            *a,
-            [192, 0, 2, 11],
-            "every flow now on the surviving tunnel"
-        );
+        assert_eq!(*a, [192, 0, 2, 11], "every flow now on the surviving tunnel");
     }
     // Back up: exactly the original assignment returns.
     let mut spec = f.spec.clone();

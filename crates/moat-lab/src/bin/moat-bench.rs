@@ -1,0 +1,291 @@
+//! Data-plane benchmark: kernel-timed ns/packet (BPF_PROG_TEST_RUN) for
+//! moat's paths, each as a ratio to a bare XDP_DROP program timed in the
+//! same run, with 1 customer and with 10,000 customers / 100,000 prefixes.
+//!
+//! The kernel reuses the packet buffer between repeats, so paths that
+//! rewrite the packet (encapsulation, decapsulation) run inside a harness
+//! program of the same object that restores the packet after each run
+//! (moat_bench). The harness's own cost is timed around no pipeline
+//! (moat_bench_nop, minus the bare drop) and subtracted. Before timing,
+//! each case checks that 1,000 harness runs leave the input intact with the
+//! verdict of a plain run, and the miss path (which rewrites nothing) is also timed
+//! directly as a check of the correction.
+//!
+//! Usage: moat-bench [--quick]
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Instant,
+};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use moat_dataplane::{CustomerSpec, RouteSpec, Spec, TunnelSpec};
+use moat_lab::{
+    baseline::BareDrop,
+    fixture::{self, Fixture, NODE},
+    packet::{self, Frame, L4},
+};
+
+struct Plan {
+    rounds: usize,
+    repeat: u32,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Adds `customers` filler customers holding `prefixes` prefixes in all
+/// (half IPv4 /31s in the benchmarking range 198.18.0.0/15, half IPv6 /56s
+/// in 2001:db8::/32), each with two tunnels and a route per prefix.
+fn scaled(mut spec: Spec, customers: usize, prefixes: usize) -> Spec {
+    let per = prefixes / customers;
+    let mut n4 = 0u32;
+    let mut n6 = 0u128;
+    for c in 0..customers {
+        let tunnels: Vec<TunnelSpec> = (0..2)
+            .map(|t| {
+                // Remotes in the benchmarking range 198.18.0.0/15.
+                let i = (c * 2 + t) as u32;
+                let remote = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + (i << 1) + 1);
+                TunnelSpec {
+                    remote,
+                    ..fixture::tunnel(&format!("t{t}"), [0; 4], None)
+                }
+            })
+            .collect();
+        let mut prefs = Vec::new();
+        for k in 0..per {
+            if k % 2 == 0 {
+                let a = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + (n4 << 1));
+                n4 += 1;
+                prefs.push(IpNet::V4(Ipv4Net::new(a, 31).expect("prefix")));
+            } else {
+                let a = Ipv6Addr::from((0x2001_0db8u128 << 96) | (n6 << 72));
+                n6 += 1;
+                prefs.push(IpNet::V6(Ipv6Net::new(a, 56).expect("prefix")));
+            }
+        }
+        let routes = prefs
+            .iter()
+            .enumerate()
+            .map(|(k, p)| RouteSpec {
+                prefix: *p,
+                tunnel: format!("t{}", k % 2),
+                priority: 100,
+                weight: 100,
+            })
+            .collect();
+        spec.customers.push(CustomerSpec {
+            name: format!("filler-{c}"),
+            prefixes: prefs,
+            egress_prefixes: vec![],
+            tunnels,
+            routes,
+        });
+    }
+    spec
+}
+
+struct Case {
+    name: &'static str,
+    frame: Vec<u8>,
+    /// XDP action the case must produce (checked before timing).
+    action: u32,
+}
+
+fn cases() -> Vec<Case> {
+    let a4 = |s: &str| IpAddr::V4(s.parse().expect("address"));
+    let a6 = |s: &str| IpAddr::V6(s.parse().expect("address"));
+    let udp = L4::Udp { sport: 4000, dport: 53 };
+    let f = Frame::default();
+    // Payload sizes giving 64- and 1400-byte frames.
+    let v4 = |size: usize, dst| {
+        packet::eth(
+            f,
+            &packet::ip(a4("192.0.2.99"), a4(dst), 64, udp, &vec![0u8; size - 42]),
+        )
+    };
+    let v6 = |size: usize| {
+        packet::eth(
+            f,
+            &packet::ip(
+                a6("2001:db8:1::1"),
+                a6("2001:db8:100::5"),
+                64,
+                udp,
+                &vec![0u8; size - 62],
+            ),
+        )
+    };
+    let inner = packet::ip(a4("203.0.113.5"), a4("198.51.100.77"), 64, udp, &[0u8; 2]);
+    let decap = packet::eth(f, &packet::gre([192, 0, 2, 10], NODE.octets(), 64, None, &inner));
+    vec![
+        Case {
+            name: "miss (not protected), IPv4 64 B",
+            frame: v4(64, "192.0.2.200"),
+            action: 2,
+        },
+        Case {
+            name: "encap IPv4 64 B",
+            frame: v4(64, "203.0.113.5"),
+            action: 4,
+        },
+        Case {
+            name: "encap IPv4 1400 B",
+            frame: v4(1400, "203.0.113.5"),
+            action: 4,
+        },
+        Case {
+            name: "encap IPv4 64 B, XDP_TX (next hop on the ingress link)",
+            frame: v4(64, "203.0.113.200"),
+            action: 3,
+        },
+        Case {
+            name: "encap IPv6 64 B (key)",
+            frame: v6(64),
+            action: 4,
+        },
+        Case {
+            name: "encap IPv6 1400 B (key)",
+            frame: v6(1400),
+            action: 4,
+        },
+        Case {
+            name: "decap IPv4 (FIB lookup)",
+            frame: decap,
+            action: 4,
+        },
+    ]
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Pins the calling thread to the last CPU (test runs execute where they are called).
+fn pin() -> usize {
+    let cpu = std::thread::available_parallelism().map_or(1, |n| n.get()) - 1;
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity on the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+    cpu
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let plan = if quick {
+        Plan {
+            rounds: 3,
+            repeat: 20_000,
+        }
+    } else {
+        Plan {
+            rounds: 11,
+            repeat: 1_000_000,
+        }
+    };
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpu = pin();
+    println!("# moat data-plane benchmark (BPF_PROG_TEST_RUN, kernel-timed)");
+    println!();
+    println!(
+        "CPU: {}, {} CPUs (pinned to CPU {cpu}), kernel {}",
+        cpu_model(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        kernel.trim()
+    );
+    println!(
+        "Each round times the bare XDP_DROP, the harness alone and every path back to back ({} repeats each); \
+         figures are medians over {} rounds, ratios are medians of the per-round ratios.",
+        plan.repeat, plan.rounds
+    );
+    println!();
+
+    let bare = BareDrop::load().expect("loading the bare XDP_DROP program");
+    let cases = cases();
+    let probe = cases[0].frame.clone();
+    let mut f = Fixture::new("bench");
+    f.dp.load_bench_programs().expect("loading the benchmark harness");
+    let _in = f.ns.enter().expect("enter namespace");
+    let scales = [
+        ("1 customer", 0usize, 0usize),
+        ("10,000 customers / 100,000 prefixes", 10_000, 100_000),
+    ];
+    // [scale][case] -> (median ns, median ratio); the last case is the direct miss check.
+    let mut table: Vec<Vec<(f64, f64)>> = Vec::new();
+    for (label, customers, prefixes) in scales {
+        let spec = if customers == 0 {
+            fixture::standard_spec()
+        } else {
+            scaled(fixture::standard_spec(), customers - 2, prefixes)
+        };
+        let t = Instant::now();
+        f.apply(spec);
+        eprintln!("loaded {label} in {:.2?}", t.elapsed());
+        for c in &cases {
+            let once = f.dp.run(&c.frame, 0).expect("run");
+            assert_eq!(once.action, c.action, "{}: unexpected action", c.name);
+            // After 1,000 runs the buffer must be the input again, with the same verdict.
+            let many = f.dp.run_harness(&c.frame, 1000).expect("harness run");
+            assert_eq!(
+                (many.action, &many.data),
+                (once.action, &c.frame),
+                "{}: the harness does not restore the packet",
+                c.name
+            );
+        }
+        let n = cases.len() + 1;
+        let mut ns: Vec<Vec<f64>> = vec![Vec::new(); n];
+        let mut ratio: Vec<Vec<f64>> = vec![Vec::new(); n];
+        let (mut bases, mut overheads) = (Vec::new(), Vec::new());
+        for _ in 0..plan.rounds {
+            let base = bare.time_repeat(&probe, plan.repeat).expect("bare");
+            let overhead = f.dp.time_harness(&probe, plan.repeat, true).expect("harness") - base;
+            for (k, c) in cases.iter().enumerate() {
+                let v = f.dp.time_harness(&c.frame, plan.repeat, false).expect("time") - overhead;
+                ns[k].push(v);
+                ratio[k].push(v / base);
+            }
+            let direct = f.dp.time_repeat(&cases[0].frame, plan.repeat).expect("time");
+            ns[n - 1].push(direct);
+            ratio[n - 1].push(direct / base);
+            bases.push(base);
+            overheads.push(overhead);
+        }
+        println!(
+            "With {label} loaded: bare XDP_DROP {:.1} ns/packet, harness overhead {:.1} ns (subtracted).",
+            median(bases),
+            median(overheads)
+        );
+        table.push(ns.into_iter().zip(ratio).map(|(a, b)| (median(a), median(b))).collect());
+    }
+    println!();
+    println!("| path | ns/packet, 1 customer | x bare drop | ns/packet, 10k customers / 100k prefixes | x bare drop | growth |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    let names: Vec<&str> = cases
+        .iter()
+        .map(|c| c.name)
+        .chain(["miss, timed directly (check of the correction)"])
+        .collect();
+    for (k, name) in names.iter().enumerate() {
+        let ((a, ra), (b, rb)) = (table[0][k], table[1][k]);
+        println!(
+            "| {name} | {a:.1} | {ra:.2} | {b:.1} | {rb:.2} | {:+.1}% |",
+            (rb / ra - 1.0) * 100.0
+        );
+    }
+    println!();
+    println!("Targets: miss <= 1.5x, encap <= 3x bare drop; growth from 1 to 10,000 customers <= 10% (growth is of the ratio).");
+}
