@@ -24,19 +24,17 @@ pub const MAX_LOCAL_ADDRS: u32 = 4_096;
 /// Distinct (local, remote, key) tunnel identities accepted on decapsulation.
 pub const MAX_DECAP_ENTRIES: u32 = MAX_TUNNELS;
 
-/// Destination prefilter: one bit per block of the top `FILTER_BITS`
-/// address bits (an IPv4 /24); a clear bit means "not protected".
-pub const FILTER_BITS: u32 = 24;
-/// 64-bit words of each prefilter array.
-pub const FILTER_WORDS: u32 = 1 << (FILTER_BITS - 6);
-/// Block lengths of the exact-match block tables (IPv4 /24, IPv6 /48).
-pub const BLOCK4_LEN: u32 = 24;
-pub const BLOCK6_LEN: u32 = 48;
-/// Entries of each block table.
-pub const MAX_BLOCKS: u32 = 1 << 20;
-/// A prefix shorter than a block is expanded into the block table only if
-/// it covers at most this many blocks (longer ones are served by the LPM table).
-pub const BLOCK_EXPAND_MAX: u32 = 256;
+/// Multibit destination table: a root of 2^16 entries (top 16 address
+/// bits) and nodes of 256 entries (one per following address byte).
+pub const DIR_ROOT: u32 = 1 << 16;
+pub const DIR_NODE: u32 = 256;
+/// Nodes per buffer and family (each buffer holds one complete table).
+pub const DIR_NODES: u32 = 4096;
+/// Deepest node level: IPv4 needs 2 (bytes 3 and 4), IPv6 14.
+pub const DIR_LEVELS4: usize = 2;
+pub const DIR_LEVELS6: usize = 14;
+/// `DIR_ACTIVE` value meaning "no table: use the LPM tables".
+pub const DIR_NONE: u32 = 2;
 
 /// Route set value meaning "no route covers this address".
 pub const NO_ROUTE_SET: u32 = u32::MAX;

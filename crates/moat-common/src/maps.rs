@@ -13,6 +13,23 @@ pub struct DestValue {
 }
 const _: () = assert!(core::mem::size_of::<DestValue>() == 8);
 
+/// Multibit destination table entry: empty (0), a child node, or a leaf.
+pub const DIR_CHILD: u64 = 1 << 63;
+pub const DIR_LEAF: u64 = 1 << 62;
+
+/// A leaf entry for `v`: customer in bits 32..62, route set in bits 0..32.
+pub const fn dir_leaf(v: DestValue) -> u64 {
+    DIR_LEAF | ((v.customer as u64) << 32) | v.route_set as u64
+}
+
+/// The value of a leaf entry.
+pub const fn dir_value(e: u64) -> DestValue {
+    DestValue {
+        customer: ((e >> 32) as u32) & 0x3fff_ffff,
+        route_set: e as u32,
+    }
+}
+
 /// Anti-spoofing LPM key data for IPv4: customer id (big endian) then address.
 pub type SourceKey4 = [u8; 8];
 /// Anti-spoofing LPM key data for IPv6: customer id (big endian) then address.

@@ -7,11 +7,11 @@
 //! 3. route sets, one atomic `u32` each (a destination entry may point at
 //!    them next),
 //! 4. anti-spoofing sources, decapsulation entries, local addresses,
-//! 5. prefilter bits (old and new), destination entries (they make traffic
-//!    reach everything above), then the blocks that cache them;
+//! 5. destination entries (they make traffic reach everything above) and
+//!    the multibit table built from them, published with one store;
 //!
-//! then removals in the reverse order: blocks, destination entries,
-//! prefilter bits, local addresses, decapsulation entries, sources, tunnels. Route sets and ECMP
+//! then removals in the reverse order: destination entries, local
+//! addresses, decapsulation entries, sources, tunnels. Route sets and ECMP
 //! tables need no removal: once no destination entry refers to them they
 //! are unreachable, and their slots are reused by a later apply, after
 //! packets that might still read them have finished.
@@ -26,12 +26,13 @@ use aya::{
     Pod,
 };
 use moat_common::{
-    limits::{MAX_ECMP_TABLES, NO_ROUTE_SET},
+    limits::{DIR_NODE, DIR_NODES, DIR_NONE, DIR_ROOT, MAX_ECMP_TABLES, NO_ROUTE_SET},
     EcmpTable, Tunnel, ROUTE_SET_TABLE, TUNNEL_PRESENT,
 };
 
 use crate::{
     compile::{Compiled, Lpm, RouteSetEntry},
+    dir::{self, Dir},
     error::Error,
     loader::Dataplane,
     mmap::MmapWords,
@@ -43,6 +44,9 @@ pub struct ApplyReport {
     pub added: usize,
     pub changed: usize,
     pub removed: usize,
+    /// Per family (IPv4, IPv6): the multibit table exceeded its capacity and
+    /// the slower LPM tables serve destination lookups.
+    pub lpm_fallback: [bool; 2],
 }
 
 impl ApplyReport {
@@ -142,22 +146,43 @@ fn remove_hash<K: Pod + Ord, V: Pod>(
     Ok(())
 }
 
-fn union_words(a: &BTreeMap<u32, u64>, b: &BTreeMap<u32, u64>) -> BTreeMap<u32, u64> {
-    let mut out = a.clone();
-    for (i, w) in b {
-        *out.entry(*i).or_default() |= w;
-    }
-    out
-}
-
-/// Moves the mapped words from `from` to `to`, storing only words that differ.
-fn write_words(map: &MmapWords, from: &BTreeMap<u32, u64>, to: &BTreeMap<u32, u64>) {
-    for i in from.keys().chain(to.keys()) {
-        let v = to.get(i).copied().unwrap_or(0);
-        if from.get(i).copied().unwrap_or(0) != v {
-            map.set(*i, v);
+/// Makes `dir` the live multibit table of `family` (0: IPv4, 1: IPv6):
+/// an unchanged table is left alone, another is written into the idle
+/// buffer and then made live with one store. Returns false when the table
+/// exceeds its capacity and the data plane is switched to the LPM tables.
+fn publish_dir(active: &MmapWords, family: u32, root: &MmapWords, nodes: &MmapWords, dir: Result<Dir, usize>) -> bool {
+    let live = active.get(family) as u32;
+    let Ok(dir) = dir else {
+        active.set(family, u64::from(DIR_NONE));
+        return false;
+    };
+    let node_base = |buf: u32, n: usize| (buf * DIR_NODES + n as u32) * DIR_NODE;
+    if live < DIR_NONE {
+        let same_root = dir
+            .root
+            .iter()
+            .enumerate()
+            .all(|(i, e)| root.get(live * DIR_ROOT + i as u32) == *e);
+        let same_nodes = dir.nodes.iter().enumerate().all(|(n, node)| {
+            node.iter()
+                .enumerate()
+                .all(|(i, e)| nodes.get(node_base(live, n) + i as u32) == *e)
+        });
+        if same_root && same_nodes {
+            return true;
         }
     }
+    let idle = if live == 0 { 1 } else { 0 };
+    for (i, e) in dir.root.iter().enumerate() {
+        root.set(idle * DIR_ROOT + i as u32, *e);
+    }
+    for (n, node) in dir.nodes.iter().enumerate() {
+        for (i, e) in node.iter().enumerate() {
+            nodes.set(node_base(idle, n) + i as u32, *e);
+        }
+    }
+    active.set(family, u64::from(idle));
+    true
 }
 
 fn set_to_map<const N: usize>(s: &BTreeSet<Lpm<N>>) -> BTreeMap<Lpm<N>, u32> {
@@ -216,10 +241,6 @@ impl Dataplane {
         let mut out = Compiled {
             dest4: read_lpm(&m.dest4, "DEST4")?,
             dest6: read_lpm(&m.dest6, "DEST6")?,
-            filter4: m.filter4.non_zero(),
-            filter6: m.filter6.non_zero(),
-            block4: read_hash(&m.block4, "BLOCK4")?,
-            block6: read_hash(&m.block6, "BLOCK6")?,
             source4: read_lpm(&m.source4, "SOURCE4")?.into_keys().collect(),
             source6: read_lpm(&m.source6, "SOURCE6")?.into_keys().collect(),
             decap: read_hash(&m.decap, "DECAP")?,
@@ -327,26 +348,17 @@ impl Dataplane {
             &mut report,
         )?;
 
-        // 5. Destinations: prefilter bits for old and new entries, the LPM
-        // entries, then the blocks that cache them.
-        let union4 = union_words(&have.filter4, &want.filter4);
-        let union6 = union_words(&have.filter6, &want.filter6);
-        write_words(&m.filter4, &have.filter4, &union4);
-        write_words(&m.filter6, &have.filter6, &union6);
+        // 5. Destinations: the LPM entries (the record), then the multibit
+        // table built from them, written into its idle buffer and made live
+        // with one store (or, beyond its capacity, the LPM tables serve).
         upsert_lpm(&mut m.dest4, "DEST4", &want.dest4, &have.dest4, &mut report)?;
         upsert_lpm(&mut m.dest6, "DEST6", &want.dest6, &have.dest6, &mut report)?;
-        let mut derived = ApplyReport::default();
-        upsert_hash(&mut m.block4, "BLOCK4", &want.block4, &have.block4, &mut derived)?;
-        upsert_hash(&mut m.block6, "BLOCK6", &want.block6, &have.block6, &mut derived)?;
+        report.lpm_fallback[0] = !publish_dir(&m.dir_active, 0, &m.dir4_root, &m.dir4_nodes, dir::build(&want.dest4));
+        report.lpm_fallback[1] = !publish_dir(&m.dir_active, 1, &m.dir6_root, &m.dir6_nodes, dir::build(&want.dest6));
 
-        // Removals, in reverse: blocks first (their addresses fall back to
-        // the LPM entries, still complete), then LPM entries, then prefilter bits.
-        remove_hash(&mut m.block6, "BLOCK6", &want.block6, &have.block6, &mut derived)?;
-        remove_hash(&mut m.block4, "BLOCK4", &want.block4, &have.block4, &mut derived)?;
+        // Removals, in reverse.
         remove_lpm(&mut m.dest6, "DEST6", &want.dest6, &have.dest6, &mut report)?;
         remove_lpm(&mut m.dest4, "DEST4", &want.dest4, &have.dest4, &mut report)?;
-        write_words(&m.filter4, &union4, &want.filter4);
-        write_words(&m.filter6, &union6, &want.filter6);
         remove_hash(
             &mut m.local_addrs,
             "LOCAL_ADDRS",

@@ -22,7 +22,6 @@ use moat_common::{
 use crate::{
     ecmp::{self, Member},
     error::Error,
-    lookup_cache,
     spec::{NextHop, Spec, TunnelSpec},
 };
 
@@ -43,11 +42,6 @@ pub type Lpm<const N: usize> = (u32, [u8; N]);
 pub struct Compiled {
     pub dest4: BTreeMap<Lpm<4>, DestValue>,
     pub dest6: BTreeMap<Lpm<16>, DestValue>,
-    /// Prefilter words and uniform blocks derived from dest4 / dest6.
-    pub filter4: BTreeMap<u32, u64>,
-    pub filter6: BTreeMap<u32, u64>,
-    pub block4: BTreeMap<[u8; 4], DestValue>,
-    pub block6: BTreeMap<[u8; 8], DestValue>,
     pub source4: BTreeSet<Lpm<8>>,
     pub source6: BTreeSet<Lpm<20>>,
     pub route_sets: BTreeMap<u32, RouteSetEntry>,
@@ -289,12 +283,6 @@ pub fn compile(spec: &Spec, next_hop: &dyn Fn(&TunnelSpec) -> Option<NextHop>) -
         }
     }
 
-    out.filter4 = lookup_cache::filter(&out.dest4);
-    out.filter6 = lookup_cache::filter(&out.dest6);
-    out.block4 = lookup_cache::blocks::<4, 4>(&out.dest4, BLOCK4_LEN);
-    out.block6 = lookup_cache::blocks::<16, 8>(&out.dest6, BLOCK6_LEN);
-    check_capacity("IPv4 blocks", out.block4.len(), MAX_BLOCKS)?;
-    check_capacity("IPv6 blocks", out.block6.len(), MAX_BLOCKS)?;
     check_capacity("IPv4 destination entries", out.dest4.len(), MAX_DEST_ENTRIES)?;
     check_capacity("IPv6 destination entries", out.dest6.len(), MAX_DEST_ENTRIES)?;
     check_capacity("IPv4 source entries", out.source4.len(), MAX_SOURCE_ENTRIES)?;

@@ -5,10 +5,10 @@
 pub mod apply;
 pub mod compile;
 pub mod counters;
+pub mod dir;
 pub mod ecmp;
 pub mod error;
 pub mod loader;
-pub mod lookup_cache;
 mod mmap;
 pub mod spec;
 pub mod testrun;

@@ -9,7 +9,7 @@ use aya::{
 use moat_common::{Counter, CustomerStats, DecapKey, DecapValue, DestValue, EcmpTable, Tunnel, TunnelStats};
 
 use crate::{error::Error, mmap::MmapWords};
-use moat_common::limits::FILTER_WORDS;
+use moat_common::limits::{DIR_NODE, DIR_NODES, DIR_ROOT};
 
 /// The BPF object built from crates/moat-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/moat"));
@@ -23,10 +23,11 @@ pub const BENCH_PROGRAMS: [&str; 2] = ["moat_bench", "moat_bench_nop"];
 pub struct Maps {
     pub dest4: LpmTrie<MapData, [u8; 4], DestValue>,
     pub dest6: LpmTrie<MapData, [u8; 16], DestValue>,
-    pub filter4: MmapWords,
-    pub filter6: MmapWords,
-    pub block4: HashMap<MapData, [u8; 4], DestValue>,
-    pub block6: HashMap<MapData, [u8; 8], DestValue>,
+    pub dir4_root: MmapWords,
+    pub dir4_nodes: MmapWords,
+    pub dir6_root: MmapWords,
+    pub dir6_nodes: MmapWords,
+    pub dir_active: MmapWords,
     pub source4: LpmTrie<MapData, [u8; 8], u32>,
     pub source6: LpmTrie<MapData, [u8; 20], u32>,
     pub route_sets: Array<MapData, u32>,
@@ -55,9 +56,9 @@ where
     T::try_from(map).map_err(Error::map(name))
 }
 
-fn take_mmap(ebpf: &mut Ebpf, name: &'static str) -> Result<MmapWords, Error> {
+fn take_mmap(ebpf: &mut Ebpf, name: &'static str, words: u32) -> Result<MmapWords, Error> {
     match ebpf.take_map(name).ok_or(Error::MissingMap { map: name })? {
-        aya::maps::Map::Array(data) => MmapWords::new(data, FILTER_WORDS as usize, name),
+        aya::maps::Map::Array(data) => MmapWords::new(data, words as usize, name),
         _ => Err(Error::MissingMap { map: name }),
     }
 }
@@ -69,10 +70,11 @@ impl Dataplane {
         let maps = Maps {
             dest4: take(&mut ebpf, "DEST4")?,
             dest6: take(&mut ebpf, "DEST6")?,
-            filter4: take_mmap(&mut ebpf, "FILTER4")?,
-            filter6: take_mmap(&mut ebpf, "FILTER6")?,
-            block4: take(&mut ebpf, "BLOCK4")?,
-            block6: take(&mut ebpf, "BLOCK6")?,
+            dir4_root: take_mmap(&mut ebpf, "DIR4_ROOT", 2 * DIR_ROOT)?,
+            dir4_nodes: take_mmap(&mut ebpf, "DIR4_NODES", 2 * DIR_NODES * DIR_NODE)?,
+            dir6_root: take_mmap(&mut ebpf, "DIR6_ROOT", 2 * DIR_ROOT)?,
+            dir6_nodes: take_mmap(&mut ebpf, "DIR6_NODES", 2 * DIR_NODES * DIR_NODE)?,
+            dir_active: take_mmap(&mut ebpf, "DIR_ACTIVE", 2)?,
             source4: take(&mut ebpf, "SOURCE4")?,
             source6: take(&mut ebpf, "SOURCE6")?,
             route_sets: take(&mut ebpf, "ROUTE_SETS")?,

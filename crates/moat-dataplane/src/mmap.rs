@@ -60,18 +60,6 @@ impl MmapWords {
     pub fn set(&self, i: u32, v: u64) {
         self.words()[i as usize].store(v, Ordering::Release);
     }
-
-    /// Every non-zero word.
-    pub fn non_zero(&self) -> std::collections::BTreeMap<u32, u64> {
-        self.words()
-            .iter()
-            .enumerate()
-            .filter_map(|(i, w)| {
-                let v = w.load(Ordering::Acquire);
-                (v != 0).then_some((i as u32, v))
-            })
-            .collect()
-    }
 }
 
 impl Drop for MmapWords {

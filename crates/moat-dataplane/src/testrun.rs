@@ -60,28 +60,29 @@ impl Dataplane {
     /// Kernel-measured mean nanoseconds per run over `repeat` runs of one
     /// syscall. The kernel reuses the buffer between repeats, so this is
     /// only meaningful for paths that do not rewrite the packet.
-    pub fn time_repeat(&self, data: &[u8], repeat: u32) -> Result<f64, Error> {
-        self.time_program(self.program()?, data, repeat)
+    pub fn time_repeat(&self, data: &[u8], repeat: u32, ingress_ifindex: u32) -> Result<f64, Error> {
+        self.time_program(self.program()?, data, repeat, ingress_ifindex)
     }
 
     /// Like [`Dataplane::time_repeat`] through the benchmark harness, which
     /// restores the packet after every run (`nop`: the harness alone).
     /// Needs [`Dataplane::load_bench_programs`].
-    pub fn time_harness(&self, data: &[u8], repeat: u32, nop: bool) -> Result<f64, Error> {
+    pub fn time_harness(&self, data: &[u8], repeat: u32, nop: bool, ingress_ifindex: u32) -> Result<f64, Error> {
         let name = BENCH_PROGRAMS[usize::from(nop)];
-        self.time_program(self.program_named(name)?, data, repeat)
+        self.time_program(self.program_named(name)?, data, repeat, ingress_ifindex)
     }
 
     /// Runs the benchmark harness `repeat` times and returns the last
     /// output: equal to a single run's output when the harness restores correctly.
-    pub fn run_harness(&self, data: &[u8], repeat: u32) -> Result<RunResult, Error> {
+    pub fn run_harness(&self, data: &[u8], repeat: u32, ingress_ifindex: u32) -> Result<RunResult, Error> {
         let mut out = vec![0u8; data.len() + GROWTH];
+        let md = xdp_md(data.len(), ingress_ifindex);
         let r = self
             .program_named(BENCH_PROGRAMS[0])?
             .test_run(TestRunOptions {
                 data_in: Some(data),
                 data_out: Some(&mut out),
-                ctx_in: None,
+                ctx_in: (ingress_ifindex != 0).then_some(&md[..]),
                 ctx_out: None,
                 repeat,
                 attrs: TestRunAttrs::new(),
@@ -94,28 +95,25 @@ impl Dataplane {
         })
     }
 
-    fn time_program(&self, program: &aya::programs::Xdp, data: &[u8], repeat: u32) -> Result<f64, Error> {
+    fn time_program(
+        &self,
+        program: &aya::programs::Xdp,
+        data: &[u8],
+        repeat: u32,
+        ingress_ifindex: u32,
+    ) -> Result<f64, Error> {
         let mut out = vec![0u8; data.len() + GROWTH];
+        let md = xdp_md(data.len(), ingress_ifindex);
         let r = program
             .test_run(TestRunOptions {
                 data_in: Some(data),
                 data_out: Some(&mut out),
-                ctx_in: None,
+                ctx_in: (ingress_ifindex != 0).then_some(&md[..]),
                 ctx_out: None,
                 repeat,
                 attrs: TestRunAttrs::new(),
             })
             .map_err(run_err)?;
         Ok(r.duration.as_nanos() as f64)
-    }
-
-    /// Kernel-measured mean nanoseconds of single runs, each on a fresh copy
-    /// of `data` (one syscall per run): for paths that rewrite the packet.
-    pub fn time_single(&self, data: &[u8], runs: u32) -> Result<f64, Error> {
-        let mut total = 0f64;
-        for _ in 0..runs {
-            total += self.time_repeat(data, 1)?;
-        }
-        Ok(total / f64::from(runs.max(1)))
     }
 }

@@ -124,43 +124,57 @@ mod program {
         out
     }
 
-    /// Destination lookup: prefilter bit, then the block table, then the
-    /// LPM table for blocks that hold longer prefixes. Each lookup names its
-    /// map directly: a call site shared by two maps is not inlined by the
-    /// verifier and costs an indirect call.
+    /// Destination lookup in the multibit table (inlined array loads, no
+    /// kernel call), or in the LPM table when no multibit table is live.
+    /// Each lookup names its map directly: a call site shared by two maps is
+    /// not inlined by the verifier and costs an indirect call.
     #[inline(always)]
     fn lookup_dest(pkt: &Packet) -> Option<moat_common::DestValue> {
-        let top = u32::from_be(pkt.dst[0]) >> 8;
-        let bit = |word: Option<&u64>| word.is_some_and(|w| (*w >> (top & 63)) & 1 == 1);
+        use moat_common::{dir_value, limits::*, DIR_CHILD, DIR_LEAF};
+        let top = u32::from_be(pkt.dst[0]);
         match pkt.family {
             Family::V4 => {
-                if !bit(maps::FILTER4.get(top >> 6)) {
-                    return None;
+                let buf = *maps::DIR_ACTIVE.get(0)? as u32;
+                if buf >= DIR_NONE {
+                    let k = maps::Key4 {
+                        prefix_len: 32,
+                        addr: pkt.dst[0],
+                    };
+                    return maps::DEST4.get(maps::as_key::<_, [u8; 4]>(&k)).copied();
                 }
-                // SAFETY: read-only; the value is copied out.
-                if let Some(v) = unsafe { maps::BLOCK4.get(pkt.dst[0] & 0x00ff_ffff) } {
-                    return Some(*v);
+                let mut e = *maps::DIR4_ROOT.get(buf * DIR_ROOT + (top >> 16))?;
+                for level in 0..DIR_LEVELS4 {
+                    if e & DIR_CHILD == 0 {
+                        break;
+                    }
+                    let byte = (top >> (8 - 8 * level as u32)) & 0xff;
+                    let node = (e as u32) & (DIR_NODES - 1);
+                    e = *maps::DIR4_NODES.get((buf * DIR_NODES + node) * DIR_NODE + byte)?;
                 }
-                let k = maps::Key4 {
-                    prefix_len: 32,
-                    addr: pkt.dst[0],
-                };
-                maps::DEST4.get(maps::as_key::<_, [u8; 4]>(&k)).copied()
+                (e & DIR_LEAF != 0).then(|| dir_value(e))
             }
             Family::V6 => {
-                if !bit(maps::FILTER6.get(top >> 6)) {
-                    return None;
+                let buf = *maps::DIR_ACTIVE.get(1)? as u32;
+                if buf >= DIR_NONE {
+                    let k = maps::Key6 {
+                        prefix_len: 128,
+                        addr: pkt.dst,
+                    };
+                    return maps::DEST6.get(maps::as_key::<_, [u8; 16]>(&k)).copied();
                 }
-                let block = pkt.dst[0] as u64 | (((pkt.dst[1] & 0xffff) as u64) << 32);
-                // SAFETY: read-only; the value is copied out.
-                if let Some(v) = unsafe { maps::BLOCK6.get(block) } {
-                    return Some(*v);
+                // SAFETY: [u32; 4] and [u8; 16] have the same size; the words
+                // hold the address bytes in wire order.
+                let bytes: [u8; 16] = unsafe { core::mem::transmute(pkt.dst) };
+                let mut e = *maps::DIR6_ROOT.get(buf * DIR_ROOT + (top >> 16))?;
+                for level in 0..DIR_LEVELS6 {
+                    if e & DIR_CHILD == 0 {
+                        break;
+                    }
+                    let byte = bytes[2 + level] as u32;
+                    let node = (e as u32) & (DIR_NODES - 1);
+                    e = *maps::DIR6_NODES.get((buf * DIR_NODES + node) * DIR_NODE + byte)?;
                 }
-                let k = maps::Key6 {
-                    prefix_len: 128,
-                    addr: pkt.dst,
-                };
-                maps::DEST6.get(maps::as_key::<_, [u8; 16]>(&k)).copied()
+                (e & DIR_LEAF != 0).then(|| dir_value(e))
             }
         }
     }

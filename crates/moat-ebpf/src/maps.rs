@@ -2,7 +2,7 @@
 //! ones userspace opens.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
+    bindings::BPF_F_MMAPABLE,
     macros::map,
     maps::{Array, HashMap, LpmTrie, PerCpuArray},
 };
@@ -45,20 +45,21 @@ pub fn as_key<W, K>(w: &W) -> &aya_ebpf::maps::lpm_trie::Key<K> {
     unsafe { &*(w as *const W as *const aya_ebpf::maps::lpm_trie::Key<K>) }
 }
 
-/// Destination prefilters (one bit per top-24-bit block; memory-mapped by
-/// userspace, which updates whole words atomically).
+/// Multibit destination tables, two buffers each (root: buffer * DIR_ROOT +
+/// top 16 bits; nodes: (buffer * DIR_NODES + node) * DIR_NODE + byte).
+/// Memory-mapped by userspace, which fills the idle buffer and flips
+/// DIR_ACTIVE[family] with one store.
 #[map]
-pub static FILTER4: Array<u64> = Array::with_max_entries(FILTER_WORDS, BPF_F_MMAPABLE);
+pub static DIR4_ROOT: Array<u64> = Array::with_max_entries(2 * DIR_ROOT, BPF_F_MMAPABLE);
 #[map]
-pub static FILTER6: Array<u64> = Array::with_max_entries(FILTER_WORDS, BPF_F_MMAPABLE);
-
-/// Blocks (IPv4 /24, IPv6 /48 as network-order bytes) that the destination
-/// tables map uniformly, with their value: one exact-match lookup instead
-/// of the LPM walk. Blocks absent here are looked up in DEST4 / DEST6.
+pub static DIR4_NODES: Array<u64> = Array::with_max_entries(2 * DIR_NODES * DIR_NODE, BPF_F_MMAPABLE);
 #[map]
-pub static BLOCK4: HashMap<u32, DestValue> = HashMap::with_max_entries(MAX_BLOCKS, BPF_F_NO_PREALLOC);
+pub static DIR6_ROOT: Array<u64> = Array::with_max_entries(2 * DIR_ROOT, BPF_F_MMAPABLE);
 #[map]
-pub static BLOCK6: HashMap<u64, DestValue> = HashMap::with_max_entries(MAX_BLOCKS, BPF_F_NO_PREALLOC);
+pub static DIR6_NODES: Array<u64> = Array::with_max_entries(2 * DIR_NODES * DIR_NODE, BPF_F_MMAPABLE);
+/// Live buffer per family (0, 1), or DIR_NONE: use the LPM tables.
+#[map]
+pub static DIR_ACTIVE: Array<u64> = Array::with_max_entries(2, BPF_F_MMAPABLE);
 
 /// Protected prefixes and customer routes, flattened: longest match gives
 /// the customer and the route set.

@@ -175,7 +175,7 @@ impl Fixture {
         }
     }
 
-    pub fn apply(&mut self, spec: Spec) {
+    pub fn apply(&mut self, spec: Spec) -> moat_dataplane::ApplyReport {
         self.spec = spec;
         let hops = |t: &TunnelSpec| {
             let (ci, ti) = self
@@ -187,7 +187,7 @@ impl Fixture {
             self.next_hop(ci, ti)
         };
         let compiled = compile(&self.spec, &hops).expect("compile");
-        self.dp.apply(&compiled).expect("apply");
+        self.dp.apply(&compiled).expect("apply")
     }
 
     /// Runs one frame as if received on ext0, inside the node namespace.

@@ -519,3 +519,34 @@ fn weighted_spread_and_consistency_on_failure() {
     let restored: Vec<[u8; 4]> = flows.iter().map(|p| remote(&f.run(p).data)).collect();
     assert_eq!(restored, before);
 }
+
+#[test]
+fn lookups_fall_back_to_the_lpm_tables_beyond_the_multibit_capacity() {
+    let mut f = Fixture::new("cases-fallback");
+    // 4,097 IPv6 /64s under distinct /56s need more multibit nodes than a
+    // buffer holds: the data plane must switch to the LPM tables, correctly.
+    let mut spec = f.spec.clone();
+    for i in 0..4097u32 {
+        let p = format!("2001:db8:{:x}:{:x}::/64", 0x300 + (i >> 8), (i & 0xff) << 8);
+        spec.customers[1].prefixes.push(p.parse().unwrap());
+    }
+    let report = f.apply(spec);
+    assert_eq!(report.lpm_fallback, [false, true]);
+    let hit = packet::eth(
+        Frame::default(),
+        &packet::ip(a6("2001:db8:1::1"), a6("2001:db8:300:1000::9"), 64, udp(1, 2), &[]),
+    );
+    run(&f, &hit, XDP_DROP, Reason::DropNoRoute);
+    let miss = packet::eth(
+        Frame::default(),
+        &packet::ip(a6("2001:db8:1::1"), a6("2001:db8:300:1001::9"), 64, udp(1, 2), &[]),
+    );
+    run(&f, &miss, XDP_PASS, Reason::PassNotProtected);
+    let v6 = packet::ip(a6("2001:db8:1::1"), a6("2001:db8:100::5"), 64, udp(4000, 53), &[1; 20]);
+    encap_case(&f, &v6, Frame::default(), XDP_REDIRECT, [192, 0, 2, 11], Some(42), 1);
+    // Back within capacity: the multibit table serves again.
+    let report = f.apply(moat_lab::fixture::standard_spec());
+    assert_eq!(report.lpm_fallback, [false, false]);
+    run(&f, &hit, XDP_PASS, Reason::PassNotProtected);
+    encap_case(&f, &v6, Frame::default(), XDP_REDIRECT, [192, 0, 2, 11], Some(42), 1);
+}

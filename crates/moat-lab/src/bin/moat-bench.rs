@@ -235,10 +235,10 @@ fn main() {
         f.apply(spec);
         eprintln!("loaded {label} in {:.2?}", t.elapsed());
         for c in &cases {
-            let once = f.dp.run(&c.frame, 0).expect("run");
+            let once = f.dp.run(&c.frame, f.ingress).expect("run");
             assert_eq!(once.action, c.action, "{}: unexpected action", c.name);
             // After 1,000 runs the buffer must be the input again, with the same verdict.
-            let many = f.dp.run_harness(&c.frame, 1000).expect("harness run");
+            let many = f.dp.run_harness(&c.frame, 1000, f.ingress).expect("harness run");
             assert_eq!(
                 (many.action, &many.data),
                 (once.action, &c.frame),
@@ -252,13 +252,19 @@ fn main() {
         let (mut bases, mut overheads) = (Vec::new(), Vec::new());
         for _ in 0..plan.rounds {
             let base = bare.time_repeat(&probe, plan.repeat).expect("bare");
-            let overhead = f.dp.time_harness(&probe, plan.repeat, true).expect("harness") - base;
+            let overhead =
+                f.dp.time_harness(&probe, plan.repeat, true, f.ingress)
+                    .expect("harness")
+                    - base;
             for (k, c) in cases.iter().enumerate() {
-                let v = f.dp.time_harness(&c.frame, plan.repeat, false).expect("time") - overhead;
+                let v =
+                    f.dp.time_harness(&c.frame, plan.repeat, false, f.ingress)
+                        .expect("time")
+                        - overhead;
                 ns[k].push(v);
                 ratio[k].push(v / base);
             }
-            let direct = f.dp.time_repeat(&cases[0].frame, plan.repeat).expect("time");
+            let direct = f.dp.time_repeat(&cases[0].frame, plan.repeat, f.ingress).expect("time");
             ns[n - 1].push(direct);
             ratio[n - 1].push(direct / base);
             bases.push(base);
