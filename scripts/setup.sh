@@ -9,6 +9,7 @@ APT_PACKAGES=(
   "llvm-${LLVM_MAJOR}-dev"   # bpf-linker links against this LLVM (must match nightly's)
   iproute2                   # ip netns / ip link for namespace tests and the demo
   ethtool                    # turning tx offload / gro on test veths
+  make
 )
 
 say() { printf 'setup: %s\n' "$*"; }
@@ -26,7 +27,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
   say "installing apt packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >/dev/null
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1 \
+    || { echo "setup: apt-get install ${missing[*]} failed" >&2; exit 1; }
 fi
 
 if ! rustup toolchain list | grep -q '^nightly'; then

@@ -60,7 +60,7 @@ pub fn decapsulate(ctx: &XdpContext, outer: &Packet) -> Outcome {
         has_key: (key_len != 0) as u32,
     };
     // SAFETY: read-only; copied out at once.
-    let tunnel: DecapValue = *unsafe { DECAP.get(&dk) }.ok_or(Reason::DropGreUnknownTunnel)?;
+    let tunnel: DecapValue = *unsafe { DECAP.get(dk) }.ok_or(Reason::DropGreUnknownTunnel)?;
 
     let frame_len = outer.frame_len as u64;
     if let Some(s) = stats::tunnel(tunnel.tunnel) {

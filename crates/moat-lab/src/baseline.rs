@@ -59,9 +59,8 @@ impl BareDrop {
         a.put_u64(16, license.as_ptr() as u64);
         let fd = bpf(BPF_PROG_LOAD, &mut a)?;
         // SAFETY: the kernel returned a new file descriptor we now own.
-        Ok(BareDrop {
-            fd: unsafe { OwnedFd::from_raw_fd(fd as i32) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        Ok(BareDrop { fd })
     }
 
     /// Kernel-measured mean ns per run over `repeat` runs in one call.

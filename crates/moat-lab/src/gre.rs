@@ -23,9 +23,8 @@ impl RawGre {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: the kernel returned a new descriptor we now own.
-        Ok(RawGre {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(RawGre { fd })
     }
 
     /// Sends `gre` (GRE header + payload) to `dst`.

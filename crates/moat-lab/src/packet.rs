@@ -119,7 +119,7 @@ pub fn ip(src: IpAddr, dst: IpAddr, ttl: u8, l4: L4, payload: &[u8]) -> Vec<u8> 
 /// Splits an IPv4 packet's payload into fragments of at most `chunk`
 /// bytes (a multiple of 8), all with identification `id`.
 pub fn ipv4_fragments(packet: &[u8], chunk: usize, id: u16) -> Vec<Vec<u8>> {
-    assert!(chunk % 8 == 0 && chunk > 0);
+    assert!(chunk.is_multiple_of(8) && chunk > 0);
     let (h, payload) = Ipv4Header::from_slice(packet).expect("an IPv4 packet");
     let data = &payload[..usize::from(h.total_len) - h.header_len()];
     let mut frags = Vec::new();
@@ -144,7 +144,7 @@ pub fn ipv4_fragments(packet: &[u8], chunk: usize, id: u16) -> Vec<Vec<u8>> {
 /// Splits an IPv6 packet (no extension headers) into fragments with a
 /// fragment header.
 pub fn ipv6_fragments(packet: &[u8], chunk: usize, id: u32) -> Vec<Vec<u8>> {
-    assert!(chunk % 8 == 0 && chunk > 0);
+    assert!(chunk.is_multiple_of(8) && chunk > 0);
     let next = packet[6];
     let data = &packet[40..];
     let mut frags = Vec::new();
@@ -173,7 +173,7 @@ pub fn ipv6_with_ext(packet: &[u8], exts: &[(u8, usize)]) -> Vec<u8> {
     let upper = packet[6];
     let mut body = Vec::new();
     for (i, &(kind, len)) in exts.iter().enumerate() {
-        assert!(len >= 8 && len % 8 == 0);
+        assert!(len >= 8 && len.is_multiple_of(8));
         let next = exts.get(i + 1).map_or(upper, |e| e.0);
         let mut e = vec![0u8; len];
         e[0] = next;

@@ -1,0 +1,201 @@
+//! `moat demo`: the data plane on a throw-away topology of network
+//! namespaces (see moat_lab::topology). Traffic stays inside namespaces
+//! created here, uses documentation addresses only, is bounded in count and
+//! time, and everything is removed on exit, also on Ctrl-C.
+
+use std::{
+    net::{SocketAddr, SocketAddrV4, UdpSocket},
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use etherparse::{SlicedPacket, TransportSlice};
+use moat_common::Reason;
+use moat_dataplane::{compile, Dataplane};
+use moat_lab::{
+    gre::{self, RawGre},
+    packet::{self, L4},
+    topology::{Transit, ENDPOINT, INET_HOST, SERVER},
+};
+
+const KEY: u32 = 42;
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn stopping() -> Result<()> {
+    if STOP.load(Ordering::SeqCst) {
+        bail!("interrupted; cleaning up");
+    }
+    Ok(())
+}
+
+pub fn run(requests: u32) -> Result<()> {
+    // SAFETY: plain syscall without arguments.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("moat demo needs root (it creates network namespaces and loads XDP programs)");
+    }
+    // SAFETY: installing an async-signal-safe handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+
+    println!("moat demo: data plane only (the daemon arrives with the next release step)");
+    println!();
+    println!("  internet host 198.51.100.100 ── node: moat XDP (native) ── customer site: router 192.0.2.10");
+    println!("  customer acme protects 203.0.113.0/24; tunnel acme-site: GRE 198.51.100.1 -> 192.0.2.10, key {KEY}");
+    println!();
+    let t = Transit::new("demo");
+    let mut dp = Dataplane::load().context("loading the XDP data plane")?;
+    let hop = t.site_nexthop;
+    let spec = Transit::spec(Some(KEY));
+    let compiled = compile(&spec, &|_| Some(hop)).context("compiling the configuration")?;
+    let report = dp.apply(&compiled).context("applying the configuration")?;
+    println!("applied: {} map entries", report.added);
+    t.attach(&mut dp).context("attaching to the node's interfaces")?;
+    println!("attached: n-inet, n-site (native XDP)");
+    println!();
+
+    let site = {
+        let _in = t.site.enter()?;
+        RawGre::open().context("raw GRE socket at the site")?
+    };
+    let (client, other) = {
+        let _in = t.inet.enter()?;
+        let c = UdpSocket::bind("198.51.100.100:0")?;
+        c.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let o = UdpSocket::bind("198.51.100.100:0")?;
+        (c, o)
+    };
+
+    // Requests through the tunnel, answered by the site through the tunnel.
+    let (mut delivered, mut answered, mut ttl_seen) = (0, 0, 0);
+    for i in 0..requests {
+        stopping()?;
+        if Instant::now() > deadline {
+            bail!("took longer than 60 s");
+        }
+        let request = format!("GET /{i}");
+        client.send_to(request.as_bytes(), SocketAddrV4::new(SERVER, 80))?;
+        let Some(pkt) = site.recv(Duration::from_secs(2))? else {
+            continue;
+        };
+        let Some((outer_src, key, inner)) = gre::open(&pkt) else {
+            continue;
+        };
+        if outer_src != ENDPOINT || key != Some(KEY) {
+            continue;
+        }
+        let sliced = SlicedPacket::from_ip(inner).context("inner packet")?;
+        let Some(TransportSlice::Udp(udp)) = sliced.transport else {
+            continue;
+        };
+        if udp.payload() != request.as_bytes() {
+            continue;
+        }
+        delivered += 1;
+        ttl_seen = inner[8];
+        let reply = packet::ip(
+            SERVER.into(),
+            INET_HOST.into(),
+            64,
+            L4::Udp {
+                sport: 80,
+                dport: udp.source_port(),
+            },
+            format!("200 OK /{i}").as_bytes(),
+        );
+        site.send_to(ENDPOINT, &gre::encapsulate(Some(KEY), &reply))?;
+        let mut buf = [0u8; 512];
+        if let Ok((n, SocketAddr::V4(from))) = client.recv_from(&mut buf) {
+            if *from.ip() == SERVER && buf[..n] == *format!("200 OK /{i}").as_bytes() {
+                answered += 1;
+            }
+        }
+    }
+    println!("{requests} requests internet -> 203.0.113.5:80");
+    println!("  {delivered} arrived at the site inside GRE (key {KEY}, inner TTL {ttl_seen}: one hop through moat)");
+    println!("  {answered} answers came back through the tunnel and were delivered to the internet host");
+
+    // The site tries to send with a source it does not own.
+    for _ in 0..10 {
+        let spoofed = packet::ip(
+            [192, 0, 2, 66].into(),
+            INET_HOST.into(),
+            64,
+            L4::Udp {
+                sport: 80,
+                dport: other.local_addr()?.port(),
+            },
+            b"spoofed",
+        );
+        site.send_to(ENDPOINT, &gre::encapsulate(Some(KEY), &spoofed))?;
+    }
+    other.set_read_timeout(Some(Duration::from_millis(300)))?;
+    let mut buf = [0u8; 64];
+    let leaked = other.recv_from(&mut buf).is_ok();
+    println!(
+        "10 packets from the site with a spoofed source (192.0.2.66): {}",
+        if leaked { "DELIVERED (wrong)" } else { "all dropped" }
+    );
+
+    // GRE from a host that is not a configured tunnel endpoint.
+    let stranger = {
+        let _in = t.inet.enter()?;
+        RawGre::open().context("raw GRE socket on the internet host")?
+    };
+    let inner = packet::ip(
+        SERVER.into(),
+        INET_HOST.into(),
+        64,
+        L4::Udp { sport: 80, dport: 9 },
+        b"x",
+    );
+    for _ in 0..5 {
+        stranger.send_to(ENDPOINT, &gre::encapsulate(Some(KEY), &inner))?;
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    println!("5 GRE packets to the node from 198.51.100.100, which is not a tunnel of any customer: see drop_gre_unknown_tunnel");
+    println!();
+    stopping()?;
+
+    let c = dp.counters([0], [0])?;
+    let s = c.customers[&0];
+    let tun = c.tunnels[&0];
+    println!("counters read back from the data plane:");
+    println!(
+        "  customer acme   in: received {} forwarded {} dropped {}   out: received {} forwarded {} dropped {}",
+        s.in_received.packets,
+        s.in_forwarded.packets,
+        s.in_dropped.packets,
+        s.out_received.packets,
+        s.out_forwarded.packets,
+        s.out_dropped.packets
+    );
+    println!(
+        "  tunnel acme-site  tx {} packets / {} bytes, rx {} packets / {} bytes",
+        tun.tx.packets, tun.tx.bytes, tun.rx.packets, tun.rx.bytes
+    );
+    println!("  by reason (packets):");
+    for (r, n) in c.reasons.iter().filter(|(_, n)| n.packets > 0) {
+        println!("    {:<28} {}", r.name(), n.packets);
+    }
+    dp.detach_all()?;
+    drop(t);
+    println!();
+    println!("cleaned up: namespaces removed, programs detached");
+    let ok = delivered == requests
+        && answered == requests
+        && !leaked
+        && c.packets(Reason::DropSpoofedSource) == 10
+        && c.packets(Reason::DropGreUnknownTunnel) == 5;
+    if !ok {
+        bail!("the demo did not go as expected (see above)");
+    }
+    Ok(())
+}

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# moat's full test run: installs what is missing, checks formatting and
+# lints, runs every test (unit, BPF_PROG_TEST_RUN tables, the differential
+# test against the reference model, live namespaces), the demo, and the
+# benchmark in smoke mode. Needs root: the tests load XDP programs and
+# create network namespaces. Run it as `make test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "test: must run as root (BPF programs, network namespaces)" >&2
+  exit 1
+fi
+
+bash scripts/setup.sh
+
+step() { printf '\n== %s ==\n' "$*"; }
+
+step "format"
+cargo fmt --all -- --check
+
+step "clippy (host crates)"
+cargo clippy --release --all-targets -- -D warnings
+
+step "clippy (BPF crate, nightly, bpfel-unknown-none)"
+cargo +nightly clippy --release -p moat-ebpf --target bpfel-unknown-none -Z build-std=core -- -D warnings
+
+step "tests"
+cargo test --release
+
+step "demo"
+cargo run --release -p moat -- demo --requests 50
+
+step "benchmark (smoke: tiny counts, figures not asserted)"
+cargo run --release -p moat-lab --bin moat-bench -- --quick
