@@ -26,10 +26,16 @@ step "clippy (BPF crate, nightly, bpfel-unknown-none)"
 cargo +nightly clippy --release -p moat-ebpf --target bpfel-unknown-none -Z build-std=core -- -D warnings
 
 step "tests"
-cargo test --release
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --release 2>&1 | tee "$log"
 
 step "demo"
 cargo run --release -p moat -- demo --requests 50
 
 step "benchmark (smoke: tiny counts, figures not asserted)"
 cargo run --release -p moat-lab --bin moat-bench -- --quick
+
+# One closing line for the whole run.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "\ntests: %d passed, %d failed\n", p, f }' "$log"
