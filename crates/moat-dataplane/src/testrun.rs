@@ -1,7 +1,7 @@
 //! Running the loaded program on a packet with BPF_PROG_TEST_RUN: for
 //! tests (verdict and output bytes) and benchmarks (kernel-timed runs).
 
-use aya::programs::{TestRun, TestRunAttrs, TestRunOptions};
+use aya::programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp};
 
 use crate::{
     error::Error,
@@ -26,42 +26,53 @@ fn xdp_md(len: usize, ingress_ifindex: u32) -> [u8; 24] {
     md
 }
 
-fn run_err(e: aya::programs::ProgramError) -> Error {
-    Error::Program {
-        program: PROGRAM,
-        source: Box::new(e),
-    }
+/// Runs `program` `repeat` times on `data` as if received on
+/// `ingress_ifindex` (0: the namespace's loopback); returns the last run's
+/// result and the kernel-measured mean nanoseconds per run.
+fn exec(
+    program: &Xdp,
+    name: &'static str,
+    data: &[u8],
+    repeat: u32,
+    ingress_ifindex: u32,
+) -> Result<(RunResult, f64), Error> {
+    let mut out = vec![0u8; data.len() + GROWTH];
+    let md = xdp_md(data.len(), ingress_ifindex);
+    let r = program
+        .test_run(TestRunOptions {
+            data_in: Some(data),
+            data_out: Some(&mut out),
+            ctx_in: (ingress_ifindex != 0).then_some(&md[..]),
+            ctx_out: None,
+            repeat,
+            attrs: TestRunAttrs::new(),
+        })
+        .map_err(|e| Error::Program {
+            program: name,
+            source: Box::new(e),
+        })?;
+    out.truncate(r.data_size_out as usize);
+    Ok((
+        RunResult {
+            action: r.return_value,
+            data: out,
+        },
+        r.duration.as_nanos() as f64,
+    ))
 }
 
 impl Dataplane {
     /// Runs the program once on `data`, as if received on `ingress_ifindex`
     /// (0: the test-run default, the namespace's loopback).
     pub fn run(&self, data: &[u8], ingress_ifindex: u32) -> Result<RunResult, Error> {
-        let mut out = vec![0u8; data.len() + GROWTH];
-        let md = xdp_md(data.len(), ingress_ifindex);
-        let r = self
-            .program()?
-            .test_run(TestRunOptions {
-                data_in: Some(data),
-                data_out: Some(&mut out),
-                ctx_in: (ingress_ifindex != 0).then_some(&md[..]),
-                ctx_out: None,
-                repeat: 1,
-                attrs: TestRunAttrs::new(),
-            })
-            .map_err(run_err)?;
-        out.truncate(r.data_size_out as usize);
-        Ok(RunResult {
-            action: r.return_value,
-            data: out,
-        })
+        Ok(exec(self.program()?, PROGRAM, data, 1, ingress_ifindex)?.0)
     }
 
     /// Kernel-measured mean nanoseconds per run over `repeat` runs of one
     /// syscall. The kernel reuses the buffer between repeats, so this is
     /// only meaningful for paths that do not rewrite the packet.
     pub fn time_repeat(&self, data: &[u8], repeat: u32, ingress_ifindex: u32) -> Result<f64, Error> {
-        self.time_program(self.program()?, data, repeat, ingress_ifindex)
+        Ok(exec(self.program()?, PROGRAM, data, repeat, ingress_ifindex)?.1)
     }
 
     /// Like [`Dataplane::time_repeat`] through the benchmark harness, which
@@ -69,51 +80,13 @@ impl Dataplane {
     /// Needs [`Dataplane::load_bench_programs`].
     pub fn time_harness(&self, data: &[u8], repeat: u32, nop: bool, ingress_ifindex: u32) -> Result<f64, Error> {
         let name = BENCH_PROGRAMS[usize::from(nop)];
-        self.time_program(self.program_named(name)?, data, repeat, ingress_ifindex)
+        Ok(exec(self.program_named(name)?, name, data, repeat, ingress_ifindex)?.1)
     }
 
-    /// Runs the benchmark harness `repeat` times and returns the last
-    /// output: equal to a single run's output when the harness restores correctly.
+    /// Runs the benchmark harness `repeat` times and returns the buffer as
+    /// the last run left it: the input again when the harness restores correctly.
     pub fn run_harness(&self, data: &[u8], repeat: u32, ingress_ifindex: u32) -> Result<RunResult, Error> {
-        let mut out = vec![0u8; data.len() + GROWTH];
-        let md = xdp_md(data.len(), ingress_ifindex);
-        let r = self
-            .program_named(BENCH_PROGRAMS[0])?
-            .test_run(TestRunOptions {
-                data_in: Some(data),
-                data_out: Some(&mut out),
-                ctx_in: (ingress_ifindex != 0).then_some(&md[..]),
-                ctx_out: None,
-                repeat,
-                attrs: TestRunAttrs::new(),
-            })
-            .map_err(run_err)?;
-        out.truncate(r.data_size_out as usize);
-        Ok(RunResult {
-            action: r.return_value,
-            data: out,
-        })
-    }
-
-    fn time_program(
-        &self,
-        program: &aya::programs::Xdp,
-        data: &[u8],
-        repeat: u32,
-        ingress_ifindex: u32,
-    ) -> Result<f64, Error> {
-        let mut out = vec![0u8; data.len() + GROWTH];
-        let md = xdp_md(data.len(), ingress_ifindex);
-        let r = program
-            .test_run(TestRunOptions {
-                data_in: Some(data),
-                data_out: Some(&mut out),
-                ctx_in: (ingress_ifindex != 0).then_some(&md[..]),
-                ctx_out: None,
-                repeat,
-                attrs: TestRunAttrs::new(),
-            })
-            .map_err(run_err)?;
-        Ok(r.duration.as_nanos() as f64)
+        let name = BENCH_PROGRAMS[0];
+        Ok(exec(self.program_named(name)?, name, data, repeat, ingress_ifindex)?.0)
     }
 }

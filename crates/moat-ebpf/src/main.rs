@@ -83,7 +83,7 @@ mod program {
             return xdp_action::XDP_ABORTED;
         }
         match parse::ptr::<[u64; 8]>(ctx, 0) {
-            // SAFETY: `at` checked that 64 bytes lie inside the packet.
+            // SAFETY: `ptr` checked that 64 bytes lie inside the packet.
             Some(p) => unsafe { *p = saved },
             None => return xdp_action::XDP_ABORTED,
         }

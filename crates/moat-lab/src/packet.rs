@@ -1,6 +1,6 @@
 //! Test packets, built with etherparse (an implementation independent of
 //! moat's): IPv4/IPv6, TCP/UDP/ICMP, VLAN tags, fragments, IPv6 extension
-//! headers, and GRE (which etherparse lacks, so it is written here per
+//! headers, and GRE (which etherparse lacks: see crate::gre, written per
 //! RFC 2784/2890).
 
 use std::net::IpAddr;
@@ -194,21 +194,10 @@ pub fn ipv6_with_ext(packet: &[u8], exts: &[(u8, usize)]) -> Vec<u8> {
     v
 }
 
-/// A GRE packet (outer IPv4, RFC 2784 header, RFC 2890 key when given)
+/// A GRE packet (outer IPv4 with DF, the GRE header of [`crate::gre::encapsulate`])
 /// carrying `inner` (an IP packet).
 pub fn gre(outer_src: [u8; 4], outer_dst: [u8; 4], ttl: u8, key: Option<u32>, inner: &[u8]) -> Vec<u8> {
-    let proto: u16 = if inner.first().map(|b| b >> 4) == Some(6) {
-        ETH_IPV6
-    } else {
-        ETH_IPV4
-    };
-    let mut g = Vec::new();
-    g.extend_from_slice(&(if key.is_some() { 0x2000u16 } else { 0 }).to_be_bytes());
-    g.extend_from_slice(&proto.to_be_bytes());
-    if let Some(k) = key {
-        g.extend_from_slice(&k.to_be_bytes());
-    }
-    g.extend_from_slice(inner);
+    let g = crate::gre::encapsulate(key, inner);
     let mut h = Ipv4Header::new(g.len() as u16, ttl, IpNumber(47), outer_src, outer_dst).expect("header");
     h.dont_fragment = true;
     let mut v = Vec::new();
