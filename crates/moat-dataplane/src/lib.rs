@@ -10,6 +10,7 @@ pub mod ecmp;
 pub mod error;
 pub mod loader;
 mod mmap;
+pub mod nexthop;
 pub mod spec;
 pub mod testrun;
 

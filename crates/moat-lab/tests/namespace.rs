@@ -11,7 +11,11 @@ use std::{
 
 use etherparse::{Ipv4HeaderSlice, SlicedPacket, TransportSlice};
 use moat_common::Reason;
-use moat_dataplane::{compile, Dataplane};
+use moat_dataplane::{
+    compile,
+    nexthop::{Resolution, Resolver},
+    Dataplane,
+};
 use moat_lab::{
     gre::{self, RawGre},
     packet::{self, L4},
@@ -25,8 +29,13 @@ const KEY: Option<u32> = Some(0x00c0_ffee);
 fn traffic_crosses_the_tunnel_both_ways() {
     let t = Transit::new("ns");
     let mut dp = Dataplane::load().expect("load");
-    let hop = t.site_nexthop;
-    let compiled = compile(&Transit::spec(KEY), &|_| Some(hop)).expect("compile");
+    // The tunnel's next hop, as the kernel's tables in the node namespace say.
+    let hop = {
+        let _in = t.node.enter().unwrap();
+        Resolver::new().unwrap().resolve(SITE_ROUTER).unwrap()
+    };
+    assert_eq!(hop, Resolution::Ready(t.site_nexthop));
+    let compiled = compile(&Transit::spec(KEY), &|_| hop.next_hop()).expect("compile");
     dp.apply(&compiled).expect("apply");
     t.attach(&mut dp).expect("attach natively to veth");
 

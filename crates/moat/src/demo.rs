@@ -12,11 +12,11 @@ use std::{
 use anyhow::{bail, Context, Result};
 use etherparse::{SlicedPacket, TransportSlice};
 use moat_common::Reason;
-use moat_dataplane::{compile, Dataplane};
+use moat_dataplane::{compile, nexthop::Resolver, Dataplane};
 use moat_lab::{
     gre::{self, RawGre},
     packet::{self, L4},
-    topology::{Transit, ENDPOINT, INET_HOST, SERVER},
+    topology::{Transit, ENDPOINT, INET_HOST, SERVER, SITE_ROUTER},
 };
 
 const KEY: u32 = 42;
@@ -52,9 +52,21 @@ pub fn run(requests: u32) -> Result<()> {
     println!();
     let t = Transit::new("demo");
     let mut dp = Dataplane::load().context("loading the XDP data plane")?;
-    let hop = t.site_nexthop;
+    let hop = {
+        let _in = t.node.enter()?;
+        Resolver::new()?.resolve(SITE_ROUTER)?
+    };
+    let Some(nh) = hop.next_hop() else {
+        bail!("the node cannot resolve the tunnel's next hop: {hop:?}");
+    };
+    println!(
+        "next hop of acme-site from the node's routing and neighbour tables: ifindex {}, MAC {}, link MTU {}",
+        nh.ifindex,
+        nh.dmac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":"),
+        nh.link_mtu
+    );
     let spec = Transit::spec(Some(KEY));
-    let compiled = compile(&spec, &|_| Some(hop)).context("compiling the configuration")?;
+    let compiled = compile(&spec, &|_| Some(nh)).context("compiling the configuration")?;
     let report = dp.apply(&compiled).context("applying the configuration")?;
     println!("applied: {} map entries", report.added);
     t.attach(&mut dp).context("attaching to the node's interfaces")?;

@@ -1,0 +1,200 @@
+//! Where a tunnel's packets go next, from the kernel's own tables over
+//! rtnetlink: the route to the tunnel remote gives the interface and the
+//! gateway (or the remote itself when it is on the link), the neighbour
+//! table the gateway's MAC, the link table the interface's MAC and MTU.
+//! The data plane then transmits encapsulated packets without asking the
+//! kernel per packet.
+
+use std::net::Ipv4Addr;
+
+use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST};
+use netlink_packet_route::{
+    link::{LinkAttribute, LinkMessage},
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
+    route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
+    AddressFamily, RouteNetlinkMessage,
+};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+
+use crate::{error::Error, spec::NextHop};
+
+/// The answer for one tunnel remote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resolution {
+    /// Everything needed to transmit.
+    Ready(NextHop),
+    /// Routed out of `ifindex` via `neighbour`, whose MAC the kernel does not know (yet).
+    Unresolved { ifindex: u32, neighbour: Ipv4Addr },
+    /// No unicast route.
+    NoRoute,
+}
+
+impl Resolution {
+    pub fn next_hop(self) -> Option<NextHop> {
+        match self {
+            Resolution::Ready(h) => Some(h),
+            _ => None,
+        }
+    }
+}
+
+/// An rtnetlink socket in the network namespace of the thread that opened it.
+pub struct Resolver {
+    socket: Socket,
+    seq: u32,
+}
+
+fn nl_err(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Interface {
+        interface: "rtnetlink".into(),
+        message: format!("{what}: {e}"),
+    }
+}
+
+impl Resolver {
+    pub fn new() -> Result<Resolver, Error> {
+        let mut socket = Socket::new(NETLINK_ROUTE).map_err(|e| nl_err("socket", e))?;
+        socket.bind_auto().map_err(|e| nl_err("bind", e))?;
+        socket
+            .connect(&SocketAddr::new(0, 0))
+            .map_err(|e| nl_err("connect", e))?;
+        Ok(Resolver { socket, seq: 0 })
+    }
+
+    /// Sends one request and collects the replies (all parts of a dump).
+    fn request(&mut self, msg: RouteNetlinkMessage, dump: bool) -> Result<Vec<RouteNetlinkMessage>, Error> {
+        self.seq = self.seq.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | if dump { NLM_F_DUMP } else { 0 };
+        header.sequence_number = self.seq;
+        let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(msg));
+        packet.finalize();
+        let mut buf = vec![0u8; packet.buffer_len()];
+        packet.serialize(&mut buf);
+        self.socket.send(&buf, 0).map_err(|e| nl_err("send", e))?;
+        let mut out = Vec::new();
+        loop {
+            let mut rx: Vec<u8> = Vec::with_capacity(1 << 16);
+            self.socket.recv(&mut rx, 0).map_err(|e| nl_err("recv", e))?;
+            let mut at = 0;
+            while at < rx.len() {
+                let m =
+                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rx[at..]).map_err(|e| nl_err("decode", e))?;
+                let len = m.header.length as usize;
+                if m.header.sequence_number == self.seq {
+                    match m.payload {
+                        NetlinkPayload::InnerMessage(inner) => {
+                            out.push(inner);
+                            if !dump {
+                                return Ok(out);
+                            }
+                        }
+                        NetlinkPayload::Done(_) => return Ok(out),
+                        NetlinkPayload::Error(e) => {
+                            return match e.code {
+                                // Routing errors (e.g. ENETUNREACH) mean "no route".
+                                Some(_) if !dump => Ok(out),
+                                Some(c) => Err(nl_err("kernel", c)),
+                                None => Ok(out),
+                            };
+                        }
+                        _ => {}
+                    }
+                }
+                if len == 0 {
+                    break;
+                }
+                at += len;
+            }
+        }
+    }
+
+    /// Resolves the next hop toward `remote`.
+    pub fn resolve(&mut self, remote: Ipv4Addr) -> Result<Resolution, Error> {
+        let mut q = RouteMessage::default();
+        q.header.address_family = AddressFamily::Inet;
+        q.header.destination_prefix_length = 32;
+        q.attributes
+            .push(RouteAttribute::Destination(RouteAddress::Inet(remote)));
+        let Some(RouteNetlinkMessage::NewRoute(route)) = self.request(RouteNetlinkMessage::GetRoute(q), false)?.pop()
+        else {
+            return Ok(Resolution::NoRoute);
+        };
+        if route.header.kind != RouteType::Unicast {
+            return Ok(Resolution::NoRoute);
+        }
+        let mut ifindex = 0;
+        let mut neighbour = remote;
+        for a in &route.attributes {
+            match a {
+                RouteAttribute::Oif(i) => ifindex = *i,
+                RouteAttribute::Gateway(RouteAddress::Inet(g)) => neighbour = *g,
+                _ => {}
+            }
+        }
+        if ifindex == 0 {
+            return Ok(Resolution::NoRoute);
+        }
+
+        let mut n = NeighbourMessage::default();
+        n.header.family = AddressFamily::Inet;
+        let neighbours = self.request(RouteNetlinkMessage::GetNeighbour(n), true)?;
+        let dmac = neighbours.iter().find_map(|m| {
+            let RouteNetlinkMessage::NewNeighbour(m) = m else {
+                return None;
+            };
+            let usable = matches!(
+                m.header.state,
+                NeighbourState::Reachable
+                    | NeighbourState::Stale
+                    | NeighbourState::Delay
+                    | NeighbourState::Probe
+                    | NeighbourState::Permanent
+                    | NeighbourState::Noarp
+            );
+            let ours = m.header.ifindex == ifindex
+                && m.attributes.iter().any(
+                    |a| matches!(a, NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) if *d == neighbour),
+                );
+            if !(usable && ours) {
+                return None;
+            }
+            m.attributes.iter().find_map(|a| match a {
+                NeighbourAttribute::LinkLocalAddress(mac) if mac.len() == 6 => mac_array(mac),
+                _ => None,
+            })
+        });
+        let Some(dmac) = dmac else {
+            return Ok(Resolution::Unresolved { ifindex, neighbour });
+        };
+
+        let mut l = LinkMessage::default();
+        l.header.index = ifindex;
+        let Some(RouteNetlinkMessage::NewLink(link)) = self.request(RouteNetlinkMessage::GetLink(l), false)?.pop()
+        else {
+            return Ok(Resolution::Unresolved { ifindex, neighbour });
+        };
+        let mut smac = None;
+        let mut mtu = 0;
+        for a in &link.attributes {
+            match a {
+                LinkAttribute::Address(m) => smac = mac_array(m),
+                LinkAttribute::Mtu(m) => mtu = *m,
+                _ => {}
+            }
+        }
+        let Some(smac) = smac else {
+            return Ok(Resolution::Unresolved { ifindex, neighbour });
+        };
+        Ok(Resolution::Ready(NextHop {
+            ifindex,
+            smac,
+            dmac,
+            link_mtu: mtu.min(u32::from(u16::MAX)) as u16,
+        }))
+    }
+}
+
+fn mac_array(m: &[u8]) -> Option<[u8; 6]> {
+    m.try_into().ok()
+}
