@@ -237,6 +237,11 @@ impl Dataplane {
     /// Reads every map back into the shape `compile` produces (names
     /// excepted), following references the way packets do.
     pub fn read_back(&self) -> Result<Compiled, Error> {
+        Ok(self.read_back_with_route_sets()?.0)
+    }
+
+    /// [`Dataplane::read_back`], plus the raw route set values it followed.
+    fn read_back_with_route_sets(&self) -> Result<(Compiled, BTreeMap<u32, u32>), Error> {
         let m = &self.maps;
         let mut out = Compiled {
             dest4: read_lpm(&m.dest4, "DEST4")?,
@@ -248,7 +253,8 @@ impl Dataplane {
             ..Compiled::default()
         };
         let mut tunnel_ids: BTreeSet<u32> = out.decap.values().map(|d| d.tunnel).collect();
-        for (id, v) in self.read_route_sets(&out)? {
+        let raw_sets = self.read_route_sets(&out)?;
+        for (&id, &v) in &raw_sets {
             let entry = if v & ROUTE_SET_TABLE == 0 {
                 tunnel_ids.insert(v);
                 RouteSetEntry::Single(v)
@@ -272,14 +278,13 @@ impl Dataplane {
                 out.tunnels.insert(id, t);
             }
         }
-        Ok(out)
+        Ok((out, raw_sets))
     }
 
     /// Makes the maps hold exactly `want`, changing only what differs.
     pub fn apply(&mut self, want: &Compiled) -> Result<ApplyReport, Error> {
         let mut report = ApplyReport::default();
-        let have = self.read_back()?;
-        let have_sets = self.read_route_sets(&have)?;
+        let (have, have_sets) = self.read_back_with_route_sets()?;
 
         // 1. Tunnels; fresh ids start with zeroed counters.
         for (id, t) in &want.tunnels {
