@@ -197,14 +197,20 @@ fn main() {
         }
     };
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let cpu = pin();
     println!("# moat data-plane benchmark (BPF_PROG_TEST_RUN, kernel-timed)");
     println!();
     println!(
-        "CPU: {}, {} CPUs (pinned to CPU {cpu}), kernel {}",
+        "CPU: {}, {cpus} CPUs (pinned to CPU {cpu}), kernel {}",
         cpu_model(),
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
         kernel.trim()
+    );
+    let srso =
+        std::fs::read_to_string("/sys/devices/system/cpu/vulnerabilities/spec_rstack_overflow").unwrap_or_default();
+    println!(
+        "SRSO mitigation: {} (with \"Safe RET\" every non-inlined BPF helper or map call costs tens of ns)",
+        srso.trim()
     );
     println!(
         "Each round times the bare XDP_DROP, the harness alone and every path back to back ({} repeats each); \
