@@ -27,6 +27,11 @@ impl RawGre {
         Ok(RawGre { fd })
     }
 
+    /// The socket's descriptor (for polling).
+    pub fn fd(&self) -> i32 {
+        self.fd.as_raw_fd()
+    }
+
     /// Sends `gre` (GRE header + payload) to `dst`.
     pub fn send_to(&self, dst: Ipv4Addr, gre: &[u8]) -> io::Result<()> {
         let addr = libc::sockaddr_in {

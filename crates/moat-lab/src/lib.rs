@@ -8,4 +8,5 @@ pub mod gre;
 pub mod model;
 pub mod netns;
 pub mod packet;
+pub mod site;
 pub mod topology;

@@ -4,22 +4,24 @@
 //! time, and everything is removed on exit, also on Ctrl-C.
 
 use std::{
-    net::{SocketAddr, SocketAddrV4, UdpSocket},
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
-use etherparse::{SlicedPacket, TransportSlice};
 use moat_common::Reason;
 use moat_dataplane::{compile, nexthop::Resolver, Dataplane};
 use moat_lab::{
     gre::{self, RawGre},
     packet::{self, L4},
+    site::GreTunEndpoint,
     topology::{Transit, ENDPOINT, INET_HOST, SERVER, SITE_ROUTER},
 };
 
 const KEY: u32 = 42;
+const BODY: usize = 4096;
 static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
@@ -73,66 +75,63 @@ pub fn run(requests: u32) -> Result<()> {
     println!("attached: n-inet, n-site (native XDP)");
     println!();
 
+    // The customer site: a userspace GRE endpoint (raw GRE socket + TUN,
+    // inner MTU 1472 = 1500 - 28 for outer IPv4 + keyed GRE) and an HTTP server.
+    let endpoint = GreTunEndpoint::start(
+        &t.site,
+        "tun0",
+        SERVER,
+        1472,
+        ENDPOINT,
+        Ipv4Addr::new(192, 0, 2, 1),
+        Some(KEY),
+    )
+    .context("the site's GRE endpoint")?;
+    let listener = {
+        let _in = t.site.enter()?;
+        TcpListener::bind((SERVER, 80)).context("HTTP server at the site")?
+    };
+    listener.set_nonblocking(true)?;
+    let server = std::thread::spawn(move || serve(listener, requests, deadline));
+
+    let (mut answered, mut bytes) = (0u32, 0usize);
+    {
+        let _in = t.inet.enter()?;
+        for i in 0..requests {
+            stopping()?;
+            if Instant::now() > deadline {
+                bail!("took longer than 60 s");
+            }
+            match get(i) {
+                Ok(n) => {
+                    answered += 1;
+                    bytes += n;
+                }
+                Err(e) => println!("  request {i} failed: {e}"),
+            }
+        }
+    }
+    let served = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("the HTTP server thread panicked"))?;
+    println!(
+        "{requests} HTTP requests from the internet host to http://203.0.113.5/ (TCP through moat and the tunnel)"
+    );
+    println!("  {served} served at the site, {answered} complete responses ({bytes} bytes) back at the internet host");
+    println!(
+        "  site GRE endpoint: {} packets decapsulated from moat, {} encapsulated back",
+        endpoint.counters.decapsulated.load(Ordering::Relaxed),
+        endpoint.counters.encapsulated.load(Ordering::Relaxed)
+    );
+
     let site = {
         let _in = t.site.enter()?;
         RawGre::open().context("raw GRE socket at the site")?
     };
-    let (client, other) = {
+    let other = {
         let _in = t.inet.enter()?;
-        let c = UdpSocket::bind("198.51.100.100:0")?;
-        c.set_read_timeout(Some(Duration::from_secs(2)))?;
-        let o = UdpSocket::bind("198.51.100.100:0")?;
-        (c, o)
+        UdpSocket::bind("198.51.100.100:0")?
     };
-
-    // Requests through the tunnel, answered by the site through the tunnel.
-    let (mut delivered, mut answered, mut ttl_seen) = (0, 0, 0);
-    for i in 0..requests {
-        stopping()?;
-        if Instant::now() > deadline {
-            bail!("took longer than 60 s");
-        }
-        let request = format!("GET /{i}");
-        client.send_to(request.as_bytes(), SocketAddrV4::new(SERVER, 80))?;
-        let Some(pkt) = site.recv(Duration::from_secs(2))? else {
-            continue;
-        };
-        let Some((outer_src, key, inner)) = gre::open(&pkt) else {
-            continue;
-        };
-        if outer_src != ENDPOINT || key != Some(KEY) {
-            continue;
-        }
-        let sliced = SlicedPacket::from_ip(inner).context("inner packet")?;
-        let Some(TransportSlice::Udp(udp)) = sliced.transport else {
-            continue;
-        };
-        if udp.payload() != request.as_bytes() {
-            continue;
-        }
-        delivered += 1;
-        ttl_seen = inner[8];
-        let reply = packet::ip(
-            SERVER.into(),
-            INET_HOST.into(),
-            64,
-            L4::Udp {
-                sport: 80,
-                dport: udp.source_port(),
-            },
-            format!("200 OK /{i}").as_bytes(),
-        );
-        site.send_to(ENDPOINT, &gre::encapsulate(Some(KEY), &reply))?;
-        let mut buf = [0u8; 512];
-        if let Ok((n, SocketAddr::V4(from))) = client.recv_from(&mut buf) {
-            if *from.ip() == SERVER && buf[..n] == *format!("200 OK /{i}").as_bytes() {
-                answered += 1;
-            }
-        }
-    }
-    println!("{requests} requests internet -> 203.0.113.5:80");
-    println!("  {delivered} arrived at the site inside GRE (key {KEY}, inner TTL {ttl_seen}: one hop through moat)");
-    println!("  {answered} answers came back through the tunnel and were delivered to the internet host");
 
     // The site tries to send with a source it does not own.
     for _ in 0..10 {
@@ -201,7 +200,8 @@ pub fn run(requests: u32) -> Result<()> {
     drop(t);
     println!();
     println!("cleaned up: namespaces removed, programs detached");
-    let ok = delivered == requests
+    drop(endpoint);
+    let ok = served == requests
         && answered == requests
         && !leaked
         && c.packets(Reason::DropSpoofedSource) == 10
@@ -210,4 +210,51 @@ pub fn run(requests: u32) -> Result<()> {
         bail!("the demo did not go as expected (see above)");
     }
     Ok(())
+}
+
+/// Serves `count` HTTP/1.0 requests (or until the deadline), closing each
+/// connection gracefully. Returns how many were served.
+fn serve(listener: TcpListener, count: u32, deadline: Instant) -> u32 {
+    let body = vec![b'm'; BODY];
+    let mut served = 0;
+    while served < count && Instant::now() < deadline && !STOP.load(Ordering::SeqCst) {
+        let Ok((mut s, _)) = listener.accept() else {
+            std::thread::sleep(Duration::from_millis(2));
+            continue;
+        };
+        let _ = s.set_nonblocking(false);
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut req = Vec::new();
+        let mut chunk = [0u8; 512];
+        while !req.ends_with(b"\r\n\r\n") {
+            match s.read(&mut chunk) {
+                Ok(n) if n > 0 => req.extend_from_slice(&chunk[..n]),
+                _ => break,
+            }
+        }
+        if !req.starts_with(b"GET /") {
+            continue;
+        }
+        let head = format!("HTTP/1.0 200 OK\r\nContent-Length: {BODY}\r\n\r\n");
+        if s.write_all(head.as_bytes()).and_then(|_| s.write_all(&body)).is_ok() {
+            served += 1;
+        }
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let _ = s.read(&mut chunk);
+    }
+    served
+}
+
+/// One HTTP/1.0 GET to the server; the number of body bytes received.
+fn get(i: u32) -> Result<usize> {
+    let mut c = TcpStream::connect_timeout(&SocketAddr::from((SERVER, 80)), Duration::from_secs(2))?;
+    c.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(c, "GET /{i} HTTP/1.0\r\nHost: 203.0.113.5\r\n\r\n")?;
+    let mut resp = Vec::new();
+    c.read_to_end(&mut resp)?;
+    let head = format!("HTTP/1.0 200 OK\r\nContent-Length: {BODY}\r\n\r\n");
+    if !resp.starts_with(head.as_bytes()) || resp.len() != head.len() + BODY {
+        bail!("incomplete response ({} bytes)", resp.len());
+    }
+    Ok(BODY)
 }

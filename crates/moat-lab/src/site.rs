@@ -1,0 +1,146 @@
+//! A customer site's GRE endpoint in userspace: a TUN device carries the
+//! site's inner traffic, a raw GRE socket the encapsulated side, and a
+//! thread moves packets between them (this kernel has no GRE netdevice).
+//! With it, ordinary sockets at the site talk TCP through moat's tunnel.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{Read, Write},
+    net::Ipv4Addr,
+    os::fd::AsRawFd,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use crate::{
+    gre::{self, RawGre},
+    netns::NetNs,
+};
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const IFF_TUN: libc::c_short = 0x0001;
+const IFF_NO_PI: libc::c_short = 0x1000;
+
+/// Packets moved by the endpoint, each way.
+#[derive(Default)]
+pub struct SiteCounters {
+    pub encapsulated: AtomicU64,
+    pub decapsulated: AtomicU64,
+}
+
+/// The running endpoint; stops and joins its thread on drop.
+pub struct GreTunEndpoint {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    pub counters: Arc<SiteCounters>,
+}
+
+fn open_tun(name: &str) -> std::io::Result<File> {
+    let f = OpenOptions::new().read(true).write(true).open("/dev/net/tun")?;
+    // struct ifreq: 16 bytes of name, then the flags.
+    let mut ifr = [0u8; 40];
+    ifr[..name.len()].copy_from_slice(name.as_bytes());
+    ifr[16..18].copy_from_slice(&(IFF_TUN | IFF_NO_PI).to_ne_bytes());
+    // SAFETY: TUNSETIFF with a valid, large enough ifreq buffer.
+    if unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF, ifr.as_mut_ptr()) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(f)
+}
+
+impl GreTunEndpoint {
+    /// Creates TUN device `dev` in `site` holding `inner_addr`, routes the
+    /// site's inner traffic into it (and only the GRE to `node_endpoint`
+    /// out of the underlay), and bridges it to GRE with `key`. `mtu` must
+    /// leave room for the outer headers on the underlay (1500 - 24, or - 28
+    /// with a key): larger outer packets would be fragmented, and moat drops
+    /// fragmented GRE.
+    pub fn start(
+        site: &NetNs,
+        dev: &str,
+        inner_addr: Ipv4Addr,
+        mtu: u16,
+        node_endpoint: Ipv4Addr,
+        underlay_gateway: Ipv4Addr,
+        key: Option<u32>,
+    ) -> std::io::Result<GreTunEndpoint> {
+        let (mut tun, sock) = {
+            let _in = site.enter()?;
+            (open_tun(dev)?, RawGre::open()?)
+        };
+        let addr = format!("{inner_addr}/32");
+        // The site is IPv4 only: no IPv6 link-local chatter into the tunnel.
+        site.sysctl(&format!("net.ipv6.conf.{dev}.disable_ipv6"), "1");
+        site.ip(&["addr", "add", &addr, "dev", dev]);
+        site.ip(&["link", "set", dev, "mtu", &mtu.to_string(), "up"]);
+        site.ip(&[
+            "route",
+            "replace",
+            &format!("{node_endpoint}/32"),
+            "via",
+            &underlay_gateway.to_string(),
+        ]);
+        site.ip(&["route", "replace", "default", "dev", dev]);
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let counters = Arc::new(SiteCounters::default());
+        let (stop2, counters2) = (stop.clone(), counters.clone());
+        let mut tun_w = tun.try_clone()?;
+        let thread = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !stop2.load(Ordering::Relaxed) {
+                let mut fds = [
+                    libc::pollfd {
+                        fd: tun.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                    libc::pollfd {
+                        fd: sock.fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                ];
+                // SAFETY: two valid pollfds.
+                let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, 100) };
+                if n <= 0 {
+                    continue;
+                }
+                if fds[0].revents & libc::POLLIN != 0 {
+                    if let Ok(len) = tun.read(&mut buf) {
+                        if sock.send_to(node_endpoint, &gre::encapsulate(key, &buf[..len])).is_ok() {
+                            counters2.encapsulated.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                if fds[1].revents & libc::POLLIN != 0 {
+                    if let Ok(Some(pkt)) = sock.recv(Duration::ZERO) {
+                        if let Some((src, k, inner)) = gre::open(&pkt) {
+                            if src == node_endpoint && k == key && tun_w.write_all(inner).is_ok() {
+                                counters2.decapsulated.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Ok(GreTunEndpoint {
+            stop,
+            thread: Some(thread),
+            counters,
+        })
+    }
+}
+
+impl Drop for GreTunEndpoint {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
