@@ -1,15 +1,18 @@
 //! Capacities of the data plane's tables. Userspace validation rejects
 //! configurations beyond them before anything is written to the kernel.
 
-/// Customers (index into the per-customer counters).
-pub const MAX_CUSTOMERS: u32 = 16_384;
-/// Tunnels across all customers. Tunnel ids are `u16` in ECMP tables.
-pub const MAX_TUNNELS: u32 = 32_768;
+/// Customer ids (index into the per-customer counters). A configuration
+/// may use half: new customers take ids the running one does not use.
+pub const MAX_CUSTOMERS: u32 = 32_768;
+/// Tunnel ids across all customers (`u16` in ECMP tables); a configuration
+/// may use half.
+pub const MAX_TUNNELS: u32 = 65_536;
 /// Entries of each destination LPM table (protected prefixes plus routes).
 pub const MAX_DEST_ENTRIES: u32 = 2_097_152;
 /// Entries of each source (anti-spoofing) LPM table.
 pub const MAX_SOURCE_ENTRIES: u32 = 1_048_576;
-/// Route sets (one per distinct customer route prefix).
+/// Route set ids (one per distinct customer route prefix); a configuration
+/// may use half.
 pub const MAX_ROUTE_SETS: u32 = 262_144;
 /// ECMP slot tables, used only by route sets with more than one member.
 /// Twice the number a configuration may use, so that a new table can be

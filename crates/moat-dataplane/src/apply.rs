@@ -395,6 +395,7 @@ impl Dataplane {
             )?;
             report.removed += 1;
         }
+        self.applied = Some(want.clone());
         Ok(report)
     }
 }

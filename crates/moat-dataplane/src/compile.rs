@@ -49,9 +49,11 @@ pub struct Compiled {
     pub decap: BTreeMap<DecapKey, DecapValue>,
     pub local_addrs: BTreeMap<[u8; 4], u32>,
     /// Customer id -> name.
-    pub customers: Vec<String>,
+    pub customers: BTreeMap<u32, String>,
     /// Tunnel id -> (customer name, tunnel name).
     pub tunnel_names: BTreeMap<u32, (String, String)>,
+    /// Route set id -> (customer name, route prefix).
+    pub route_set_keys: BTreeMap<u32, (String, IpNet)>,
 }
 
 /// The outer Ethernet + IPv4 (DF, id 0) + GRE header template of a tunnel,
@@ -110,29 +112,97 @@ fn check_capacity(what: &'static str, have: usize, limit: u32) -> Result<(), Err
     Ok(())
 }
 
+/// Allocates ids: reused ones by identity, fresh ones never used by the
+/// previous state (so an id never changes meaning within one apply).
+struct Ids {
+    taken: BTreeSet<u32>,
+    next: u32,
+    limit: u32,
+    what: &'static str,
+}
+
+impl Ids {
+    fn new(previous: impl IntoIterator<Item = u32>, limit: u32, what: &'static str) -> Ids {
+        Ids {
+            taken: previous.into_iter().collect(),
+            next: 0,
+            limit,
+            what,
+        }
+    }
+
+    fn fresh(&mut self) -> Result<u32, Error> {
+        while self.taken.contains(&self.next) {
+            self.next += 1;
+        }
+        if self.next >= self.limit {
+            return Err(Error::Capacity {
+                what: self.what,
+                have: self.taken.len() + 1,
+                limit: self.limit as usize,
+            });
+        }
+        self.taken.insert(self.next);
+        Ok(self.next)
+    }
+}
+
 /// Compiles `spec`. `next_hop` resolves each tunnel's next hop; `None`
 /// leaves the tunnel installed but marked unresolved (its packets are
 /// dropped and counted until it is resolved).
-pub fn compile(spec: &Spec, next_hop: &dyn Fn(&TunnelSpec) -> Option<NextHop>) -> Result<Compiled, Error> {
-    check_capacity("customers", spec.customers.len(), MAX_CUSTOMERS)?;
+///
+/// `previous` is the state currently applied (see [`crate::Dataplane::applied`]).
+/// Ids stay stable across applies: a customer keeps its id by name, a
+/// tunnel by (customer, tunnel name), a route set by (customer, prefix) as
+/// long as its content is unchanged; anything new or changed gets an id
+/// the previous state does not use. The apply order relies on this: an
+/// entry still pointing at an old id never meets new content. Each kind
+/// may therefore use at most half of its table in one configuration.
+pub fn compile(
+    spec: &Spec,
+    next_hop: &dyn Fn(&TunnelSpec) -> Option<NextHop>,
+    previous: Option<&Compiled>,
+) -> Result<Compiled, Error> {
+    check_capacity("customers", spec.customers.len(), MAX_CUSTOMERS / 2)?;
     let tunnel_count: usize = spec.customers.iter().map(|c| c.tunnels.len()).sum();
-    check_capacity("tunnels", tunnel_count, MAX_TUNNELS)?;
+    check_capacity("tunnels", tunnel_count, MAX_TUNNELS / 2)?;
+    let empty = Compiled::default();
+    let prev = previous.unwrap_or(&empty);
+    let prev_customer: HashMap<&str, u32> = prev.customers.iter().map(|(id, n)| (n.as_str(), *id)).collect();
+    let prev_tunnel: HashMap<(&str, &str), u32> = prev
+        .tunnel_names
+        .iter()
+        .map(|(id, (c, t))| ((c.as_str(), t.as_str()), *id))
+        .collect();
+    let prev_set: HashMap<(&str, IpNet), u32> = prev
+        .route_set_keys
+        .iter()
+        .map(|(id, (c, p))| ((c.as_str(), *p), *id))
+        .collect();
+    let mut customer_ids = Ids::new(prev.customers.keys().copied(), MAX_CUSTOMERS, "customers");
+    let mut tunnel_ids_alloc = Ids::new(prev.tunnel_names.keys().copied(), MAX_TUNNELS, "tunnels");
+    let mut set_ids = Ids::new(prev.route_sets.keys().copied(), MAX_ROUTE_SETS, "route sets");
 
     let mut out = Compiled::default();
     for a in &spec.node_addresses {
         *out.local_addrs.entry(a.octets()).or_default() |= LOCAL_NODE_ADDRESS;
     }
-    let mut next_route_set = 0u32;
     let mut tables = 0usize;
 
-    for (cid, customer) in spec.customers.iter().enumerate() {
-        let cid = cid as u32;
-        out.customers.push(customer.name.clone());
+    for customer in &spec.customers {
+        let cid = match prev_customer.get(customer.name.as_str()) {
+            Some(id) => *id,
+            None => customer_ids.fresh()?,
+        };
+        out.customers.insert(cid, customer.name.clone());
 
         // Tunnels.
         let mut tunnel_ids: HashMap<&str, (u32, u64)> = HashMap::new();
         for t in &customer.tunnels {
-            let id = out.tunnels.len() as u32;
+            let id = match prev_tunnel.get(&(customer.name.as_str(), t.name.as_str())) {
+                Some(id) => *id,
+                None => tunnel_ids_alloc.fresh()?,
+            };
             let (local, remote) = (t.local.octets(), t.remote.octets());
             let mut flags = TUNNEL_PRESENT;
             if t.key.is_some() {
@@ -231,9 +301,12 @@ pub fn compile(spec: &Spec, next_hop: &dyn Fn(&TunnelSpec) -> Option<NextHop>) -
                 tables += 1;
                 RouteSetEntry::Table(ecmp::build_table(&members.into_values().collect::<Vec<_>>()))
             };
-            let id = next_route_set;
-            next_route_set += 1;
+            let id = match prev_set.get(&(customer.name.as_str(), *prefix)) {
+                Some(id) if prev.route_sets.get(id) == Some(&entry) => *id,
+                _ => set_ids.fresh()?,
+            };
             out.route_sets.insert(id, entry);
+            out.route_set_keys.insert(id, (customer.name.clone(), *prefix));
             set_of.insert(*prefix, id);
         }
 
@@ -287,7 +360,7 @@ pub fn compile(spec: &Spec, next_hop: &dyn Fn(&TunnelSpec) -> Option<NextHop>) -
     check_capacity("IPv6 destination entries", out.dest6.len(), MAX_DEST_ENTRIES)?;
     check_capacity("IPv4 source entries", out.source4.len(), MAX_SOURCE_ENTRIES)?;
     check_capacity("IPv6 source entries", out.source6.len(), MAX_SOURCE_ENTRIES)?;
-    check_capacity("route sets", out.route_sets.len(), MAX_ROUTE_SETS)?;
+    check_capacity("route sets", out.route_sets.len(), MAX_ROUTE_SETS / 2)?;
     check_capacity("multi-tunnel route sets", tables, MAX_ECMP_SETS)?;
     check_capacity("local addresses", out.local_addrs.len(), MAX_LOCAL_ADDRS)?;
     Ok(out)
@@ -344,7 +417,7 @@ mod tests {
                 routes: vec![route("203.0.113.0/24", "a", 100), route("203.0.113.128/25", "b", 100)],
             }],
         };
-        let c = compile(&spec, &|_| None).unwrap();
+        let c = compile(&spec, &|_| None, None).unwrap();
         let set = |k: (u32, [u8; 4])| c.dest4[&k].route_set;
         let s24 = set((24, [203, 0, 113, 0]));
         let s25 = set((25, [203, 0, 113, 128]));
@@ -374,7 +447,7 @@ mod tests {
                 routes: vec![route("203.0.113.0/24", "a", 100), route("203.0.113.0/24", "b", 200)],
             }],
         };
-        let c = compile(&spec, &|_| None).unwrap();
+        let c = compile(&spec, &|_| None, None).unwrap();
         assert_eq!(
             c.route_sets[&0],
             RouteSetEntry::Single(1),
@@ -384,7 +457,7 @@ mod tests {
         for t in &mut spec2.customers[0].tunnels {
             t.penalty = 1_000_000;
         }
-        let c2 = compile(&spec2, &|_| None).unwrap();
+        let c2 = compile(&spec2, &|_| None, None).unwrap();
         assert_eq!(
             c2.route_sets[&0],
             RouteSetEntry::Single(0),
@@ -427,6 +500,6 @@ mod tests {
                 routes: vec![],
             }],
         };
-        assert!(matches!(compile(&spec, &|_| None), Err(Error::Spec(_))));
+        assert!(matches!(compile(&spec, &|_| None, None), Err(Error::Spec(_))));
     }
 }

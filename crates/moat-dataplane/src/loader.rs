@@ -46,6 +46,8 @@ pub struct Dataplane {
     ebpf: Ebpf,
     pub maps: Maps,
     links: Vec<(String, XdpLinkId)>,
+    /// The last state applied successfully (ids, names), for the next compile.
+    pub(crate) applied: Option<crate::compile::Compiled>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, Error>
@@ -91,6 +93,7 @@ impl Dataplane {
             ebpf,
             maps,
             links: Vec::new(),
+            applied: None,
         };
         dp.program_mut()?.load().map_err(|e| Error::Program {
             program: PROGRAM,
@@ -160,6 +163,12 @@ impl Dataplane {
             })?;
         }
         Ok(())
+    }
+
+    /// The state last applied successfully: pass it to [`crate::compile`]
+    /// so ids stay stable from one configuration to the next.
+    pub fn applied(&self) -> Option<&crate::compile::Compiled> {
+        self.applied.as_ref()
     }
 
     /// Interfaces the program is attached to.

@@ -62,6 +62,21 @@ fn exec(
 }
 
 impl Dataplane {
+    /// A duplicate of the program's file descriptor, for running it with
+    /// BPF_PROG_TEST_RUN from another thread while this one applies.
+    pub fn program_fd(&self) -> Result<std::os::fd::OwnedFd, Error> {
+        use std::os::fd::AsFd;
+        let prog = self.program()?;
+        let fd = prog.fd().map_err(|e| Error::Program {
+            program: PROGRAM,
+            source: Box::new(e),
+        })?;
+        fd.as_fd().try_clone_to_owned().map_err(|e| Error::Interface {
+            interface: "program".into(),
+            message: format!("duplicating its descriptor: {e}"),
+        })
+    }
+
     /// Runs the program once on `data`, as if received on `ingress_ifindex`
     /// (0: the test-run default, the namespace's loopback).
     pub fn run(&self, data: &[u8], ingress_ifindex: u32) -> Result<RunResult, Error> {

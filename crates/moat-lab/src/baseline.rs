@@ -39,6 +39,22 @@ fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<i64> {
     Ok(r)
 }
 
+/// Runs the XDP program `fd` once on `data` with BPF_PROG_TEST_RUN;
+/// returns its action and output (at most `data.len() + 256` bytes).
+pub fn run_fd(fd: std::os::fd::BorrowedFd<'_>, data: &[u8]) -> io::Result<(u32, Vec<u8>)> {
+    let mut out = vec![0u8; data.len() + 256];
+    let mut a = Attr::zero();
+    a.put_u32(0, fd.as_raw_fd() as u32); // prog_fd
+    a.put_u32(8, data.len() as u32); // data_size_in
+    a.put_u32(12, out.len() as u32); // data_size_out
+    a.put_u64(16, data.as_ptr() as u64); // data_in
+    a.put_u64(24, out.as_mut_ptr() as u64); // data_out
+    a.put_u32(32, 1); // repeat
+    bpf(BPF_PROG_TEST_RUN, &mut a)?;
+    out.truncate(a.get_u32(12) as usize);
+    Ok((a.get_u32(4), out))
+}
+
 /// A loaded bare XDP_DROP program.
 pub struct BareDrop {
     fd: OwnedFd,

@@ -186,7 +186,7 @@ impl Fixture {
                 .find_map(|(ci, c)| c.tunnels.iter().position(|x| x == t).map(|ti| (ci, ti)))?;
             self.next_hop(ci, ti)
         };
-        let compiled = compile(&self.spec, &hops).expect("compile");
+        let compiled = compile(&self.spec, &hops, self.dp.applied()).expect("compile");
         self.dp.apply(&compiled).expect("apply")
     }
 

@@ -8,5 +8,6 @@ pub mod gre;
 pub mod model;
 pub mod netns;
 pub mod packet;
+pub mod random;
 pub mod site;
 pub mod topology;

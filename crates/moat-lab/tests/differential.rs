@@ -6,15 +6,16 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr},
 };
 
 use ipnet::IpNet;
 use moat_common::Reason;
-use moat_dataplane::{CustomerSpec, RouteSpec, Spec, TunnelSpec};
+use moat_dataplane::{Spec, TunnelSpec};
 use moat_lab::{
     fixture::{Fixture, NODE},
     packet::{self, Frame, L4},
+    random::{self, random_in},
 };
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 
@@ -22,105 +23,6 @@ use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 const CONFIGS: usize = 4;
 /// Packets compared per configuration (100,000 in all).
 const PACKETS: usize = 25_000;
-
-fn random_spec(rng: &mut StdRng) -> Spec {
-    // Sometimes whole /24s (uniform blocks for the block table), sometimes
-    // /26s (blocks the LPM table serves).
-    let v4: &[&str] = if rng.gen_bool(0.5) {
-        &["203.0.113.0/24", "198.51.100.128/25"]
-    } else {
-        &[
-            "203.0.113.0/26",
-            "203.0.113.64/26",
-            "203.0.113.128/26",
-            "203.0.113.192/26",
-            "198.51.100.128/26",
-            "198.51.100.192/26",
-        ]
-    };
-    let v6 = [
-        "2001:db8:100::/48",
-        "2001:db8:101::/48",
-        "2001:db8:102::/48",
-        "2001:db8:106::/47",
-        "2001:db8:108::/46",
-    ];
-    let mut blocks: Vec<IpNet> = v4.iter().chain(v6.iter()).map(|s| s.parse().unwrap()).collect();
-    blocks.shuffle(rng);
-    let n = rng.gen_range(1..=4);
-    let mut customers = Vec::new();
-    let mut remote = 10u8;
-    for ci in 0..n {
-        let mine: Vec<IpNet> = blocks.iter().skip(ci).step_by(n).copied().collect();
-        let mut prefixes = mine.clone();
-        // Nested prefixes of the same customer are allowed.
-        for p in &mine {
-            if rng.gen_bool(0.3) {
-                prefixes.push(sub(rng, *p, 4));
-            }
-        }
-        let tunnels: Vec<TunnelSpec> = (0..rng.gen_range(1..=4))
-            .map(|ti| {
-                remote += 1;
-                TunnelSpec {
-                    name: format!("t{ti}"),
-                    local: NODE,
-                    remote: Ipv4Addr::new(192, 0, 2, remote),
-                    key: rng.gen_bool(0.4).then(|| rng.gen()),
-                    mtu: *[576u16, 1400, 1476, 9000].choose(rng).unwrap(),
-                    ttl: rng.gen_range(1..=255),
-                    penalty: *[0u32, 0, 500_000, 1_000_000].choose(rng).unwrap(),
-                }
-            })
-            .collect();
-        let mut routes = Vec::new();
-        for (pi, p) in mine.iter().enumerate() {
-            // Some prefixes get no route at all (always the first one of the first customer).
-            if (ci == 0 && pi == 0) || rng.gen_bool(0.15) {
-                continue;
-            }
-            for _ in 0..rng.gen_range(1..=4) {
-                let prefix = if rng.gen_bool(0.5) { *p } else { sub(rng, *p, 6) };
-                routes.push(RouteSpec {
-                    prefix,
-                    tunnel: tunnels.choose(rng).unwrap().name.clone(),
-                    priority: *[50u32, 100, 100, 200].choose(rng).unwrap(),
-                    weight: rng.gen_range(1..=256),
-                });
-            }
-        }
-        customers.push(CustomerSpec {
-            name: format!("c{ci}"),
-            prefixes,
-            egress_prefixes: vec![sub(rng, "192.0.2.0/24".parse().unwrap(), 4)],
-            tunnels,
-            routes,
-        });
-    }
-    Spec {
-        node_addresses: vec![Ipv4Addr::new(169, 254, 10, 0)],
-        customers,
-    }
-}
-
-/// A random sub-prefix of `p`, up to `extra` bits longer.
-fn sub(rng: &mut StdRng, p: IpNet, extra: u8) -> IpNet {
-    let len = (p.prefix_len() + rng.gen_range(0..=extra)).min(p.max_prefix_len());
-    IpNet::new(random_in(rng, p), len).unwrap().trunc()
-}
-
-fn random_in(rng: &mut StdRng, p: IpNet) -> IpAddr {
-    match p {
-        IpNet::V4(n) => {
-            let host = u32::MAX.checked_shr(u32::from(n.prefix_len())).unwrap_or(0);
-            IpAddr::V4(Ipv4Addr::from(u32::from(n.network()) | (rng.gen::<u32>() & host)))
-        }
-        IpNet::V6(n) => {
-            let host = u128::MAX.checked_shr(u32::from(n.prefix_len())).unwrap_or(0);
-            IpAddr::V6(Ipv6Addr::from(u128::from(n.network()) | (rng.gen::<u128>() & host)))
-        }
-    }
-}
 
 fn random_l4(rng: &mut StdRng) -> L4 {
     match rng.gen_range(0..3) {
@@ -265,7 +167,7 @@ fn data_plane_agrees_with_the_reference_model() {
     let mut all: BTreeMap<Reason, u64> = BTreeMap::new();
     let mut total = 0;
     for round in 0..CONFIGS {
-        let spec = random_spec(&mut rng);
+        let spec = random::spec(&mut rng);
         f.apply(spec.clone());
         let before = f.dp.counters([], []).unwrap();
         let mut expected: BTreeMap<Reason, u64> = BTreeMap::new();

@@ -35,7 +35,7 @@ fn traffic_crosses_the_tunnel_both_ways() {
         Resolver::new().unwrap().resolve(SITE_ROUTER).unwrap()
     };
     assert_eq!(hop, Resolution::Ready(t.site_nexthop));
-    let compiled = compile(&Transit::spec(KEY), &|_| hop.next_hop()).expect("compile");
+    let compiled = compile(&Transit::spec(KEY), &|_| hop.next_hop(), None).expect("compile");
     dp.apply(&compiled).expect("apply");
     t.attach(&mut dp).expect("attach natively to veth");
 

@@ -33,7 +33,7 @@ fn http_over_tcp_through_the_tunnel() {
             .next_hop()
             .expect("next hop")
     };
-    dp.apply(&compile(&Transit::spec(KEY), &|_| Some(hop)).unwrap())
+    dp.apply(&compile(&Transit::spec(KEY), &|_| Some(hop), None).unwrap())
         .unwrap();
     t.attach(&mut dp).unwrap();
     // 1500-byte underlay, 20 + 8 bytes of outer headers with a key.

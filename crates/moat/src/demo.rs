@@ -68,7 +68,7 @@ pub fn run(requests: u32) -> Result<()> {
         nh.link_mtu
     );
     let spec = Transit::spec(Some(KEY));
-    let compiled = compile(&spec, &|_| Some(nh)).context("compiling the configuration")?;
+    let compiled = compile(&spec, &|_| Some(nh), dp.applied()).context("compiling the configuration")?;
     let report = dp.apply(&compiled).context("applying the configuration")?;
     println!("applied: {} map entries", report.added);
     t.attach(&mut dp).context("attaching to the node's interfaces")?;
