@@ -118,13 +118,29 @@ fn http_over_tcp_through_the_tunnel() {
         "MSS kept every segment within the tunnel MTU"
     );
     assert_eq!(c.packets(Reason::DropSpoofedSource), 0);
+    // The site endpoint's thread may still be moving the last packets:
+    // give it up to a second to agree with moat's tunnel counters.
+    let agree = || {
+        let k = dp.counters([], [0]).unwrap();
+        (
+            (
+                site.counters.decapsulated.load(Ordering::Relaxed),
+                site.counters.encapsulated.load(Ordering::Relaxed),
+            ),
+            (k.tunnels[&0].tx.packets, k.tunnels[&0].rx.packets),
+        )
+    };
+    let mut seen = agree();
+    for _ in 0..100 {
+        if seen.0 == seen.1 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        seen = agree();
+    }
     assert_eq!(
-        site.counters.decapsulated.load(Ordering::Relaxed),
-        c.tunnels[&0].tx.packets
-    );
-    assert_eq!(
-        site.counters.encapsulated.load(Ordering::Relaxed),
-        c.tunnels[&0].rx.packets
+        seen.0, seen.1,
+        "site endpoint (decapsulated, encapsulated) vs tunnel (tx, rx)"
     );
     drop(_in);
     dp.detach_all().unwrap();
