@@ -4,9 +4,20 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 use moat_dataplane::{CustomerSpec, RouteSpec, Spec, TunnelSpec};
-use rand::{rngs::StdRng, seq::SliceRandom, Rng};
+use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 
 use crate::fixture::NODE;
+
+/// A generator seeded from MOAT_SEED, or randomly; the seed is printed so
+/// a failing run can be repeated.
+pub fn seeded() -> (u64, StdRng) {
+    let seed: u64 = std::env::var("MOAT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    println!("MOAT_SEED={seed}");
+    (seed, StdRng::seed_from_u64(seed))
+}
 
 /// A random configuration in the documentation ranges: 1-4 customers,
 /// nested prefixes, tunnels with and without keys and penalties, routes

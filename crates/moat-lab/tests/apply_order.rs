@@ -24,7 +24,7 @@ use moat_lab::{
     packet::{self, Frame, L4},
     random::{self, random_in},
 };
-use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
+use rand::seq::SliceRandom;
 
 const CONFIGS: usize = 40;
 const FRAMES: usize = 2000;
@@ -46,12 +46,7 @@ fn has_remote(spec: &Spec, name: &str, remote: [u8; 4]) -> bool {
 
 #[test]
 fn applies_never_send_a_packet_into_another_customers_tunnel() {
-    let seed: u64 = std::env::var("MOAT_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    println!("MOAT_SEED={seed}");
-    let mut rng = StdRng::seed_from_u64(seed);
+    let (seed, mut rng) = random::seeded();
     let mut f = Fixture::new("order");
     let specs: Vec<Spec> = (0..CONFIGS).map(|_| random::spec(&mut rng)).collect();
     let space: Vec<IpNet> = ["203.0.113.0/24", "198.51.100.128/25", "2001:db8:100::/44"]

@@ -17,7 +17,7 @@ use moat_lab::{
     packet::{self, Frame, L4},
     random::{self, random_in},
 };
-use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
+use rand::{rngs::StdRng, seq::SliceRandom, Rng};
 
 /// Random configurations, applied in turn to one data plane.
 const CONFIGS: usize = 4;
@@ -157,12 +157,7 @@ fn random_frame(rng: &mut StdRng, spec: &Spec) -> Vec<u8> {
 
 #[test]
 fn data_plane_agrees_with_the_reference_model() {
-    let seed: u64 = std::env::var("MOAT_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    println!("MOAT_SEED={seed}");
-    let mut rng = StdRng::seed_from_u64(seed);
+    let (seed, mut rng) = random::seeded();
     let mut f = Fixture::new("diff");
     let mut all: BTreeMap<Reason, u64> = BTreeMap::new();
     let mut total = 0;
