@@ -136,6 +136,23 @@ impl Transit {
         }
     }
 
+    /// Starts the site's userspace GRE endpoint (TUN `tun0` holding the
+    /// server address) for a tunnel with `key`. Its inner MTU leaves room
+    /// for the outer IPv4 and GRE headers on the 1500-byte underlay, so the
+    /// site never sends fragmented GRE.
+    pub fn start_site(&self, key: Option<u32>) -> std::io::Result<crate::site::GreTunEndpoint> {
+        let overhead = 20 + 4 + if key.is_some() { 4 } else { 0 };
+        crate::site::GreTunEndpoint::start(
+            &self.site,
+            "tun0",
+            SERVER,
+            1500 - overhead,
+            ENDPOINT,
+            Ipv4Addr::new(192, 0, 2, 1),
+            key,
+        )
+    }
+
     /// Attaches the data plane to both node interfaces (native mode).
     pub fn attach(&self, dp: &mut moat_dataplane::Dataplane) -> Result<(), moat_dataplane::Error> {
         let _in = self.node.enter().expect("enter node namespace");

@@ -4,17 +4,14 @@
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream},
     sync::atomic::Ordering,
     time::Duration,
 };
 
 use moat_common::Reason;
 use moat_dataplane::{compile, nexthop::Resolver, Dataplane};
-use moat_lab::{
-    site::GreTunEndpoint,
-    topology::{Transit, ENDPOINT, SERVER, SITE_ROUTER},
-};
+use moat_lab::topology::{Transit, SERVER, SITE_ROUTER};
 
 const KEY: Option<u32> = Some(7);
 const REQUESTS: usize = 20;
@@ -36,17 +33,7 @@ fn http_over_tcp_through_the_tunnel() {
     dp.apply(&compile(&Transit::spec(KEY), &|_| Some(hop), None).unwrap())
         .unwrap();
     t.attach(&mut dp).unwrap();
-    // 1500-byte underlay, 20 + 8 bytes of outer headers with a key.
-    let site = GreTunEndpoint::start(
-        &t.site,
-        "tun0",
-        SERVER,
-        1472,
-        ENDPOINT,
-        Ipv4Addr::new(192, 0, 2, 1),
-        KEY,
-    )
-    .expect("site GRE endpoint");
+    let site = t.start_site(KEY).expect("site GRE endpoint");
 
     let listener = {
         let _in = t.site.enter().unwrap();

@@ -5,7 +5,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
@@ -16,7 +16,6 @@ use moat_dataplane::{compile, nexthop::Resolver, Dataplane};
 use moat_lab::{
     gre::{self, RawGre},
     packet::{self, L4},
-    site::GreTunEndpoint,
     topology::{Transit, ENDPOINT, INET_HOST, SERVER, SITE_ROUTER},
 };
 
@@ -76,17 +75,8 @@ pub fn run(requests: u32) -> Result<()> {
     println!();
 
     // The customer site: a userspace GRE endpoint (raw GRE socket + TUN,
-    // inner MTU 1472 = 1500 - 28 for outer IPv4 + keyed GRE) and an HTTP server.
-    let endpoint = GreTunEndpoint::start(
-        &t.site,
-        "tun0",
-        SERVER,
-        1472,
-        ENDPOINT,
-        Ipv4Addr::new(192, 0, 2, 1),
-        Some(KEY),
-    )
-    .context("the site's GRE endpoint")?;
+    // inner MTU leaving room for outer IPv4 + keyed GRE) and an HTTP server.
+    let endpoint = t.start_site(Some(KEY)).context("the site's GRE endpoint")?;
     let listener = {
         let _in = t.site.enter()?;
         TcpListener::bind((SERVER, 80)).context("HTTP server at the site")?
