@@ -1,5 +1,20 @@
 //! Reading the maps back and applying a compiled state as a diff.
 //!
+//! What to write: after a successful apply the data plane keeps the state
+//! it applied (`Dataplane::applied`, one shared piece per customer) and
+//! what it wrote beside it (the multibit tables as a model, where each
+//! ECMP table is). The next apply compares pieces: customers whose piece
+//! is the same (shared) are skipped without looking at their entries; for
+//! the others, old and new entries are diffed and only differences are
+//! written; the multibit table is changed in place over the ranges of the
+//! changed destination entries, and only the root entries and nodes that
+//! changed (plus those the idle buffer missed last time) are written into
+//! the idle buffer before the one store that makes it live. Without a kept
+//! state (first apply, after a failed apply, after a restart without
+//! `Dataplane::adopt`) every map is read back, following references from
+//! the destination and decapsulation tables so as to see exactly what
+//! packets can reach, and the diff is taken against that.
+//!
 //! Order of an apply, so that no packet ever meets a hole:
 //! 1. tunnels (a route set may point at them next), each written into its
 //!    idle slot and then made live with one store,
@@ -14,10 +29,10 @@
 //! addresses, decapsulation entries, sources, tunnels. Route sets and ECMP
 //! tables need no removal: once no destination entry refers to them they
 //! are unreachable, and their slots are reused by a later apply, after
-//! packets that might still read them have finished.
-//!
-//! Reading back follows references from the destination and
-//! decapsulation tables, so it sees exactly what packets can reach.
+//! packets that might still read them have finished. Ids are stable by
+//! identity and a new or changed object takes an id the applied state
+//! does not use (see `compile`), so an id never changes meaning within
+//! one apply.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -27,12 +42,12 @@ use aya::{
 };
 use moat_common::{
     limits::{DIR_NODE, DIR_NODES, DIR_NONE, DIR_ROOT, MAX_ECMP_TABLES, NO_ROUTE_SET},
-    EcmpTable, Tunnel, ROUTE_SET_TABLE, TUNNEL_PRESENT,
+    DestValue, EcmpTable, Tunnel, ROUTE_SET_TABLE, TUNNEL_PRESENT,
 };
 
 use crate::{
-    compile::{Compiled, Lpm, RouteSetEntry},
-    dir::{self, Dir},
+    compile::{Compiled, Contents, Lpm, RouteSetEntry},
+    dir::{Dir, Model},
     error::Error,
     loader::Dataplane,
     mmap::MmapWords,
@@ -146,17 +161,36 @@ fn remove_hash<K: Pod + Ord, V: Pod>(
     Ok(())
 }
 
-/// Makes `dir` the live multibit table of `family` (0: IPv4, 1: IPv6):
-/// an unchanged table is left alone, another is written into the idle
-/// buffer and then made live with one store. Returns false when the table
-/// exceeds its capacity and the data plane is switched to the LPM tables.
-fn publish_dir(active: &MmapWords, family: u32, root: &MmapWords, nodes: &MmapWords, dir: Result<Dir, usize>) -> bool {
+fn node_base(buf: u32, n: usize) -> u32 {
+    (buf * DIR_NODES + n as u32) * DIR_NODE
+}
+
+fn write_all(root: &MmapWords, nodes: &MmapWords, buf: u32, dir: &Dir) {
+    for (i, e) in dir.root.iter().enumerate() {
+        root.set(buf * DIR_ROOT + i as u32, *e);
+    }
+    for (n, node) in dir.nodes.iter().enumerate() {
+        for (i, e) in node.iter().enumerate() {
+            nodes.set(node_base(buf, n) + i as u32, *e);
+        }
+    }
+}
+
+/// Makes `model` the live multibit table of `family` (0: IPv4, 1: IPv6)
+/// after a full build: a table equal to the live one is left alone,
+/// another is written into the idle buffer and then made live with one
+/// store.
+fn publish_full<const N: usize>(
+    active: &MmapWords,
+    family: u32,
+    root: &MmapWords,
+    nodes: &MmapWords,
+    model: &mut Model<N>,
+) {
     let live = active.get(family) as u32;
-    let Ok(dir) = dir else {
-        active.set(family, u64::from(DIR_NONE));
-        return false;
-    };
-    let node_base = |buf: u32, n: usize| (buf * DIR_NODES + n as u32) * DIR_NODE;
+    model.take_dirty();
+    model.pending = None;
+    let dir = &model.dir;
     if live < DIR_NONE {
         let same_root = dir
             .root
@@ -169,20 +203,136 @@ fn publish_dir(active: &MmapWords, family: u32, root: &MmapWords, nodes: &MmapWo
                 .all(|(i, e)| nodes.get(node_base(live, n) + i as u32) == *e)
         });
         if same_root && same_nodes {
-            return true;
+            return;
         }
     }
     let idle = if live == 0 { 1 } else { 0 };
-    for (i, e) in dir.root.iter().enumerate() {
-        root.set(idle * DIR_ROOT + i as u32, *e);
+    write_all(root, nodes, idle, dir);
+    active.set(family, u64::from(idle));
+}
+
+/// Publishes what changed in `model` since it was last published: the
+/// idle buffer gets those root entries and nodes plus the ones it missed
+/// last time, then becomes live with one store.
+fn publish_changes<const N: usize>(
+    active: &MmapWords,
+    family: u32,
+    root: &MmapWords,
+    nodes: &MmapWords,
+    model: &mut Model<N>,
+) {
+    let live = active.get(family) as u32;
+    let (dirty_root, dirty_nodes) = model.take_dirty();
+    if live >= DIR_NONE {
+        write_all(root, nodes, 0, &model.dir);
+        active.set(family, 0);
+        model.pending = None;
+        return;
     }
-    for (n, node) in dir.nodes.iter().enumerate() {
-        for (i, e) in node.iter().enumerate() {
-            nodes.set(node_base(idle, n) + i as u32, *e);
+    if dirty_root.is_empty() && dirty_nodes.is_empty() {
+        return;
+    }
+    let idle = live ^ 1;
+    match model.pending.take() {
+        None => write_all(root, nodes, idle, &model.dir),
+        Some((r, n)) => {
+            for i in r.union(&dirty_root) {
+                root.set(idle * DIR_ROOT + i, model.dir.root[*i as usize]);
+            }
+            for n in n.union(&dirty_nodes) {
+                if let Some(node) = model.dir.nodes.get(*n as usize) {
+                    for (i, e) in node.iter().enumerate() {
+                        nodes.set(node_base(idle, *n as usize) + i as u32, *e);
+                    }
+                }
+            }
         }
     }
     active.set(family, u64::from(idle));
-    true
+    model.pending = Some((dirty_root, dirty_nodes));
+}
+
+/// Brings the table of one family in line with the destination entries:
+/// from a model kept since the last apply, changed where entries changed,
+/// or built in full. Returns false when the table exceeds its capacity
+/// (the data plane is switched to the LPM tables).
+#[expect(clippy::too_many_arguments, reason = "one family's maps and its entries")]
+fn update_dir<const N: usize>(
+    model: &mut Option<Model<N>>,
+    active: &MmapWords,
+    family: u32,
+    root: &MmapWords,
+    nodes: &MmapWords,
+    have: &BTreeMap<Lpm<N>, DestValue>,
+    want: &BTreeMap<Lpm<N>, DestValue>,
+    full: &dyn Fn() -> BTreeMap<Lpm<N>, DestValue>,
+) -> bool {
+    if let Some(m) = model {
+        let removed: Vec<Lpm<N>> = have.keys().filter(|k| !want.contains_key(*k)).copied().collect();
+        let upserted: Vec<(Lpm<N>, DestValue)> = want
+            .iter()
+            .filter(|(k, v)| have.get(*k) != Some(*v))
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        if m.update(&removed, &upserted) {
+            publish_changes(active, family, root, nodes, m);
+            return true;
+        }
+    } else if let Ok(mut m) = Model::new(&full()) {
+        publish_full(active, family, root, nodes, &mut m);
+        *model = Some(m);
+        return true;
+    }
+    *model = None;
+    active.set(family, u64::from(DIR_NONE));
+    false
+}
+
+/// What `apply` keeps from one apply to the next, beside the compiled
+/// state: the multibit tables as written, and where ECMP tables are.
+#[derive(Debug, Default)]
+pub(crate) struct ApplyState {
+    pub(crate) dir4: Option<Model<4>>,
+    pub(crate) dir6: Option<Model<16>>,
+    /// Route set id -> its `ECMP_TABLES` index, for every route set with
+    /// a table that the maps hold.
+    pub(crate) ecmp: BTreeMap<u32, u32>,
+}
+
+/// Carries [`ApplyState`] inside [`Compiled`]: never compared, and not
+/// cloned (a clone carries nothing; an apply without it reads the maps).
+#[derive(Default)]
+pub(crate) struct Carry(pub(crate) Option<Box<ApplyState>>);
+
+impl Clone for Carry {
+    fn clone(&self) -> Self {
+        Carry(None)
+    }
+}
+
+impl PartialEq for Carry {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Carry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Carry(state)"
+        } else {
+            "Carry(none)"
+        })
+    }
+}
+
+/// Where the entries written by an apply come from.
+enum Mode<'a> {
+    /// `have` was read from the maps, `want` is everything.
+    Full,
+    /// `have` and `want` hold the changed customers only; `all` is the
+    /// whole wanted state.
+    Changes { all: &'a Compiled },
 }
 
 fn set_to_map<const N: usize>(s: &BTreeSet<Lpm<N>>) -> BTreeMap<Lpm<N>, u32> {
@@ -219,7 +369,7 @@ impl Dataplane {
     }
 
     /// Raw route set values referenced by destination entries.
-    fn read_route_sets(&self, state: &Compiled) -> Result<BTreeMap<u32, u32>, Error> {
+    fn read_route_sets(&self, state: &Contents) -> Result<BTreeMap<u32, u32>, Error> {
         let ids: BTreeSet<u32> = state
             .dest4
             .values()
@@ -236,21 +386,21 @@ impl Dataplane {
 
     /// Reads every map back into the shape `compile` produces (names
     /// excepted), following references the way packets do.
-    pub fn read_back(&self) -> Result<Compiled, Error> {
+    pub fn read_back(&self) -> Result<Contents, Error> {
         Ok(self.read_back_with_route_sets()?.0)
     }
 
     /// [`Dataplane::read_back`], plus the raw route set values it followed.
-    fn read_back_with_route_sets(&self) -> Result<(Compiled, BTreeMap<u32, u32>), Error> {
+    pub(crate) fn read_back_with_route_sets(&self) -> Result<(Contents, BTreeMap<u32, u32>), Error> {
         let m = &self.maps;
-        let mut out = Compiled {
+        let mut out = Contents {
             dest4: read_lpm(&m.dest4, "DEST4")?,
             dest6: read_lpm(&m.dest6, "DEST6")?,
             source4: read_lpm(&m.source4, "SOURCE4")?.into_keys().collect(),
             source6: read_lpm(&m.source6, "SOURCE6")?.into_keys().collect(),
             decap: read_hash(&m.decap, "DECAP")?,
             local_addrs: read_hash(&m.local_addrs, "LOCAL_ADDRS")?,
-            ..Compiled::default()
+            ..Contents::default()
         };
         let mut tunnel_ids: BTreeSet<u32> = out.decap.values().map(|d| d.tunnel).collect();
         let raw_sets = self.read_route_sets(&out)?;
@@ -264,7 +414,7 @@ impl Dataplane {
                     .get(&(v & !ROUTE_SET_TABLE), 0)
                     .map_err(Error::map("ECMP_TABLES"))?;
                 tunnel_ids.extend(t.slots.iter().map(|s| u32::from(*s)));
-                RouteSetEntry::Table(Box::new(t.slots))
+                RouteSetEntry::Table(std::sync::Arc::new(t.slots))
             };
             out.route_sets.insert(id, entry);
         }
@@ -282,9 +432,57 @@ impl Dataplane {
     }
 
     /// Makes the maps hold exactly `want`, changing only what differs.
+    ///
+    /// After a successful apply the data plane remembers `want` and diffs
+    /// the next apply against it, customer piece by customer piece;
+    /// without it (first apply, after a failed one, after a restart
+    /// without [`Dataplane::adopt`]) it reads every map back first.
     pub fn apply(&mut self, want: &Compiled) -> Result<ApplyReport, Error> {
-        let mut report = ApplyReport::default();
+        let mut prev = self.applied.take();
+        let state = prev.as_mut().and_then(|p| p.state.0.take());
+        let result = match (&prev, state) {
+            (Some(p), Some(mut state)) => {
+                let (have, changed) = changed_pieces(p, want);
+                self.write(&have, &changed, &mut state, Mode::Changes { all: want })
+                    .map(|r| (r, state))
+            }
+            _ => self.apply_full(want),
+        };
+        match result {
+            Ok((report, state)) => {
+                let mut applied = want.clone();
+                applied.state.0 = Some(state);
+                self.applied = Some(applied);
+                Ok(report)
+            }
+            Err(e) => {
+                // Keep the ids (the next compile must not reuse them) but
+                // not the state: the next apply reads the maps back.
+                self.applied = prev;
+                Err(e)
+            }
+        }
+    }
+
+    fn apply_full(&mut self, want: &Compiled) -> Result<(ApplyReport, Box<ApplyState>), Error> {
         let (have, have_sets) = self.read_back_with_route_sets()?;
+        let mut state = Box::new(ApplyState {
+            ecmp: ecmp_indexes(&have_sets),
+            ..ApplyState::default()
+        });
+        let report = self.write(&have, &want.contents(), &mut state, Mode::Full)?;
+        Ok((report, state))
+    }
+
+    /// Writes the difference from `have` to `want` in the documented order.
+    fn write(
+        &mut self,
+        have: &Contents,
+        want: &Contents,
+        state: &mut ApplyState,
+        mode: Mode<'_>,
+    ) -> Result<ApplyReport, Error> {
+        let mut report = ApplyReport::default();
 
         // 1. Tunnels; fresh ids start with zeroed counters.
         for (id, t) in &want.tunnels {
@@ -298,11 +496,7 @@ impl Dataplane {
 
         // 2 + 3. ECMP tables into unused slots, then route sets.
         let m = &mut self.maps;
-        let mut used: BTreeSet<u32> = have_sets
-            .values()
-            .filter(|v| *v & ROUTE_SET_TABLE != 0)
-            .map(|v| v & !ROUTE_SET_TABLE)
-            .collect();
+        let mut used: BTreeSet<u32> = state.ecmp.values().copied().collect();
         let mut free = (0..MAX_ECMP_TABLES)
             .filter(|i| !used.contains(i))
             .collect::<Vec<_>>()
@@ -323,6 +517,7 @@ impl Dataplane {
                     m.ecmp_tables
                         .set(index, EcmpTable { slots: **slots }, 0)
                         .map_err(Error::map("ECMP_TABLES"))?;
+                    state.ecmp.insert(*id, index);
                     index | ROUTE_SET_TABLE
                 }
             };
@@ -334,14 +529,14 @@ impl Dataplane {
         let (want_s6, have_s6) = (set_to_map(&want.source6), set_to_map(&have.source6));
         upsert_lpm(&mut m.source4, "SOURCE4", &want_s4, &have_s4, &mut report)?;
         upsert_lpm(&mut m.source6, "SOURCE6", &want_s6, &have_s6, &mut report)?;
-        let customers = |c: &Compiled| -> BTreeSet<u32> {
+        let customers = |c: &Contents| -> BTreeSet<u32> {
             c.decap
                 .values()
                 .map(|d| d.customer)
                 .chain(c.dest4.values().chain(c.dest6.values()).map(|d| d.customer))
                 .collect()
         };
-        for c in customers(want).difference(&customers(&have)) {
+        for c in customers(want).difference(&customers(have)) {
             zero_per_cpu(&mut m.customer_stats, "CUSTOMER_STATS", *c)?;
         }
         upsert_hash(&mut m.decap, "DECAP", &want.decap, &have.decap, &mut report)?;
@@ -354,12 +549,41 @@ impl Dataplane {
         )?;
 
         // 5. Destinations: the LPM entries (the record), then the multibit
-        // table built from them, written into its idle buffer and made live
-        // with one store (or, beyond its capacity, the LPM tables serve).
+        // table, changed in its idle buffer and made live with one store
+        // (or, beyond its capacity, the LPM tables serve).
         upsert_lpm(&mut m.dest4, "DEST4", &want.dest4, &have.dest4, &mut report)?;
         upsert_lpm(&mut m.dest6, "DEST6", &want.dest6, &have.dest6, &mut report)?;
-        report.lpm_fallback[0] = !publish_dir(&m.dir_active, 0, &m.dir4_root, &m.dir4_nodes, dir::build(&want.dest4));
-        report.lpm_fallback[1] = !publish_dir(&m.dir_active, 1, &m.dir6_root, &m.dir6_nodes, dir::build(&want.dest6));
+        let (full4, full6): (Box<dyn Fn() -> _>, Box<dyn Fn() -> _>) = match mode {
+            Mode::Full => (Box::new(|| want.dest4.clone()), Box::new(|| want.dest6.clone())),
+            Mode::Changes { all } => (
+                Box::new(move || all.contents().dest4),
+                Box::new(move || all.contents().dest6),
+            ),
+        };
+        if matches!(mode, Mode::Full) {
+            state.dir4 = None;
+            state.dir6 = None;
+        }
+        report.lpm_fallback[0] = !update_dir(
+            &mut state.dir4,
+            &m.dir_active,
+            0,
+            &m.dir4_root,
+            &m.dir4_nodes,
+            &have.dest4,
+            &want.dest4,
+            &*full4,
+        );
+        report.lpm_fallback[1] = !update_dir(
+            &mut state.dir6,
+            &m.dir_active,
+            1,
+            &m.dir6_root,
+            &m.dir6_nodes,
+            &have.dest6,
+            &want.dest6,
+            &*full6,
+        );
 
         // Removals, in reverse.
         remove_lpm(&mut m.dest6, "DEST6", &want.dest6, &have.dest6, &mut report)?;
@@ -374,11 +598,11 @@ impl Dataplane {
         remove_hash(&mut m.decap, "DECAP", &want.decap, &have.decap, &mut report)?;
         remove_lpm(&mut m.source6, "SOURCE6", &want_s6, &have_s6, &mut report)?;
         remove_lpm(&mut m.source4, "SOURCE4", &want_s4, &have_s4, &mut report)?;
-        report.removed += have
-            .route_sets
-            .keys()
-            .filter(|id| !want.route_sets.contains_key(*id))
-            .count();
+        for id in have.route_sets.keys().filter(|id| !want.route_sets.contains_key(*id)) {
+            // Its table slot is free for a later apply.
+            state.ecmp.remove(id);
+            report.removed += 1;
+        }
         let gone: Vec<u32> = have
             .tunnels
             .keys()
@@ -395,7 +619,60 @@ impl Dataplane {
             )?;
             report.removed += 1;
         }
-        self.applied = Some(want.clone());
         Ok(report)
     }
+}
+
+/// Route set id -> ECMP table index, from raw `ROUTE_SETS` values.
+pub(crate) fn ecmp_indexes(raw: &BTreeMap<u32, u32>) -> BTreeMap<u32, u32> {
+    raw.iter()
+        .filter(|(_, v)| *v & ROUTE_SET_TABLE != 0)
+        .map(|(id, v)| (*id, v & !ROUTE_SET_TABLE))
+        .collect()
+}
+
+/// The entries of the customers whose pieces differ between `prev` and
+/// `want` (a shared piece is unchanged), as (have, want); local addresses
+/// in full.
+fn changed_pieces(prev: &Compiled, want: &Compiled) -> (Contents, Contents) {
+    let mut have = Contents {
+        local_addrs: prev.local_addrs(),
+        ..Contents::default()
+    };
+    let mut next = Contents {
+        local_addrs: want.local_addrs(),
+        ..Contents::default()
+    };
+    let mut a = prev.pieces.iter().peekable();
+    let mut b = want.pieces.iter().peekable();
+    loop {
+        match (a.peek(), b.peek()) {
+            (None, None) => break,
+            (Some((_, pa)), Some((_, pb))) if std::sync::Arc::ptr_eq(pa, pb) => {
+                a.next();
+                b.next();
+            }
+            (Some((na, pa)), Some((nb, pb))) if na == nb => {
+                if !std::sync::Arc::ptr_eq(pa, pb) {
+                    pa.add_to(&mut have);
+                    pb.add_to(&mut next);
+                }
+                a.next();
+                b.next();
+            }
+            (Some((na, pa)), Some((nb, _))) if na < nb => {
+                pa.add_to(&mut have);
+                a.next();
+            }
+            (Some((_, pa)), None) => {
+                pa.add_to(&mut have);
+                a.next();
+            }
+            (_, Some((_, pb))) => {
+                pb.add_to(&mut next);
+                b.next();
+            }
+        }
+    }
+    (have, next)
 }

@@ -10,8 +10,18 @@
 //! Because routes lie inside their customer's prefixes and customers'
 //! prefixes do not overlap, the longest match over that union gives the
 //! right customer and the longest covering route for every address.
+//!
+//! The result is kept per customer ([`Compiled`] holds one shared piece per
+//! customer), so that compiling a configuration in which one customer
+//! changed recompiles that customer only and reuses every other piece as
+//! is (same spec and same next hops give the same entries and ids), and so
+//! that `apply` finds what changed by comparing pieces, not entries.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    hash::{Hash, Hasher},
+    sync::Arc,
+};
 
 use ipnet::IpNet;
 use moat_common::{
@@ -22,7 +32,7 @@ use moat_common::{
 use crate::{
     ecmp::{self, Member},
     error::Error,
-    spec::{NextHop, Spec, TunnelSpec},
+    spec::{CustomerSpec, NextHop, Spec, TunnelSpec},
 };
 
 /// How a route set picks its tunnel.
@@ -31,15 +41,17 @@ pub enum RouteSetEntry {
     /// One member: every flow goes to this tunnel.
     Single(u32),
     /// Several members: the slot table (tunnel id per flow-hash slot).
-    Table(Box<[u16; ECMP_SLOTS]>),
+    Table(Arc<[u16; ECMP_SLOTS]>),
 }
 
 /// LPM key: (prefix length, address bytes).
 pub type Lpm<const N: usize> = (u32, [u8; N]);
 
-/// The desired contents of every map, plus names for reporting.
+/// The contents of every map, flat, plus names for reporting: what
+/// [`crate::Dataplane::read_back`] finds (without names) and what
+/// [`Compiled::contents`] spells out.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Compiled {
+pub struct Contents {
     pub dest4: BTreeMap<Lpm<4>, DestValue>,
     pub dest6: BTreeMap<Lpm<16>, DestValue>,
     pub source4: BTreeSet<Lpm<8>>,
@@ -54,6 +66,220 @@ pub struct Compiled {
     pub tunnel_names: BTreeMap<u32, (String, String)>,
     /// Route set id -> (customer name, route prefix).
     pub route_set_keys: BTreeMap<u32, (String, IpNet)>,
+}
+
+/// Everything one customer puts into the maps, and the ids it holds.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct Piece {
+    pub name: String,
+    /// What it was compiled from: the customer and its tunnels' next hops.
+    /// `None` for a piece rebuilt from the maps (adoption): never reused.
+    pub source: Option<(CustomerSpec, Vec<Option<NextHop>>)>,
+    pub id: u32,
+    pub tunnels: BTreeMap<u32, Tunnel>,
+    /// Tunnel name -> id.
+    pub tunnel_ids: BTreeMap<String, u32>,
+    pub decap: BTreeMap<DecapKey, DecapValue>,
+    pub route_sets: BTreeMap<u32, RouteSetEntry>,
+    /// Route prefix -> route set id.
+    pub set_ids: BTreeMap<IpNet, u32>,
+    pub dest4: BTreeMap<Lpm<4>, DestValue>,
+    pub dest6: BTreeMap<Lpm<16>, DestValue>,
+    pub source4: BTreeSet<Lpm<8>>,
+    pub source6: BTreeSet<Lpm<20>>,
+}
+
+impl Piece {
+    fn tables(&self) -> usize {
+        self.route_sets
+            .values()
+            .filter(|e| matches!(e, RouteSetEntry::Table(_)))
+            .count()
+    }
+}
+
+/// Which ids of a kind a state uses, one bit each (and, while
+/// allocating, the first word that may have a free bit).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct Bitmap(Vec<u64>, usize);
+
+impl Bitmap {
+    pub fn set(&mut self, i: u32) {
+        let w = i as usize / 64;
+        if self.0.len() <= w {
+            self.0.resize(w + 1, 0);
+        }
+        self.0[w] |= 1 << (i % 64);
+    }
+    pub fn clear(&mut self, i: u32) {
+        if let Some(w) = self.0.get_mut(i as usize / 64) {
+            *w &= !(1 << (i % 64));
+        }
+    }
+    /// The lowest id below `limit` not set, from the words not yet full
+    /// (allocation only sets bits, so full words stay full).
+    fn first_free(&mut self, limit: u32) -> Option<u32> {
+        let from = self.1.min(self.0.len());
+        let word = from
+            + self.0[from..]
+                .iter()
+                .position(|w| *w != u64::MAX)
+                .unwrap_or(self.0.len() - from);
+        self.1 = word;
+        let bit = self.0.get(word).map_or(0, |w| w.trailing_ones());
+        let i = (word as u32) * 64 + bit;
+        (i < limit).then_some(i)
+    }
+    fn count(&self) -> usize {
+        self.0.iter().map(|w| w.count_ones() as usize).sum()
+    }
+}
+
+/// The ids a state uses, per kind.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct Used {
+    pub customers: Bitmap,
+    pub tunnels: Bitmap,
+    pub route_sets: Bitmap,
+}
+
+impl Used {
+    pub(crate) fn mark(&mut self, p: &Piece, on: bool) {
+        let f = |b: &mut Bitmap, i: u32| if on { b.set(i) } else { b.clear(i) };
+        f(&mut self.customers, p.id);
+        for id in p.tunnels.keys() {
+            f(&mut self.tunnels, *id);
+        }
+        for id in p.route_sets.keys() {
+            f(&mut self.route_sets, *id);
+        }
+    }
+}
+
+/// A map split into shards shared between states: changing a few keys
+/// copies a few small shards, not the map.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Sharded<K, V>(Vec<Arc<BTreeMap<K, V>>>);
+
+const SHARDS: u64 = 64;
+
+impl<K: Ord + Hash + Clone, V: Clone> Default for Sharded<K, V> {
+    fn default() -> Self {
+        Sharded((0..SHARDS).map(|_| Arc::new(BTreeMap::new())).collect())
+    }
+}
+
+impl<K: Ord + Hash + Clone, V: Clone> Sharded<K, V> {
+    fn shard(k: &K) -> usize {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        k.hash(&mut h);
+        (h.finish() % SHARDS) as usize
+    }
+    pub fn get(&self, k: &K) -> Option<&V> {
+        self.0[Self::shard(k)].get(k)
+    }
+    pub fn insert(&mut self, k: K, v: V) {
+        Arc::make_mut(&mut self.0[Self::shard(&k)]).insert(k, v);
+    }
+    pub fn remove(&mut self, k: &K) {
+        Arc::make_mut(&mut self.0[Self::shard(k)]).remove(k);
+    }
+}
+
+/// A compiled configuration: one shared piece per customer, plus what is
+/// global (node addresses, tunnel endpoints, the ids in use). Cloning it
+/// is cheap (pieces are shared); [`Compiled::contents`] spells it out.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Compiled {
+    /// Customer name -> its piece. Names of pieces kept only to hold ids
+    /// found in the maps (adoption) start with a NUL and match nothing.
+    pub(crate) pieces: BTreeMap<Arc<str>, Arc<Piece>>,
+    pub(crate) node_addresses: BTreeSet<[u8; 4]>,
+    /// Tunnel endpoint -> number of tunnels using it.
+    pub(crate) endpoints: BTreeMap<[u8; 4], u32>,
+    pub(crate) used: Used,
+    /// Decapsulation key -> customer id, over all pieces.
+    pub(crate) decap_owner: Sharded<DecapKey, u32>,
+    /// What `apply` keeps between applies (never compared, never cloned).
+    pub(crate) state: crate::apply::Carry,
+    /// [`Compiled::contents`], spelt out on first use through `Deref`.
+    pub(crate) flat: Flat,
+}
+
+/// The spelt-out contents, made once and shared by clones.
+#[derive(Clone, Default)]
+pub(crate) struct Flat(Arc<std::sync::OnceLock<Contents>>);
+
+impl PartialEq for Flat {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Flat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Flat")
+    }
+}
+
+/// Reading a compiled state as flat map contents (`c.dest4`,
+/// `c.customers`, ...) spells it out once (O(entries)); the compile and
+/// apply paths never do.
+impl std::ops::Deref for Compiled {
+    type Target = Contents;
+
+    fn deref(&self) -> &Contents {
+        self.flat.0.get_or_init(|| self.contents())
+    }
+}
+
+impl Compiled {
+    /// The `LOCAL_ADDRS` contents.
+    pub fn local_addrs(&self) -> BTreeMap<[u8; 4], u32> {
+        let mut out: BTreeMap<[u8; 4], u32> = self.node_addresses.iter().map(|a| (*a, LOCAL_NODE_ADDRESS)).collect();
+        for a in self.endpoints.keys() {
+            *out.entry(*a).or_default() |= LOCAL_TUNNEL_ENDPOINT | LOCAL_NODE_ADDRESS;
+        }
+        out
+    }
+
+    /// Every map's contents, flat, with names.
+    pub fn contents(&self) -> Contents {
+        let mut out = Contents {
+            local_addrs: self.local_addrs(),
+            ..Contents::default()
+        };
+        for p in self.pieces.values() {
+            p.add_to(&mut out);
+        }
+        out
+    }
+
+    /// Number of customers (pieces kept for ids found in the maps excepted).
+    pub fn customer_count(&self) -> usize {
+        self.pieces.keys().filter(|n| !n.starts_with('\0')).count()
+    }
+}
+
+impl Piece {
+    /// Adds this piece's entries (and names) to `out`.
+    pub(crate) fn add_to(&self, out: &mut Contents) {
+        out.dest4.extend(self.dest4.iter().map(|(k, v)| (*k, *v)));
+        out.dest6.extend(self.dest6.iter().map(|(k, v)| (*k, *v)));
+        out.source4.extend(self.source4.iter().copied());
+        out.source6.extend(self.source6.iter().copied());
+        out.route_sets
+            .extend(self.route_sets.iter().map(|(k, v)| (*k, v.clone())));
+        out.tunnels.extend(self.tunnels.iter().map(|(k, v)| (*k, *v)));
+        out.decap.extend(self.decap.iter().map(|(k, v)| (*k, *v)));
+        out.customers.insert(self.id, self.name.clone());
+        for (t, id) in &self.tunnel_ids {
+            out.tunnel_names.insert(*id, (self.name.clone(), t.clone()));
+        }
+        for (p, id) in &self.set_ids {
+            out.route_set_keys.insert(*id, (self.name.clone(), *p));
+        }
+    }
 }
 
 /// The outer Ethernet + IPv4 (DF, id 0) + GRE header template of a tunnel,
@@ -112,38 +338,23 @@ fn check_capacity(what: &'static str, have: usize, limit: u32) -> Result<(), Err
     Ok(())
 }
 
-/// Allocates ids: reused ones by identity, fresh ones never used by the
-/// previous state (so an id never changes meaning within one apply).
-struct Ids {
-    taken: BTreeSet<u32>,
-    next: u32,
-    limit: u32,
-    what: &'static str,
+/// Fresh ids: never used by the previous state nor taken earlier in this
+/// compile (so an id never changes meaning within one apply).
+fn fresh(taken: &mut Bitmap, limit: u32, what: &'static str) -> Result<u32, Error> {
+    let id = taken.first_free(limit).ok_or(Error::Capacity {
+        what,
+        have: taken.count() + 1,
+        limit: limit as usize,
+    })?;
+    taken.set(id);
+    Ok(id)
 }
 
-impl Ids {
-    fn new(previous: impl IntoIterator<Item = u32>, limit: u32, what: &'static str) -> Ids {
-        Ids {
-            taken: previous.into_iter().collect(),
-            next: 0,
-            limit,
-            what,
-        }
-    }
-
-    fn fresh(&mut self) -> Result<u32, Error> {
-        while self.taken.contains(&self.next) {
-            self.next += 1;
-        }
-        if self.next >= self.limit {
-            return Err(Error::Capacity {
-                what: self.what,
-                have: self.taken.len() + 1,
-                limit: self.limit as usize,
-            });
-        }
-        self.taken.insert(self.next);
-        Ok(self.next)
+/// Whether `old` was compiled from exactly this customer and next hops.
+fn reusable(old: &Piece, customer: &CustomerSpec, next_hop: &dyn Fn(&TunnelSpec) -> Option<NextHop>) -> bool {
+    match &old.source {
+        Some((spec, hops)) => spec == customer && customer.tunnels.iter().zip(hops).all(|(t, h)| next_hop(t) == *h),
+        None => false,
     }
 }
 
@@ -158,6 +369,9 @@ impl Ids {
 /// the previous state does not use. The apply order relies on this: an
 /// entry still pointing at an old id never meets new content. Each kind
 /// may therefore use at most half of its table in one configuration.
+///
+/// A customer whose spec and tunnel next hops equal those it was compiled
+/// from in `previous` keeps its compiled piece as is (shared, not copied).
 pub fn compile(
     spec: &Spec,
     next_hop: &dyn Fn(&TunnelSpec) -> Option<NextHop>,
@@ -168,205 +382,274 @@ pub fn compile(
     check_capacity("tunnels", tunnel_count, MAX_TUNNELS / 2)?;
     let empty = Compiled::default();
     let prev = previous.unwrap_or(&empty);
-    let prev_customer: HashMap<&str, u32> = prev.customers.iter().map(|(id, n)| (n.as_str(), *id)).collect();
-    let prev_tunnel: HashMap<(&str, &str), u32> = prev
-        .tunnel_names
-        .iter()
-        .map(|(id, (c, t))| ((c.as_str(), t.as_str()), *id))
-        .collect();
-    let prev_set: HashMap<(&str, IpNet), u32> = prev
-        .route_set_keys
-        .iter()
-        .map(|(id, (c, p))| ((c.as_str(), *p), *id))
-        .collect();
-    let mut customer_ids = Ids::new(prev.customers.keys().copied(), MAX_CUSTOMERS, "customers");
-    let mut tunnel_ids_alloc = Ids::new(prev.tunnel_names.keys().copied(), MAX_TUNNELS, "tunnels");
-    let mut set_ids = Ids::new(prev.route_sets.keys().copied(), MAX_ROUTE_SETS, "route sets");
 
-    let mut out = Compiled::default();
-    for a in &spec.node_addresses {
-        *out.local_addrs.entry(a.octets()).or_default() |= LOCAL_NODE_ADDRESS;
+    let mut out = Compiled {
+        node_addresses: spec.node_addresses.iter().map(|a| a.octets()).collect(),
+        endpoints: prev.endpoints.clone(),
+        used: prev.used.clone(),
+        decap_owner: prev.decap_owner.clone(),
+        ..Compiled::default()
+    };
+    let mut taken = prev.used.clone();
+    // Start from the previous pieces (shared) and replace what changed.
+    out.pieces = prev.pieces.clone();
+    let names: std::collections::HashSet<&str> = spec.customers.iter().map(|c| c.name.as_str()).collect();
+    if names.len() != spec.customers.len() {
+        let mut seen = std::collections::HashSet::new();
+        let twice = spec.customers.iter().find(|c| !seen.insert(c.name.as_str()));
+        return Err(Error::Spec(format!(
+            "customer {} is defined twice",
+            twice.map_or("?", |c| c.name.as_str())
+        )));
     }
-    let mut tables = 0usize;
-
+    let mut fresh_pieces = Vec::new();
+    let mut released: Vec<Arc<Piece>> = Vec::new();
+    let mut found = 0usize;
     for customer in &spec.customers {
-        let cid = match prev_customer.get(customer.name.as_str()) {
-            Some(id) => *id,
-            None => customer_ids.fresh()?,
-        };
-        out.customers.insert(cid, customer.name.clone());
-
-        // Tunnels.
-        let mut tunnel_ids: HashMap<&str, (u32, u64)> = HashMap::new();
-        for t in &customer.tunnels {
-            let id = match prev_tunnel.get(&(customer.name.as_str(), t.name.as_str())) {
-                Some(id) => *id,
-                None => tunnel_ids_alloc.fresh()?,
-            };
-            let (local, remote) = (t.local.octets(), t.remote.octets());
-            let mut flags = TUNNEL_PRESENT;
-            if t.key.is_some() {
-                flags |= TUNNEL_HAS_KEY;
+        let old = prev.pieces.get(customer.name.as_str());
+        found += usize::from(old.is_some());
+        match old {
+            Some(old) if reusable(old, customer, next_hop) => {}
+            _ => {
+                fresh_pieces.push(compile_customer(customer, next_hop, old.map(|p| &**p), &mut taken)?);
+                released.extend(old.cloned());
             }
-            let nh = next_hop(t);
-            if nh.is_some() {
-                flags |= TUNNEL_NEXTHOP_VALID;
+        }
+    }
+    if found < prev.pieces.len() {
+        // Customers gone (and pieces that only held ids).
+        for (name, old) in &prev.pieces {
+            if !names.contains(&**name) {
+                out.pieces.remove(name);
+                released.push(old.clone());
             }
-            let nh = nh.unwrap_or(NextHop {
-                ifindex: 0,
-                smac: [0; 6],
-                dmac: [0; 6],
-                link_mtu: 0,
-            });
-            out.tunnels.insert(
-                id,
-                Tunnel {
-                    header: outer_header(&nh, local, remote, t.ttl, t.key),
-                    customer: cid,
-                    ifindex: nh.ifindex,
-                    mtu: t.mtu,
-                    link_mtu: nh.link_mtu,
-                    outer_csum_partial: outer_csum_partial(local, remote, t.ttl),
-                    flags,
-                    header_len: if t.key.is_some() { 42 } else { 38 },
-                },
-            );
-            out.tunnel_names.insert(id, (customer.name.clone(), t.name.clone()));
-            let dk = DecapKey {
-                local,
-                remote,
-                key: t.key.unwrap_or(0).to_be_bytes(),
-                has_key: u32::from(t.key.is_some()),
-            };
-            if out
-                .decap
-                .insert(
-                    dk,
-                    DecapValue {
-                        tunnel: id,
-                        customer: cid,
-                    },
-                )
-                .is_some()
-            {
+        }
+    }
+    // Pieces of the previous state not kept: release their ids, endpoints
+    // and decapsulation keys; then claim those of the new pieces.
+    for old in &released {
+        out.used.mark(old, false);
+        for (k, v) in &old.decap {
+            if out.decap_owner.get(k) == Some(&v.customer) {
+                out.decap_owner.remove(k);
+            }
+            if let Some(n) = out.endpoints.get_mut(&k.local) {
+                *n -= 1;
+                if *n == 0 {
+                    out.endpoints.remove(&k.local);
+                }
+            }
+        }
+    }
+    for piece in fresh_pieces {
+        out.used.mark(&piece, true);
+        for (k, v) in &piece.decap {
+            if out.decap_owner.get(k).is_some() {
                 return Err(Error::Spec(format!(
-                    "tunnel {}/{}: (local {}, remote {}, key {:?}) is used by another tunnel",
-                    customer.name, t.name, t.local, t.remote, t.key
+                    "customer {}: tunnel (local {:?}, remote {:?}, key {:?}) is used by another tunnel",
+                    piece.name,
+                    k.local,
+                    k.remote,
+                    (k.has_key != 0).then(|| u32::from_be_bytes(k.key))
                 )));
             }
-            *out.local_addrs.entry(local).or_default() |= LOCAL_TUNNEL_ENDPOINT | LOCAL_NODE_ADDRESS;
-            tunnel_ids.insert(&t.name, (id, ecmp::tunnel_identity(local, remote, t.key)));
+            out.decap_owner.insert(*k, v.customer);
+            *out.endpoints.entry(k.local).or_default() += 1;
         }
-
-        // Route sets: one per distinct route prefix, holding the members of
-        // the best effective priority.
-        let mut groups: BTreeMap<IpNet, Vec<(u64, u32, u32, u64)>> = BTreeMap::new();
-        for r in &customer.routes {
-            let (tid, identity) = *tunnel_ids.get(r.tunnel.as_str()).ok_or_else(|| {
-                Error::Spec(format!(
-                    "customer {}: route {} names unknown tunnel {}",
-                    customer.name, r.prefix, r.tunnel
-                ))
-            })?;
-            let penalty = customer
-                .tunnels
-                .iter()
-                .find(|t| t.name == r.tunnel)
-                .map_or(0, |t| t.penalty);
-            let effective = u64::from(r.priority) + u64::from(penalty);
-            groups
-                .entry(r.prefix.trunc())
-                .or_default()
-                .push((effective, tid, u32::from(r.weight), identity));
-        }
-        let mut set_of: BTreeMap<IpNet, u32> = BTreeMap::new();
-        for (prefix, routes) in &groups {
-            let best = routes.iter().map(|r| r.0).min().unwrap_or(0);
-            let mut members: BTreeMap<u32, Member> = BTreeMap::new();
-            for &(eff, tid, weight, identity) in routes {
-                if eff == best {
-                    members
-                        .entry(tid)
-                        .or_insert(Member {
-                            tunnel: tid as u16,
-                            weight: 0,
-                            identity,
-                        })
-                        .weight += weight;
-                }
-            }
-            let entry = if members.len() == 1 {
-                RouteSetEntry::Single(*members.keys().next().unwrap_or(&0))
-            } else {
-                tables += 1;
-                RouteSetEntry::Table(ecmp::build_table(&members.into_values().collect::<Vec<_>>()))
-            };
-            let id = match prev_set.get(&(customer.name.as_str(), *prefix)) {
-                Some(id) if prev.route_sets.get(id) == Some(&entry) => *id,
-                _ => set_ids.fresh()?,
-            };
-            out.route_sets.insert(id, entry);
-            out.route_set_keys.insert(id, (customer.name.clone(), *prefix));
-            set_of.insert(*prefix, id);
-        }
-
-        // Destination entries: prefixes (inheriting the longest covering
-        // route), then route prefixes.
-        for p in &customer.prefixes {
-            let p = p.trunc();
-            let covering = (0..=p.prefix_len())
-                .rev()
-                .find_map(|len| IpNet::new(p.addr(), len).ok().and_then(|n| set_of.get(&n.trunc())));
-            let value = DestValue {
-                customer: cid,
-                route_set: covering.copied().unwrap_or(NO_ROUTE_SET),
-            };
-            insert_dest(&mut out, p, value);
-        }
-        for (prefix, set) in &set_of {
-            insert_dest(
-                &mut out,
-                *prefix,
-                DestValue {
-                    customer: cid,
-                    route_set: *set,
-                },
-            );
-        }
-
-        // Anti-spoofing sources.
-        for p in customer.prefixes.iter().chain(&customer.egress_prefixes) {
-            let p = p.trunc();
-            let c = cid.to_be_bytes();
-            match p {
-                IpNet::V4(n) => {
-                    let a = n.addr().octets();
-                    out.source4.insert((
-                        32 + u32::from(n.prefix_len()),
-                        [c[0], c[1], c[2], c[3], a[0], a[1], a[2], a[3]],
-                    ));
-                }
-                IpNet::V6(n) => {
-                    let mut k = [0u8; 20];
-                    k[..4].copy_from_slice(&c);
-                    k[4..].copy_from_slice(&n.addr().octets());
-                    out.source6.insert((32 + u32::from(n.prefix_len()), k));
-                }
-            }
-        }
+        out.pieces.insert(piece.name.as_str().into(), Arc::new(piece));
     }
 
-    check_capacity("IPv4 destination entries", out.dest4.len(), MAX_DEST_ENTRIES)?;
-    check_capacity("IPv6 destination entries", out.dest6.len(), MAX_DEST_ENTRIES)?;
-    check_capacity("IPv4 source entries", out.source4.len(), MAX_SOURCE_ENTRIES)?;
-    check_capacity("IPv6 source entries", out.source6.len(), MAX_SOURCE_ENTRIES)?;
-    check_capacity("route sets", out.route_sets.len(), MAX_ROUTE_SETS / 2)?;
-    check_capacity("multi-tunnel route sets", tables, MAX_ECMP_SETS)?;
-    check_capacity("local addresses", out.local_addrs.len(), MAX_LOCAL_ADDRS)?;
+    let total = |f: fn(&Piece) -> usize| out.pieces.values().map(|p| f(p)).sum::<usize>();
+    check_capacity("IPv4 destination entries", total(|p| p.dest4.len()), MAX_DEST_ENTRIES)?;
+    check_capacity("IPv6 destination entries", total(|p| p.dest6.len()), MAX_DEST_ENTRIES)?;
+    check_capacity("IPv4 source entries", total(|p| p.source4.len()), MAX_SOURCE_ENTRIES)?;
+    check_capacity("IPv6 source entries", total(|p| p.source6.len()), MAX_SOURCE_ENTRIES)?;
+    check_capacity("route sets", total(|p| p.route_sets.len()), MAX_ROUTE_SETS / 2)?;
+    check_capacity("multi-tunnel route sets", total(Piece::tables), MAX_ECMP_SETS)?;
+    check_capacity("local addresses", out.local_addrs().len(), MAX_LOCAL_ADDRS)?;
     Ok(out)
 }
 
-fn insert_dest(out: &mut Compiled, prefix: IpNet, value: DestValue) {
+/// Compiles one customer; ids by identity from `old` (its piece in the
+/// previous state), fresh ones from `taken`.
+fn compile_customer(
+    customer: &CustomerSpec,
+    next_hop: &dyn Fn(&TunnelSpec) -> Option<NextHop>,
+    old: Option<&Piece>,
+    taken: &mut Used,
+) -> Result<Piece, Error> {
+    let cid = match old {
+        Some(p) => p.id,
+        None => fresh(&mut taken.customers, MAX_CUSTOMERS, "customers")?,
+    };
+    let mut hops = Vec::with_capacity(customer.tunnels.len());
+    let mut out = Piece {
+        name: customer.name.clone(),
+        id: cid,
+        ..Piece::default()
+    };
+
+    // Tunnels.
+    let mut tunnel_ids: BTreeMap<&str, (u32, u64, u32)> = BTreeMap::new();
+    for t in &customer.tunnels {
+        let id = match old.and_then(|p| p.tunnel_ids.get(&t.name)) {
+            Some(id) => *id,
+            None => fresh(&mut taken.tunnels, MAX_TUNNELS, "tunnels")?,
+        };
+        let (local, remote) = (t.local.octets(), t.remote.octets());
+        let mut flags = TUNNEL_PRESENT;
+        if t.key.is_some() {
+            flags |= TUNNEL_HAS_KEY;
+        }
+        let nh = next_hop(t);
+        hops.push(nh);
+        if nh.is_some() {
+            flags |= TUNNEL_NEXTHOP_VALID;
+        }
+        let nh = nh.unwrap_or(NextHop {
+            ifindex: 0,
+            smac: [0; 6],
+            dmac: [0; 6],
+            link_mtu: 0,
+        });
+        out.tunnels.insert(
+            id,
+            Tunnel {
+                header: outer_header(&nh, local, remote, t.ttl, t.key),
+                customer: cid,
+                ifindex: nh.ifindex,
+                mtu: t.mtu,
+                link_mtu: nh.link_mtu,
+                outer_csum_partial: outer_csum_partial(local, remote, t.ttl),
+                flags,
+                header_len: if t.key.is_some() { 42 } else { 38 },
+            },
+        );
+        if out.tunnel_ids.insert(t.name.clone(), id).is_some() {
+            return Err(Error::Spec(format!(
+                "customer {}: tunnel {} is defined twice",
+                customer.name, t.name
+            )));
+        }
+        let dk = DecapKey {
+            local,
+            remote,
+            key: t.key.unwrap_or(0).to_be_bytes(),
+            has_key: u32::from(t.key.is_some()),
+        };
+        if out
+            .decap
+            .insert(
+                dk,
+                DecapValue {
+                    tunnel: id,
+                    customer: cid,
+                },
+            )
+            .is_some()
+        {
+            return Err(Error::Spec(format!(
+                "tunnel {}/{}: (local {}, remote {}, key {:?}) is used by another tunnel",
+                customer.name, t.name, t.local, t.remote, t.key
+            )));
+        }
+        tunnel_ids.insert(&t.name, (id, ecmp::tunnel_identity(local, remote, t.key), t.penalty));
+    }
+
+    // Route sets: one per distinct route prefix, holding the members of
+    // the best effective priority.
+    let mut groups: BTreeMap<IpNet, Vec<(u64, u32, u32, u64)>> = BTreeMap::new();
+    for r in &customer.routes {
+        let (tid, identity, penalty) = *tunnel_ids.get(r.tunnel.as_str()).ok_or_else(|| {
+            Error::Spec(format!(
+                "customer {}: route {} names unknown tunnel {}",
+                customer.name, r.prefix, r.tunnel
+            ))
+        })?;
+        let effective = u64::from(r.priority) + u64::from(penalty);
+        groups
+            .entry(r.prefix.trunc())
+            .or_default()
+            .push((effective, tid, u32::from(r.weight), identity));
+    }
+    for (prefix, routes) in &groups {
+        let best = routes.iter().map(|r| r.0).min().unwrap_or(0);
+        let mut members: BTreeMap<u32, Member> = BTreeMap::new();
+        for &(eff, tid, weight, identity) in routes {
+            if eff == best {
+                members
+                    .entry(tid)
+                    .or_insert(Member {
+                        tunnel: tid as u16,
+                        weight: 0,
+                        identity,
+                    })
+                    .weight += weight;
+            }
+        }
+        let entry = if members.len() == 1 {
+            RouteSetEntry::Single(*members.keys().next().unwrap_or(&0))
+        } else {
+            RouteSetEntry::Table(Arc::from(ecmp::build_table(&members.into_values().collect::<Vec<_>>())))
+        };
+        let id = match old.and_then(|p| p.set_ids.get(prefix).map(|id| (*id, p))) {
+            Some((id, p)) if p.route_sets.get(&id) == Some(&entry) => id,
+            _ => fresh(&mut taken.route_sets, MAX_ROUTE_SETS, "route sets")?,
+        };
+        out.route_sets.insert(id, entry);
+        out.set_ids.insert(*prefix, id);
+    }
+
+    // Destination entries: prefixes (inheriting the longest covering
+    // route), then route prefixes.
+    for p in &customer.prefixes {
+        let p = p.trunc();
+        let covering = (0..=p.prefix_len())
+            .rev()
+            .find_map(|len| IpNet::new(p.addr(), len).ok().and_then(|n| out.set_ids.get(&n.trunc())));
+        let value = DestValue {
+            customer: cid,
+            route_set: covering.copied().unwrap_or(NO_ROUTE_SET),
+        };
+        insert_dest(&mut out, p, value);
+    }
+    let sets: Vec<(IpNet, u32)> = out.set_ids.iter().map(|(p, id)| (*p, *id)).collect();
+    for (prefix, set) in sets {
+        insert_dest(
+            &mut out,
+            prefix,
+            DestValue {
+                customer: cid,
+                route_set: set,
+            },
+        );
+    }
+
+    // Anti-spoofing sources.
+    for p in customer.prefixes.iter().chain(&customer.egress_prefixes) {
+        let p = p.trunc();
+        let c = cid.to_be_bytes();
+        match p {
+            IpNet::V4(n) => {
+                let a = n.addr().octets();
+                out.source4.insert((
+                    32 + u32::from(n.prefix_len()),
+                    [c[0], c[1], c[2], c[3], a[0], a[1], a[2], a[3]],
+                ));
+            }
+            IpNet::V6(n) => {
+                let mut k = [0u8; 20];
+                k[..4].copy_from_slice(&c);
+                k[4..].copy_from_slice(&n.addr().octets());
+                out.source6.insert((32 + u32::from(n.prefix_len()), k));
+            }
+        }
+    }
+    out.source = Some((customer.clone(), hops));
+    Ok(out)
+}
+
+fn insert_dest(out: &mut Piece, prefix: IpNet, value: DestValue) {
     match prefix {
         IpNet::V4(n) => {
             out.dest4.insert((u32::from(n.prefix_len()), n.addr().octets()), value);
@@ -417,7 +700,7 @@ mod tests {
                 routes: vec![route("203.0.113.0/24", "a", 100), route("203.0.113.128/25", "b", 100)],
             }],
         };
-        let c = compile(&spec, &|_| None, None).unwrap();
+        let c = compile(&spec, &|_| None, None).unwrap().contents();
         let set = |k: (u32, [u8; 4])| c.dest4[&k].route_set;
         let s24 = set((24, [203, 0, 113, 0]));
         let s25 = set((25, [203, 0, 113, 128]));
@@ -447,7 +730,7 @@ mod tests {
                 routes: vec![route("203.0.113.0/24", "a", 100), route("203.0.113.0/24", "b", 200)],
             }],
         };
-        let c = compile(&spec, &|_| None, None).unwrap();
+        let c = compile(&spec, &|_| None, None).unwrap().contents();
         assert_eq!(
             c.route_sets[&0],
             RouteSetEntry::Single(1),
@@ -457,7 +740,7 @@ mod tests {
         for t in &mut spec2.customers[0].tunnels {
             t.penalty = 1_000_000;
         }
-        let c2 = compile(&spec2, &|_| None, None).unwrap();
+        let c2 = compile(&spec2, &|_| None, None).unwrap().contents();
         assert_eq!(
             c2.route_sets[&0],
             RouteSetEntry::Single(0),

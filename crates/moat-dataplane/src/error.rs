@@ -29,6 +29,8 @@ pub enum Error {
         have: usize,
         limit: usize,
     },
+    #[error("pinned state {path}: {message}")]
+    Pin { path: String, message: String },
     #[error("invalid specification: {0}")]
     Spec(String),
 }

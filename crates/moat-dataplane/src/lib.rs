@@ -2,6 +2,7 @@
 //! compile a [`Spec`] into the exact contents of its maps, apply that as a
 //! diff in an order that never exposes a hole, and read the counters back.
 
+pub mod adopt;
 pub mod apply;
 pub mod compile;
 pub mod counters;
@@ -14,9 +15,10 @@ pub mod nexthop;
 pub mod spec;
 pub mod testrun;
 
+pub use adopt::AdoptReport;
 pub use apply::ApplyReport;
-pub use compile::{compile, Compiled, RouteSetEntry};
+pub use compile::{compile, Compiled, Contents, RouteSetEntry};
 pub use counters::Counters;
 pub use error::Error;
-pub use loader::{Dataplane, XdpMode};
+pub use loader::{build_id, Dataplane, Opened, PinDir, XdpMode};
 pub use spec::{CustomerSpec, NextHop, RouteSpec, Spec, TunnelSpec};

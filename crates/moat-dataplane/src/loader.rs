@@ -1,12 +1,20 @@
 //! Loading the BPF object, attaching it, and typed handles on its maps.
 
+use std::path::{Path, PathBuf};
+
 pub use aya::programs::XdpMode;
 use aya::{
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray},
-    programs::{xdp::XdpLinkId, Xdp},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray},
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::XdpLinkId,
+        Xdp,
+    },
     Ebpf, EbpfLoader,
 };
 use moat_common::{Counter, CustomerStats, DecapKey, DecapValue, DestValue, EcmpTable, Tunnel, TunnelStats};
+
+use aya_obj::programs::XdpAttachType;
 
 use crate::{error::Error, mmap::MmapWords};
 use moat_common::limits::{DIR_NODE, DIR_NODES, DIR_ROOT};
@@ -41,65 +49,296 @@ pub struct Maps {
     pub tunnel_stats: PerCpuArray<MapData, TunnelStats>,
 }
 
+/// Where the program comes from: a freshly loaded object (tests,
+/// benchmarks; nothing outlives the process) or a pin on bpffs.
+enum Origin {
+    Object(Box<Ebpf>),
+    Pinned(Box<Xdp>),
+}
+
 /// A loaded data plane: the program, its maps, and the interfaces it is attached to.
 pub struct Dataplane {
-    ebpf: Ebpf,
+    origin: Origin,
     pub maps: Maps,
     links: Vec<(String, XdpLinkId)>,
+    /// Attachments pinned under the pin directory (they outlive the process).
+    pinned_links: Vec<(String, PinnedLink)>,
+    pin_dir: Option<PinDir>,
     /// The last state applied successfully (ids, names), for the next compile.
     pub(crate) applied: Option<crate::compile::Compiled>,
 }
 
-fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, Error>
-where
-    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
-{
-    let map = ebpf.take_map(name).ok_or(Error::MissingProgram { program: name })?;
-    T::try_from(map).map_err(Error::map(name))
+/// Every map of the object, by name.
+pub const MAP_NAMES: [&str; 18] = [
+    "DEST4",
+    "DEST6",
+    "DIR4_ROOT",
+    "DIR4_NODES",
+    "DIR6_ROOT",
+    "DIR6_NODES",
+    "DIR_ACTIVE",
+    "SOURCE4",
+    "SOURCE6",
+    "ROUTE_SETS",
+    "ECMP_TABLES",
+    "TUNNELS",
+    "TUNNEL_SLOT",
+    "DECAP",
+    "LOCAL_ADDRS",
+    "REASON_STATS",
+    "CUSTOMER_STATS",
+    "TUNNEL_STATS",
+];
+
+/// Identifies this build's BPF object (FNV-1a of its bytes): a pinned
+/// program is adopted only by the build that loaded it.
+pub fn build_id() -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in OBJECT {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
 }
 
-fn take_mmap(ebpf: &mut Ebpf, name: &'static str, words: u32) -> Result<MmapWords, Error> {
-    match ebpf.take_map(name).ok_or(Error::MissingMap { map: name })? {
-        aya::maps::Map::Array(data) => MmapWords::new(data, words as usize, name),
-        _ => Err(Error::MissingMap { map: name }),
+/// The layout of pinned state under a pin directory (on bpffs):
+/// `maps/NAME`, `programs/moat_ingress-BUILD`, `links/INTERFACE` (bpffs
+/// refuses names with dots).
+#[derive(Clone, Debug)]
+pub struct PinDir {
+    root: PathBuf,
+}
+
+impl PinDir {
+    pub fn new(root: impl Into<PathBuf>) -> PinDir {
+        PinDir { root: root.into() }
+    }
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.root.join("maps").join(name)
+    }
+    pub fn program(&self) -> PathBuf {
+        self.root.join("programs").join(format!("{PROGRAM}-{}", build_id()))
+    }
+    pub fn programs(&self) -> PathBuf {
+        self.root.join("programs")
+    }
+    pub fn links(&self) -> PathBuf {
+        self.root.join("links")
+    }
+    pub fn link(&self, interface: &str) -> PathBuf {
+        self.links().join(interface)
     }
 }
 
+/// Where the maps come from while the data plane is being opened.
+enum Source<'a> {
+    Object(&'a mut Ebpf, Option<&'a PinDir>),
+    Pins(&'a PinDir),
+}
+
+fn pin_err(what: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Pin {
+        path: what.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
+impl Source<'_> {
+    fn map(&mut self, name: &'static str) -> Result<Map, Error> {
+        match self {
+            Source::Object(ebpf, pins) => {
+                let map = ebpf.take_map(name).ok_or(Error::MissingMap { map: name })?;
+                if let Some(pins) = pins {
+                    let path = pins.map(name);
+                    map.pin(&path).map_err(|e| pin_err(&path, e))?;
+                }
+                Ok(map)
+            }
+            Source::Pins(pins) => {
+                let path = pins.map(name);
+                let data = MapData::from_pin(&path).map_err(|e| pin_err(&path, e))?;
+                Map::from_map_data(data).map_err(Error::map(name))
+            }
+        }
+    }
+
+    fn typed<T>(&mut self, name: &'static str) -> Result<T, Error>
+    where
+        T: TryFrom<Map, Error = aya::maps::MapError>,
+    {
+        T::try_from(self.map(name)?).map_err(Error::map(name))
+    }
+
+    fn mmap(&mut self, name: &'static str, words: u32) -> Result<MmapWords, Error> {
+        match self.map(name)? {
+            Map::Array(data) => MmapWords::new(data, words as usize, name),
+            _ => Err(Error::MissingMap { map: name }),
+        }
+    }
+
+    fn maps(&mut self) -> Result<Maps, Error> {
+        Ok(Maps {
+            dest4: self.typed("DEST4")?,
+            dest6: self.typed("DEST6")?,
+            dir4_root: self.mmap("DIR4_ROOT", 2 * DIR_ROOT)?,
+            dir4_nodes: self.mmap("DIR4_NODES", 2 * DIR_NODES * DIR_NODE)?,
+            dir6_root: self.mmap("DIR6_ROOT", 2 * DIR_ROOT)?,
+            dir6_nodes: self.mmap("DIR6_NODES", 2 * DIR_NODES * DIR_NODE)?,
+            dir_active: self.mmap("DIR_ACTIVE", 2)?,
+            source4: self.typed("SOURCE4")?,
+            source6: self.typed("SOURCE6")?,
+            route_sets: self.typed("ROUTE_SETS")?,
+            ecmp_tables: self.typed("ECMP_TABLES")?,
+            tunnels: self.typed("TUNNELS")?,
+            tunnel_slot: self.typed("TUNNEL_SLOT")?,
+            decap: self.typed("DECAP")?,
+            local_addrs: self.typed("LOCAL_ADDRS")?,
+            reason_stats: self.typed("REASON_STATS")?,
+            customer_stats: self.typed("CUSTOMER_STATS")?,
+            tunnel_stats: self.typed("TUNNEL_STATS")?,
+        })
+    }
+}
+
+/// How [`Dataplane::open_pinned`] found the pin directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Opened {
+    /// Nothing was pinned: the object was loaded and pinned.
+    Loaded,
+    /// A running data plane of this build was adopted (same program, same maps).
+    Adopted,
+}
+
 impl Dataplane {
-    /// Loads the object and the program (verifier included); attaches nothing.
+    /// Loads the object and the program (verifier included); attaches
+    /// nothing and pins nothing: everything goes when the value is dropped.
     pub fn load() -> Result<Self, Error> {
+        Self::load_object(None)
+    }
+
+    fn load_object(pins: Option<&PinDir>) -> Result<Self, Error> {
         let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(|e| Error::Load(Box::new(e)))?;
-        let maps = Maps {
-            dest4: take(&mut ebpf, "DEST4")?,
-            dest6: take(&mut ebpf, "DEST6")?,
-            dir4_root: take_mmap(&mut ebpf, "DIR4_ROOT", 2 * DIR_ROOT)?,
-            dir4_nodes: take_mmap(&mut ebpf, "DIR4_NODES", 2 * DIR_NODES * DIR_NODE)?,
-            dir6_root: take_mmap(&mut ebpf, "DIR6_ROOT", 2 * DIR_ROOT)?,
-            dir6_nodes: take_mmap(&mut ebpf, "DIR6_NODES", 2 * DIR_NODES * DIR_NODE)?,
-            dir_active: take_mmap(&mut ebpf, "DIR_ACTIVE", 2)?,
-            source4: take(&mut ebpf, "SOURCE4")?,
-            source6: take(&mut ebpf, "SOURCE6")?,
-            route_sets: take(&mut ebpf, "ROUTE_SETS")?,
-            ecmp_tables: take(&mut ebpf, "ECMP_TABLES")?,
-            tunnels: take(&mut ebpf, "TUNNELS")?,
-            tunnel_slot: take(&mut ebpf, "TUNNEL_SLOT")?,
-            decap: take(&mut ebpf, "DECAP")?,
-            local_addrs: take(&mut ebpf, "LOCAL_ADDRS")?,
-            reason_stats: take(&mut ebpf, "REASON_STATS")?,
-            customer_stats: take(&mut ebpf, "CUSTOMER_STATS")?,
-            tunnel_stats: take(&mut ebpf, "TUNNEL_STATS")?,
-        };
+        if let Some(pins) = pins {
+            for dir in [pins.root().join("maps"), pins.programs(), pins.links()] {
+                std::fs::create_dir_all(&dir).map_err(|e| pin_err(&dir, e))?;
+            }
+        }
+        let maps = Source::Object(&mut ebpf, pins).maps()?;
         let mut dp = Dataplane {
-            ebpf,
+            origin: Origin::Object(Box::new(ebpf)),
             maps,
             links: Vec::new(),
+            pinned_links: Vec::new(),
+            pin_dir: pins.cloned(),
             applied: None,
         };
-        dp.program_mut()?.load().map_err(|e| Error::Program {
+        let program = dp.program_mut()?;
+        program.load().map_err(|e| Error::Program {
             program: PROGRAM,
             source: Box::new(e),
         })?;
+        if let Some(pins) = pins {
+            let path = pins.program();
+            program.pin(&path).map_err(|e| pin_err(&path, e))?;
+        }
         Ok(dp)
+    }
+
+    /// Opens the data plane pinned under `pins`: adopts it when this build
+    /// pinned it (the program keeps running, the maps keep their contents,
+    /// every pinned attachment stays), or loads and pins a new one when
+    /// nothing is pinned. A pin directory holding another build's program
+    /// is an error: nothing is changed.
+    pub fn open_pinned(pins: &PinDir) -> Result<(Self, Opened), Error> {
+        let program_path = pins.program();
+        if program_path.exists() {
+            let program = Xdp::from_pin(&program_path, XdpAttachType::Interface).map_err(|e| Error::Program {
+                program: PROGRAM,
+                source: Box::new(e),
+            })?;
+            let maps = Source::Pins(pins).maps()?;
+            let mut pinned_links = Vec::new();
+            if let Ok(entries) = std::fs::read_dir(pins.links()) {
+                for entry in entries.flatten() {
+                    let path = entry.path();
+                    let link = PinnedLink::from_pin(&path).map_err(|e| pin_err(&path, e))?;
+                    pinned_links.push((entry.file_name().to_string_lossy().into_owned(), link));
+                }
+            }
+            pinned_links.sort_by(|a, b| a.0.cmp(&b.0));
+            let dp = Dataplane {
+                origin: Origin::Pinned(Box::new(program)),
+                maps,
+                links: Vec::new(),
+                pinned_links,
+                pin_dir: Some(pins.clone()),
+                applied: None,
+            };
+            return Ok((dp, Opened::Adopted));
+        }
+        if let Ok(entries) = std::fs::read_dir(pins.programs()) {
+            if let Some(other) = entries.flatten().next() {
+                return Err(Error::Pin {
+                    path: other.path().display().to_string(),
+                    message: format!(
+                        "pinned by another moat build (this build is {}); stop it with `moat down` first",
+                        build_id()
+                    ),
+                });
+            }
+        }
+        if pins.root().join("maps").exists() {
+            return Err(Error::Pin {
+                path: pins.root().display().to_string(),
+                message: "holds maps but no program (a partial pin directory); remove it with `moat down`".into(),
+            });
+        }
+        match Self::load_object(Some(pins)) {
+            Ok(dp) => Ok((dp, Opened::Loaded)),
+            Err(e) => {
+                // Nothing was pinned before: leave nothing half-pinned behind.
+                let _ = Self::remove_pinned(pins);
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes everything pinned under `pins`: attachments first (this
+    /// stops forwarding), then the program and the maps. Returns the
+    /// interfaces detached. A missing directory is not an error.
+    pub fn remove_pinned(pins: &PinDir) -> Result<Vec<String>, Error> {
+        let mut detached = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(pins.links()) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                std::fs::remove_file(&path).map_err(|e| pin_err(&path, e))?;
+                detached.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        for dir in [pins.programs(), pins.root().join("maps")] {
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                for entry in entries.flatten() {
+                    let path = entry.path();
+                    std::fs::remove_file(&path).map_err(|e| pin_err(&path, e))?;
+                }
+            }
+        }
+        for dir in [
+            pins.links(),
+            pins.programs(),
+            pins.root().join("maps"),
+            pins.root().to_path_buf(),
+        ] {
+            match std::fs::remove_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(pin_err(&dir, e)),
+            }
+        }
+        detached.sort();
+        Ok(detached)
     }
 
     pub(crate) fn program(&self) -> Result<&Xdp, Error> {
@@ -107,7 +346,12 @@ impl Dataplane {
     }
 
     pub(crate) fn program_named(&self, name: &'static str) -> Result<&Xdp, Error> {
-        let p = self.ebpf.program(name).ok_or(Error::MissingProgram { program: name })?;
+        let ebpf = match &self.origin {
+            Origin::Pinned(p) if name == PROGRAM => return Ok(p),
+            Origin::Pinned(_) => return Err(Error::MissingProgram { program: name }),
+            Origin::Object(ebpf) => ebpf,
+        };
+        let p = ebpf.program(name).ok_or(Error::MissingProgram { program: name })?;
         p.try_into().map_err(|e| Error::Program {
             program: name,
             source: Box::new(e),
@@ -115,10 +359,12 @@ impl Dataplane {
     }
 
     fn program_mut_named(&mut self, name: &'static str) -> Result<&mut Xdp, Error> {
-        let p = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(Error::MissingProgram { program: name })?;
+        let ebpf = match &mut self.origin {
+            Origin::Pinned(p) if name == PROGRAM => return Ok(p),
+            Origin::Pinned(_) => return Err(Error::MissingProgram { program: name }),
+            Origin::Object(ebpf) => ebpf,
+        };
+        let p = ebpf.program_mut(name).ok_or(Error::MissingProgram { program: name })?;
         p.try_into().map_err(|e| Error::Program {
             program: name,
             source: Box::new(e),
@@ -140,8 +386,13 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Attaches the program to `interface` (in the caller's network namespace).
+    /// Attaches the program to `interface` (in the caller's network
+    /// namespace). With a pin directory the attachment is pinned too and
+    /// outlives the process; an interface already attached is left as is.
     pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<(), Error> {
+        if self.pinned_links.iter().any(|(i, _)| i == interface) {
+            return Ok(());
+        }
         let id = self
             .program_mut()?
             .attach(interface, mode)
@@ -149,11 +400,50 @@ impl Dataplane {
                 interface: interface.to_string(),
                 message: format!("attaching XDP ({mode:?}): {e}"),
             })?;
+        if let Some(pins) = &self.pin_dir {
+            let path = pins.link(interface);
+            let link = self.program_mut()?.take_link(id).map_err(|e| Error::Program {
+                program: PROGRAM,
+                source: Box::new(e),
+            })?;
+            let fd = FdLink::try_from(link).map_err(|e| Error::Interface {
+                interface: interface.to_string(),
+                message: format!("the XDP attachment is not a BPF link and cannot be pinned: {e}"),
+            })?;
+            let pinned = fd.pin(&path).map_err(|e| pin_err(&path, e))?;
+            self.pinned_links.push((interface.to_string(), pinned));
+            return Ok(());
+        }
         self.links.push((interface.to_string(), id));
         Ok(())
     }
 
-    /// Detaches from every interface.
+    /// Detaches from one interface attached through the pin directory.
+    pub fn detach_pinned(&mut self, interface: &str) -> Result<bool, Error> {
+        let Some(at) = self.pinned_links.iter().position(|(i, _)| i == interface) else {
+            return Ok(false);
+        };
+        let (_, link) = self.pinned_links.remove(at);
+        let path = self.pin_dir.as_ref().map(|p| p.link(interface)).unwrap_or_default();
+        link.unpin().map_err(|e| pin_err(&path, e))?;
+        Ok(true)
+    }
+
+    /// Interfaces with a pinned attachment (they outlive the process).
+    pub fn pinned_interfaces(&self) -> impl Iterator<Item = &str> {
+        self.pinned_links.iter().map(|(i, _)| i.as_str())
+    }
+
+    /// The kernel's id of the program (as shown by `bpftool prog`).
+    pub fn program_id(&self) -> Result<u32, Error> {
+        let info = self.program()?.info().map_err(|e| Error::Program {
+            program: PROGRAM,
+            source: Box::new(e),
+        })?;
+        Ok(info.id())
+    }
+
+    /// Detaches from every interface attached without pinning.
     pub fn detach_all(&mut self) -> Result<(), Error> {
         let links = std::mem::take(&mut self.links);
         for (interface, id) in links {

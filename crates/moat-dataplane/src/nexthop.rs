@@ -7,13 +7,17 @@
 
 use std::net::Ipv4Addr;
 
-use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST};
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE, NLM_F_REQUEST,
+};
 use netlink_packet_route::{
-    link::{LinkAttribute, LinkMessage},
+    address::{AddressAttribute, AddressMessage},
+    link::{LinkAttribute, LinkMessage, LinkXdp, XdpAttached},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
     AddressFamily, RouteNetlinkMessage,
 };
+use netlink_packet_utils::nla::DefaultNla;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
 use crate::{error::Error, spec::NextHop};
@@ -27,6 +31,26 @@ pub enum Resolution {
     Unresolved { ifindex: u32, neighbour: Ipv4Addr },
     /// No unicast route.
     NoRoute,
+}
+
+impl std::fmt::Display for Resolution {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mac = |m: &[u8; 6]| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+        match self {
+            Resolution::Ready(h) => write!(
+                f,
+                "ifindex {} via {} (from {}, link mtu {})",
+                h.ifindex,
+                mac(&h.dmac),
+                mac(&h.smac),
+                h.link_mtu
+            ),
+            Resolution::Unresolved { ifindex, neighbour } => {
+                write!(f, "unresolved (gateway {neighbour} on ifindex {ifindex} has no MAC yet)")
+            }
+            Resolution::NoRoute => f.write_str("no route"),
+        }
+    }
 }
 
 impl Resolution {
@@ -192,6 +216,149 @@ impl Resolver {
             dmac,
             link_mtu: mtu.min(u32::from(u16::MAX)) as u16,
         }))
+    }
+}
+
+/// NDA_FLAGS_EXT and its NTF_EXT_MANAGED bit (linux/neighbour.h).
+const NDA_FLAGS_EXT: u16 = 15;
+const NTF_EXT_MANAGED: u32 = 1;
+
+/// What the kernel reports about XDP on one interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InterfaceXdp {
+    pub ifindex: u32,
+    /// Id of the attached program, if any.
+    pub program: Option<u32>,
+    /// "native", "generic", "offload" or "none".
+    pub mode: &'static str,
+}
+
+impl Resolver {
+    /// Asks the kernel to keep `neighbour` on `ifindex` resolved by itself
+    /// (a managed neighbour entry, Linux 5.16+): it probes the entry and
+    /// refreshes it without traffic, so encapsulated packets always find
+    /// a MAC. Replaces nothing but an entry of the same address.
+    pub fn ensure_managed(&mut self, ifindex: u32, neighbour: Ipv4Addr) -> Result<(), Error> {
+        let mut n = NeighbourMessage::default();
+        n.header.family = AddressFamily::Inet;
+        n.header.ifindex = ifindex;
+        n.header.state = NeighbourState::None;
+        n.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(neighbour)));
+        n.attributes.push(NeighbourAttribute::Other(DefaultNla::new(
+            NDA_FLAGS_EXT,
+            NTF_EXT_MANAGED.to_ne_bytes().to_vec(),
+        )));
+        self.request_ack(RouteNetlinkMessage::NewNeighbour(n), NLM_F_CREATE | NLM_F_REPLACE)
+    }
+
+    /// Sends one request that the kernel acknowledges; its error is ours.
+    fn request_ack(&mut self, msg: RouteNetlinkMessage, flags: u16) -> Result<(), Error> {
+        self.seq = self.seq.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
+        header.sequence_number = self.seq;
+        let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(msg));
+        packet.finalize();
+        let mut buf = vec![0u8; packet.buffer_len()];
+        packet.serialize(&mut buf);
+        self.socket.send(&buf, 0).map_err(|e| nl_err("send", e))?;
+        loop {
+            let mut rx: Vec<u8> = Vec::with_capacity(1 << 16);
+            self.socket.recv(&mut rx, 0).map_err(|e| nl_err("recv", e))?;
+            let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rx).map_err(|e| nl_err("decode", e))?;
+            if m.header.sequence_number != self.seq {
+                continue;
+            }
+            if let NetlinkPayload::Error(e) = m.payload {
+                return match e.code {
+                    None => Ok(()),
+                    Some(c) => Err(nl_err("kernel", std::io::Error::from_raw_os_error(-c.get()))),
+                };
+            }
+        }
+    }
+
+    /// Every IPv4 address assigned to an interface of this namespace.
+    pub fn local_ipv4(&mut self) -> Result<Vec<Ipv4Addr>, Error> {
+        let mut a = AddressMessage::default();
+        a.header.family = AddressFamily::Inet;
+        let mut out = Vec::new();
+        for m in self.request(RouteNetlinkMessage::GetAddress(a), true)? {
+            if let RouteNetlinkMessage::NewAddress(m) = m {
+                for attr in &m.attributes {
+                    if let AddressAttribute::Local(std::net::IpAddr::V4(v4))
+                    | AddressAttribute::Address(std::net::IpAddr::V4(v4)) = attr
+                    {
+                        out.push(*v4);
+                    }
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// XDP facts of interface `name`, from the kernel (None: no such interface).
+    pub fn interface_xdp(&mut self, name: &str) -> Result<Option<InterfaceXdp>, Error> {
+        let mut l = LinkMessage::default();
+        l.attributes.push(LinkAttribute::IfName(name.to_string()));
+        let Some(RouteNetlinkMessage::NewLink(link)) = self.request(RouteNetlinkMessage::GetLink(l), false)?.pop()
+        else {
+            return Ok(None);
+        };
+        let mut out = InterfaceXdp {
+            ifindex: link.header.index,
+            program: None,
+            mode: "none",
+        };
+        for a in &link.attributes {
+            if let LinkAttribute::Xdp(xdp) = a {
+                for x in xdp {
+                    match x {
+                        LinkXdp::ProgId(id) if *id != 0 => out.program = Some(*id),
+                        LinkXdp::Attached(XdpAttached::Driver) => out.mode = "native",
+                        LinkXdp::Attached(XdpAttached::SocketBuffer) => out.mode = "generic",
+                        LinkXdp::Attached(XdpAttached::Hardware) => out.mode = "offload",
+                        LinkXdp::Attached(XdpAttached::Multiple) => out.mode = "multiple",
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Ok(Some(out))
+    }
+}
+
+/// Wakes up when the kernel's links, addresses, neighbours or IPv4 routes
+/// change (rtnetlink multicast), so next hops are resolved again at once.
+pub struct Monitor {
+    socket: Socket,
+}
+
+impl Monitor {
+    /// Subscribes in the network namespace of the calling thread.
+    pub fn new() -> Result<Monitor, Error> {
+        // RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE
+        const GROUPS: u32 = 0x1 | 0x4 | 0x10 | 0x40;
+        let mut socket = Socket::new(NETLINK_ROUTE).map_err(|e| nl_err("socket", e))?;
+        socket
+            .bind(&SocketAddr::new(0, GROUPS))
+            .map_err(|e| nl_err("bind", e))?;
+        Ok(Monitor { socket })
+    }
+
+    /// Blocks until at least one change is announced (its content does not
+    /// matter: the caller resolves every next hop again).
+    pub fn wait(&mut self) -> Result<(), Error> {
+        let mut rx: Vec<u8> = Vec::with_capacity(1 << 16);
+        match self.socket.recv(&mut rx, 0) {
+            Ok(_) => Ok(()),
+            // The kernel dropped announcements (ENOBUFS): something changed.
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => Ok(()),
+            Err(e) => Err(nl_err("recv", e)),
+        }
     }
 }
 
