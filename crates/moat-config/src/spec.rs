@@ -1,0 +1,77 @@
+//! From a validated configuration to what other parts of moat consume: the
+//! data plane's [`Spec`] and the one-line summary of `moat validate`.
+
+use std::collections::HashSet;
+
+use moat_dataplane::{CustomerSpec, RouteSpec, Spec, TunnelSpec};
+
+use crate::model::Config;
+
+impl Config {
+    /// `ok: 2 customers, 3 prefixes, 4 tunnels, 5 routes` (prefixes are the
+    /// protected prefixes; nouns are always plural).
+    pub fn summary(&self) -> String {
+        let prefixes: usize = self.customers.iter().map(|c| c.prefixes.len()).sum();
+        let tunnels: usize = self.customers.iter().map(|c| c.tunnels.len()).sum();
+        let routes: usize = self.customers.iter().map(|c| c.routes.len()).sum();
+        format!(
+            "ok: {} customers, {prefixes} prefixes, {tunnels} tunnels, {routes} routes",
+            self.customers.len()
+        )
+    }
+
+    /// The data plane's input with no health penalty on any tunnel.
+    pub fn to_spec(&self) -> Spec {
+        self.to_spec_with_penalties(|_, _| 0)
+    }
+
+    /// The data plane's input; `penalty(customer, tunnel)` is added to the
+    /// priority of every route through that tunnel. Node addresses are our
+    /// side of every tunnel's `interface_address`, each once, in file order.
+    pub fn to_spec_with_penalties(&self, penalty: impl Fn(&str, &str) -> u32) -> Spec {
+        let mut seen = HashSet::new();
+        let node_addresses = self
+            .customers
+            .iter()
+            .flat_map(|c| &c.tunnels)
+            .filter_map(|t| t.our_address())
+            .filter(|a| seen.insert(*a))
+            .collect();
+        let customers = self
+            .customers
+            .iter()
+            .map(|c| CustomerSpec {
+                name: c.name.clone(),
+                prefixes: c.prefixes.clone(),
+                egress_prefixes: c.egress_prefixes.clone(),
+                tunnels: c
+                    .tunnels
+                    .iter()
+                    .map(|t| TunnelSpec {
+                        name: t.name.clone(),
+                        local: t.local,
+                        remote: t.remote,
+                        key: t.key,
+                        mtu: t.mtu,
+                        ttl: t.ttl,
+                        penalty: penalty(&c.name, &t.name),
+                    })
+                    .collect(),
+                routes: c
+                    .routes
+                    .iter()
+                    .map(|r| RouteSpec {
+                        prefix: r.prefix,
+                        tunnel: r.tunnel.clone(),
+                        priority: r.priority,
+                        weight: r.weight,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Spec {
+            node_addresses,
+            customers,
+        }
+    }
+}
