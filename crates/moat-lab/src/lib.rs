@@ -3,8 +3,11 @@
 //! bare XDP_DROP baseline program and a userspace GRE endpoint.
 
 pub mod baseline;
+pub mod daemon;
+pub mod edge;
 pub mod fixture;
 pub mod gre;
+pub mod http;
 pub mod model;
 pub mod netns;
 pub mod packet;

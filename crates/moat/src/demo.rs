@@ -1,26 +1,30 @@
-//! `moat demo`: the data plane on a throw-away topology of network
-//! namespaces (see moat_lab::topology). Traffic stays inside namespaces
-//! created here, uses documentation addresses only, is bounded in count and
-//! time, and everything is removed on exit, also on Ctrl-C.
+//! `moat demo`: the daemon on a throw-away topology of network namespaces
+//! (moat_lab::edge: an internet host, an attacker, the moat node, two
+//! customer sites with userspace GRE endpoints), run with the bundled
+//! configuration (demo.yaml). Traffic stays inside namespaces created here,
+//! uses documentation addresses only, is bounded in count and time, and
+//! everything is removed on exit, also on Ctrl-C.
 
 use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
-    sync::atomic::{AtomicBool, Ordering},
+    net::{SocketAddr, UdpSocket},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
-use moat_common::Reason;
-use moat_dataplane::{compile, nexthop::Resolver, Dataplane};
 use moat_lab::{
+    daemon::Daemon,
+    edge::{Edge, ATTACKER, ENDPOINT, INET_HOST},
     gre::{self, RawGre},
+    http,
     packet::{self, L4},
-    topology::{Transit, ENDPOINT, INET_HOST, SERVER, SITE_ROUTER},
 };
 
-const KEY: u32 = 42;
-const BODY: usize = 4096;
+/// The bundled configuration.
+pub const CONFIG: &str = include_str!("demo.yaml");
 static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
@@ -34,6 +38,10 @@ fn stopping() -> Result<()> {
     Ok(())
 }
 
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("    {l}\n")).collect()
+}
+
 pub fn run(requests: u32) -> Result<()> {
     // SAFETY: plain syscall without arguments.
     if unsafe { libc::geteuid() } != 0 {
@@ -44,86 +52,81 @@ pub fn run(requests: u32) -> Result<()> {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-
-    println!("moat demo: data plane only (the daemon arrives with the next release step)");
+    let started = Instant::now();
+    println!("moat demo");
     println!();
-    println!("  internet host 198.51.100.100 ── node: moat XDP (native) ── customer site: router 192.0.2.10");
-    println!("  customer acme protects 203.0.113.0/24; tunnel acme-site: GRE 198.51.100.1 -> 192.0.2.10, key {KEY}");
-    println!();
-    let t = Transit::new("demo");
-    let mut dp = Dataplane::load().context("loading the XDP data plane")?;
-    let hop = {
-        let _in = t.node.enter()?;
-        Resolver::new()?.resolve(SITE_ROUTER)?
-    };
-    let Some(nh) = hop.next_hop() else {
-        bail!("the node cannot resolve the tunnel's next hop: {hop:?}");
-    };
     println!(
-        "next hop of acme-site from the node's routing and neighbour tables: ifindex {}, MAC {}, link MTU {}",
-        nh.ifindex,
-        nh.dmac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":"),
-        nh.link_mtu
+        "  internet host 198.51.100.100 ─┐                      ┌─ acme site: router 192.0.2.10, server 203.0.113.5"
     );
-    let spec = Transit::spec(Some(KEY));
-    let compiled = compile(&spec, &|_| Some(nh), dp.applied()).context("compiling the configuration")?;
-    let report = dp.apply(&compiled).context("applying the configuration")?;
-    println!("applied: {} map entries", report.added);
-    t.attach(&mut dp).context("attaching to the node's interfaces")?;
-    println!("attached: n-inet, n-site (native XDP)");
+    println!("                                ├─ node (moat, XDP) ───┤");
+    println!("  attacker      198.51.100.130 ─┘  endpoint 198.51.100.1 └─ globex site: router 192.0.2.26, server 203.0.113.133");
     println!();
+    let edge = Edge::new("demo").context("building the namespace topology")?;
+    let exe = std::env::current_exe().context("locating the moat binary")?;
+    let mut daemon = Daemon::start(&exe, &edge.node, CONFIG).context("starting moat run")?;
+    println!("moat run -c demo.yaml (in the node's namespace):");
+    print!("{}", indent(&daemon.log()));
+    println!();
+    let result = scenes(&edge, &mut daemon, requests);
+    let down = daemon.down().context("moat down")?;
+    println!("moat down: {}", String::from_utf8_lossy(&down.stdout).trim());
+    drop(edge);
+    println!(
+        "cleaned up: namespaces removed ({:.1} s in all)",
+        started.elapsed().as_secs_f64()
+    );
+    result
+}
 
-    // The customer site: a userspace GRE endpoint (raw GRE socket + TUN,
-    // inner MTU leaving room for outer IPv4 + keyed GRE) and an HTTP server.
-    let endpoint = t.start_site(Some(KEY)).context("the site's GRE endpoint")?;
-    let listener = {
-        let _in = t.site.enter()?;
-        TcpListener::bind((SERVER, 80)).context("HTTP server at the site")?
-    };
-    listener.set_nonblocking(true)?;
-    let server = std::thread::spawn(move || serve(listener, requests, deadline));
+fn scenes(edge: &Edge, daemon: &mut Daemon, requests: u32) -> Result<()> {
+    let keys = [Some(42), Some(7)];
+    let _endpoints = [
+        edge.start_site(0, keys[0]).context("acme's GRE endpoint")?,
+        edge.start_site(1, keys[1]).context("globex's GRE endpoint")?,
+    ];
+    let stop = Arc::new(AtomicBool::new(false));
+    let servers = [
+        http::serve(&edge.sites[0].ns, edge.sites[0].server, stop.clone())?,
+        http::serve(&edge.sites[1].ns, edge.sites[1].server, stop.clone())?,
+    ];
+    let mut ok = true;
 
-    let (mut answered, mut bytes) = (0u32, 0usize);
-    {
-        let _in = t.inet.enter()?;
-        for i in 0..requests {
-            stopping()?;
-            if Instant::now() > deadline {
-                bail!("took longer than 60 s");
-            }
-            match get(i) {
-                Ok(n) => {
-                    answered += 1;
-                    bytes += n;
-                }
-                Err(e) => println!("  request {i} failed: {e}"),
-            }
-        }
+    println!("1. legitimate traffic: HTTP from the internet host to each customer's server (TCP through moat, GRE to the site, and back)");
+    for (i, name) in ["acme", "globex"].iter().enumerate() {
+        stopping()?;
+        let answered = http::get_many(&edge.inet, edge.sites[i].server, requests);
+        println!(
+            "   {name}: {answered}/{requests} complete answers from http://{}/",
+            edge.sites[i].server
+        );
+        ok &= answered == requests;
     }
-    let served = server
-        .join()
-        .map_err(|_| anyhow::anyhow!("the HTTP server thread panicked"))?;
-    println!(
-        "{requests} HTTP requests from the internet host to http://203.0.113.5/ (TCP through moat and the tunnel)"
-    );
-    println!("  {served} served at the site, {answered} complete responses ({bytes} bytes) back at the internet host");
-    println!(
-        "  site GRE endpoint: {} packets decapsulated from moat, {} encapsulated back",
-        endpoint.counters.decapsulated.load(Ordering::Relaxed),
-        endpoint.counters.encapsulated.load(Ordering::Relaxed)
-    );
+    println!();
 
+    println!("2. the attacker: GRE claiming to be a tunnel (from a host that is none), and a site spoofing its source");
+    let stranger = {
+        let _in = edge.attacker.enter()?;
+        RawGre::open().context("raw GRE socket on the attacker")?
+    };
+    let inner = packet::ip(
+        edge.sites[0].server.into(),
+        INET_HOST.into(),
+        64,
+        L4::Udp { sport: 80, dport: 9 },
+        b"x",
+    );
+    for _ in 0..50 {
+        stranger.send_to(ENDPOINT, &gre::encapsulate(Some(42), &inner))?;
+    }
+    println!("   {ATTACKER} sent 50 GRE packets with acme's key to the tunnel endpoint");
     let site = {
-        let _in = t.site.enter()?;
+        let _in = edge.sites[0].ns.enter()?;
         RawGre::open().context("raw GRE socket at the site")?
     };
-    let other = {
-        let _in = t.inet.enter()?;
+    let victim = {
+        let _in = edge.inet.enter()?;
         UdpSocket::bind("198.51.100.100:0")?
     };
-
-    // The site tries to send with a source it does not own.
     for _ in 0..10 {
         let spoofed = packet::ip(
             [192, 0, 2, 66].into(),
@@ -131,120 +134,96 @@ pub fn run(requests: u32) -> Result<()> {
             64,
             L4::Udp {
                 sport: 80,
-                dport: other.local_addr()?.port(),
+                dport: victim.local_addr()?.port(),
             },
             b"spoofed",
         );
-        site.send_to(ENDPOINT, &gre::encapsulate(Some(KEY), &spoofed))?;
+        site.send_to(ENDPOINT, &gre::encapsulate(Some(42), &spoofed))?;
     }
-    other.set_read_timeout(Some(Duration::from_millis(300)))?;
-    let mut buf = [0u8; 64];
-    let leaked = other.recv_from(&mut buf).is_ok();
+    victim.set_read_timeout(Some(Duration::from_millis(300)))?;
+    let leaked = victim.recv_from(&mut [0u8; 64]).is_ok();
     println!(
-        "10 packets from the site with a spoofed source (192.0.2.66): {}",
-        if leaked { "DELIVERED (wrong)" } else { "all dropped" }
+        "   acme's site sent 10 packets with a source it does not own (192.0.2.66): {}",
+        if leaked { "DELIVERED (wrong)" } else { "none delivered" }
     );
+    ok &= !leaked;
+    println!();
 
-    // GRE from a host that is not a configured tunnel endpoint.
-    let stranger = {
-        let _in = t.inet.enter()?;
-        RawGre::open().context("raw GRE socket on the internet host")?
+    println!("3. a bad configuration: the operator reloads a file with an overlap; moat rejects it and keeps running");
+    daemon.write_config(&CONFIG.replace("203.0.113.128/25]", "203.0.113.64/26]"))?;
+    let out = daemon.cli(&["reload"])?;
+    print!("{}", indent(&String::from_utf8_lossy(&out.stderr)));
+    daemon.write_config(CONFIG)?;
+    let answered = http::get_many(&edge.inet, edge.sites[0].server, 10);
+    println!("   acme still answers: {answered}/10");
+    ok &= !out.status.success() && answered == 10;
+    println!();
+
+    println!("4. a daemon restart under traffic: 1,000 packets/s to acme while moat run stops and starts again");
+    let receiver = {
+        let _in = edge.sites[0].ns.enter()?;
+        UdpSocket::bind((edge.sites[0].server, 9000))?
     };
-    let inner = packet::ip(
-        SERVER.into(),
-        INET_HOST.into(),
-        64,
-        L4::Udp { sport: 80, dport: 9 },
-        b"x",
-    );
-    for _ in 0..5 {
-        stranger.send_to(ENDPOINT, &gre::encapsulate(Some(KEY), &inner))?;
+    receiver.set_read_timeout(Some(Duration::from_millis(300)))?;
+    let sender = {
+        let _in = edge.inet.enter()?;
+        UdpSocket::bind("198.51.100.100:0")?
+    };
+    let counting = std::thread::spawn(move || {
+        let (mut n, mut idle) = (0u64, 0);
+        while idle < 5 {
+            match receiver.recv(&mut [0u8; 16]) {
+                Ok(_) => {
+                    n += 1;
+                    idle = 0;
+                }
+                Err(_) => idle += 1,
+            }
+        }
+        n
+    });
+    let sending = Arc::new(AtomicBool::new(true));
+    let flag = sending.clone();
+    let to = SocketAddr::from((edge.sites[0].server, 9000));
+    let traffic = std::thread::spawn(move || {
+        let (mut n, t) = (0u64, Instant::now());
+        while flag.load(Ordering::Relaxed) && t.elapsed() < Duration::from_secs(15) {
+            let _ = sender.send_to(&n.to_be_bytes(), to);
+            n += 1;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        n
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let restart = daemon.restart();
+    std::thread::sleep(Duration::from_millis(300));
+    sending.store(false, Ordering::Relaxed);
+    let sent = traffic.join().map_err(|_| anyhow::anyhow!("sender panicked"))?;
+    let received = counting.join().map_err(|_| anyhow::anyhow!("receiver panicked"))?;
+    restart.context("restarting moat run")?;
+    println!("   {sent} sent, {received} received at the site; the new daemon adopted the running data plane:");
+    let log = daemon.log();
+    for line in log.lines().filter(|l| l.contains("adopted") || l.contains("exiting")) {
+        println!("    {line}");
     }
-    std::thread::sleep(Duration::from_millis(100));
-    println!("5 GRE packets to the node from 198.51.100.100, which is not a tunnel of any customer: see drop_gre_unknown_tunnel");
+    ok &= sent == received;
     println!();
     stopping()?;
 
-    let c = dp.counters([0], [0])?;
-    let s = c.customers[&0];
-    let tun = c.tunnels[&0];
-    println!("counters read back from the data plane:");
-    println!(
-        "  customer acme   in: received {} forwarded {} dropped {}   out: received {} forwarded {} dropped {}",
-        s.in_received.packets,
-        s.in_forwarded.packets,
-        s.in_dropped.packets,
-        s.out_received.packets,
-        s.out_forwarded.packets,
-        s.out_dropped.packets
-    );
-    println!(
-        "  tunnel acme-site  tx {} packets / {} bytes, rx {} packets / {} bytes",
-        tun.tx.packets, tun.tx.bytes, tun.rx.packets, tun.rx.bytes
-    );
-    println!("  by reason (packets):");
-    for (r, n) in c.reasons.iter().filter(|(_, n)| n.packets > 0) {
-        println!("    {:<28} {}", r.name(), n.packets);
+    println!("moat status (read back from the data plane's maps):");
+    let status = daemon.cli(&["status"])?;
+    print!("{}", indent(&String::from_utf8_lossy(&status.stdout)));
+    ok &= status.status.success();
+    let json = daemon.status()?;
+    let reason = |r: &str| json["reasons"][r]["packets"].as_u64().unwrap_or(0);
+    ok &= reason("drop_gre_unknown_tunnel") == 50 && reason("drop_spoofed_source") == 10;
+
+    stop.store(true, Ordering::Relaxed);
+    for s in servers {
+        let _ = s.join();
     }
-    dp.detach_all()?;
-    drop(t);
-    println!();
-    println!("cleaned up: namespaces removed, programs detached");
-    drop(endpoint);
-    let ok = served == requests
-        && answered == requests
-        && !leaked
-        && c.packets(Reason::DropSpoofedSource) == 10
-        && c.packets(Reason::DropGreUnknownTunnel) == 5;
     if !ok {
         bail!("the demo did not go as expected (see above)");
     }
     Ok(())
-}
-
-/// Serves `count` HTTP/1.0 requests (or until the deadline), closing each
-/// connection gracefully. Returns how many were served.
-fn serve(listener: TcpListener, count: u32, deadline: Instant) -> u32 {
-    let body = vec![b'm'; BODY];
-    let mut served = 0;
-    while served < count && Instant::now() < deadline && !STOP.load(Ordering::SeqCst) {
-        let Ok((mut s, _)) = listener.accept() else {
-            std::thread::sleep(Duration::from_millis(2));
-            continue;
-        };
-        let _ = s.set_nonblocking(false);
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        let mut req = Vec::new();
-        let mut chunk = [0u8; 512];
-        while !req.ends_with(b"\r\n\r\n") {
-            match s.read(&mut chunk) {
-                Ok(n) if n > 0 => req.extend_from_slice(&chunk[..n]),
-                _ => break,
-            }
-        }
-        if !req.starts_with(b"GET /") {
-            continue;
-        }
-        let head = format!("HTTP/1.0 200 OK\r\nContent-Length: {BODY}\r\n\r\n");
-        if s.write_all(head.as_bytes()).and_then(|_| s.write_all(&body)).is_ok() {
-            served += 1;
-        }
-        let _ = s.shutdown(std::net::Shutdown::Write);
-        let _ = s.read(&mut chunk);
-    }
-    served
-}
-
-/// One HTTP/1.0 GET to the server; the number of body bytes received.
-fn get(i: u32) -> Result<usize> {
-    let mut c = TcpStream::connect_timeout(&SocketAddr::from((SERVER, 80)), Duration::from_secs(2))?;
-    c.set_read_timeout(Some(Duration::from_secs(2)))?;
-    write!(c, "GET /{i} HTTP/1.0\r\nHost: 203.0.113.5\r\n\r\n")?;
-    let mut resp = Vec::new();
-    c.read_to_end(&mut resp)?;
-    let head = format!("HTTP/1.0 200 OK\r\nContent-Length: {BODY}\r\n\r\n");
-    if !resp.starts_with(head.as_bytes()) || resp.len() != head.len() + BODY {
-        bail!("incomplete response ({} bytes)", resp.len());
-    }
-    Ok(BODY)
 }

@@ -1,0 +1,175 @@
+//! The Prometheus endpoint: GET /metrics, text format. Values are read
+//! from the data plane's per-CPU counters at scrape time; reason labels
+//! come from the common crate's reason enum.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use http_body_util::Full;
+use hyper::{body::Bytes, server::conn::http1, service::service_fn, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, info::Info},
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+
+use crate::status::Count;
+
+type Labels = Vec<(String, String)>;
+
+/// Everything one scrape reports.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub node: String,
+    pub build: String,
+    pub generation: u64,
+    pub last_reload_ok: bool,
+    pub last_reload_at: u64,
+    pub reasons: Vec<(String, Count)>,
+    /// (customer, "in"/"out", "received"/"forwarded"/"dropped", count)
+    pub customers: Vec<(String, &'static str, &'static str, Count)>,
+    /// (customer, tunnel, "tx"/"rx", count, next hop resolved)
+    pub tunnels: Vec<(String, String, &'static str, Count)>,
+    pub next_hops: Vec<(String, String, bool)>,
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// Renders a snapshot in the Prometheus text format.
+pub fn encode_snapshot(s: &Snapshot) -> String {
+    let mut r = Registry::with_prefix("moat");
+    r.register(
+        "build",
+        "moat version and data-plane build",
+        Info::new(labels(&[
+            ("version", env!("CARGO_PKG_VERSION")),
+            ("build", &s.build),
+            ("node", &s.node),
+        ])),
+    );
+    let generation: Gauge = Gauge::default();
+    generation.set(s.generation as i64);
+    r.register("config_generation", "Configuration generation in force", generation);
+    let ok: Gauge = Gauge::default();
+    ok.set(i64::from(s.last_reload_ok));
+    r.register(
+        "last_reload_success",
+        "1 if the last reload (or the start) applied its configuration, 0 if it was rejected or failed",
+        ok,
+    );
+    let at: Gauge = Gauge::default();
+    at.set(s.last_reload_at as i64);
+    r.register(
+        "last_reload_timestamp_seconds",
+        "When the last reload (or the start) happened",
+        at,
+    );
+
+    let reason_packets = Family::<Labels, Counter>::default();
+    let reason_bytes = Family::<Labels, Counter>::default();
+    for (name, c) in &s.reasons {
+        let l = labels(&[("reason", name)]);
+        reason_packets.get_or_create(&l).inc_by(c.packets);
+        reason_bytes.get_or_create(&l).inc_by(c.bytes);
+    }
+    r.register(
+        "reason_packets",
+        "Packets by the data plane's verdict reason",
+        reason_packets,
+    );
+    r.register("reason_bytes", "Bytes by the data plane's verdict reason", reason_bytes);
+
+    let cust_packets = Family::<Labels, Counter>::default();
+    let cust_bytes = Family::<Labels, Counter>::default();
+    for (customer, direction, result, c) in &s.customers {
+        let l = labels(&[("customer", customer), ("direction", direction), ("result", result)]);
+        cust_packets.get_or_create(&l).inc_by(c.packets);
+        cust_bytes.get_or_create(&l).inc_by(c.bytes);
+    }
+    r.register(
+        "customer_packets",
+        "Customer packets: direction in (toward the customer) or out (from it), result received/forwarded/dropped",
+        cust_packets,
+    );
+    r.register("customer_bytes", "Customer bytes, as customer_packets", cust_bytes);
+
+    let tun_packets = Family::<Labels, Counter>::default();
+    let tun_bytes = Family::<Labels, Counter>::default();
+    for (customer, tunnel, direction, c) in &s.tunnels {
+        let l = labels(&[("customer", customer), ("tunnel", tunnel), ("direction", direction)]);
+        tun_packets.get_or_create(&l).inc_by(c.packets);
+        tun_bytes.get_or_create(&l).inc_by(c.bytes);
+    }
+    r.register(
+        "tunnel_packets",
+        "Tunnel packets: tx encapsulated into it, rx accepted from it",
+        tun_packets,
+    );
+    r.register("tunnel_bytes", "Tunnel bytes, as tunnel_packets", tun_bytes);
+
+    let resolved = Family::<Labels, Gauge>::default();
+    for (customer, tunnel, ok) in &s.next_hops {
+        resolved
+            .get_or_create(&labels(&[("customer", customer), ("tunnel", tunnel)]))
+            .set(i64::from(*ok));
+    }
+    r.register(
+        "tunnel_next_hop_resolved",
+        "1 if the tunnel's next hop (interface and MAC) is resolved",
+        resolved,
+    );
+
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut out, &r);
+    out
+}
+
+/// Serves GET /metrics on `addr` until the process exits; `snapshot` is
+/// called once per scrape.
+pub async fn serve(listener: TcpListener, snapshot: Arc<dyn Fn() -> String + Send + Sync>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let snapshot = snapshot.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let snapshot = snapshot.clone();
+                async move {
+                    let resp = if req.uri().path() == "/metrics" && req.method() == hyper::Method::GET {
+                        let body = tokio::task::spawn_blocking(move || snapshot())
+                            .await
+                            .unwrap_or_else(|_| String::new());
+                        Response::builder()
+                            .header(
+                                "content-type",
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )
+                            .body(Full::new(Bytes::from(body)))
+                    } else {
+                        Response::builder()
+                            .status(StatusCode::NOT_FOUND)
+                            .body(Full::new(Bytes::from_static(b"not found; try /metrics\n")))
+                    };
+                    Ok::<_, Infallible>(resp.unwrap_or_default())
+                }
+            });
+            let _ = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(5))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// Binds the metrics listener (an error names the address).
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("metrics listener {addr}: {e}"))
+}

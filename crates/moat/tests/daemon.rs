@@ -1,0 +1,272 @@
+//! The daemon end to end, in namespaces (root): HTTP over TCP from the
+//! internet host to a customer server through `moat run` and back through
+//! the tunnel; an invalid reload that changes nothing; a reload that adds a
+//! customer; metrics; a restart under continuous traffic with zero loss;
+//! `moat down`.
+
+use std::{
+    collections::BTreeSet,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    path::Path,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use moat_lab::{daemon::Daemon, edge::Edge, http, netns::NetNs};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_moat");
+
+fn status(d: &Daemon) -> Value {
+    d.status().unwrap_or_else(|e| panic!("{e}\n{}", d.log()))
+}
+
+fn customers(s: &Value) -> BTreeSet<String> {
+    s["customers"]
+        .as_array()
+        .expect("customers")
+        .iter()
+        .map(|c| c["name"].as_str().expect("name").to_string())
+        .collect()
+}
+
+fn metrics(node: &NetNs) -> String {
+    let _in = node.enter().expect("enter node");
+    let mut c = TcpStream::connect("127.0.0.1:9477").expect("metrics endpoint");
+    c.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    let mut out = String::new();
+    c.read_to_string(&mut out).expect("response");
+    out
+}
+
+fn metric(text: &str, name_and_labels: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name_and_labels} in\n{text}"))
+}
+
+#[test]
+fn daemon_end_to_end() {
+    let edge = Edge::new("e2e").expect("topology");
+    let mut d = Daemon::start(Path::new(BIN), &edge.node, &Edge::config_yaml(&[(0, 42)])).expect("moat run");
+    let _site1 = edge.start_site(0, Some(42)).expect("site 1 endpoint");
+    let stop = Arc::new(AtomicBool::new(false));
+    let server1 = http::serve(&edge.sites[0].ns, edge.sites[0].server, stop.clone()).expect("server 1");
+
+    // HTTP through moat and back through the tunnel.
+    assert_eq!(http::get_many(&edge.inet, edge.sites[0].server, 20), 20, "{}", d.log());
+    let s = status(&d);
+    assert_eq!(s["generation"], 1);
+    assert_eq!(s["data_plane"]["opened"], "loaded");
+    assert_eq!(s["data_plane"]["consistent"], true, "{s:#}");
+    assert_eq!(customers(&s), BTreeSet::from(["acme".to_string()]));
+    for i in s["interfaces"].as_array().expect("interfaces") {
+        assert_eq!(i["attached"], true, "{i}");
+        assert_eq!(i["mode"], "native", "{i}");
+    }
+    let acme = &s["customers"][0];
+    assert!(acme["counters"]["in_forwarded"]["packets"].as_u64().expect("counter") >= 20);
+    assert!(acme["counters"]["out_forwarded"]["packets"].as_u64().expect("counter") >= 20);
+    assert_eq!(acme["prefixes"], serde_json::json!(["203.0.113.0/25"]));
+    let tunnel = &s["tunnels"][0];
+    assert_eq!(
+        (tunnel["name"].as_str(), tunnel["key"].as_u64()),
+        (Some("acme-site"), Some(42))
+    );
+    assert!(
+        tunnel["next_hop"].as_str().expect("next hop").starts_with("ifindex"),
+        "{tunnel}"
+    );
+    let program = s["data_plane"]["program_id"].clone();
+
+    // An invalid reload changes nothing.
+    let bad = Edge::config_yaml(&[(0, 42)]).replace("203.0.113.0/25]", "203.0.113.1/25]");
+    d.write_config(&bad).expect("write");
+    let out = d.cli(&["reload"]).expect("moat reload");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an invalid reload must fail");
+    assert!(
+        stderr.contains(&format!("{}:", d.config.display()))
+            && stderr.contains("error: ")
+            && stderr.contains("203.0.113.0/25"),
+        "errors must be FILE:LINE:COL with the hint: {stderr}"
+    );
+    let s2 = status(&d);
+    assert_eq!(s2["generation"], 1);
+    assert_eq!(s2["last_reload"]["result"], "rejected");
+    assert_eq!(s2["data_plane"]["consistent"], true);
+    assert_eq!(s2["customers"][0]["prefixes"], s["customers"][0]["prefixes"]);
+    assert_eq!(s2["tunnels"][0]["id"], s["tunnels"][0]["id"]);
+    assert_eq!(http::get_many(&edge.inet, edge.sites[0].server, 5), 5);
+
+    // A reload that adds a customer, by SIGHUP this time.
+    d.write_config(&Edge::config_yaml(&[(0, 42), (1, 7)])).expect("write");
+    d.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status(&d)["generation"] != 2 {
+        assert!(Instant::now() < deadline, "SIGHUP did not reload:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let s3 = status(&d);
+    assert_eq!(s3["last_reload"]["result"], "ok");
+    assert_eq!(
+        customers(&s3),
+        BTreeSet::from(["acme".to_string(), "globex".to_string()])
+    );
+    assert_eq!(s3["data_plane"]["consistent"], true);
+    let _site2 = edge.start_site(1, Some(7)).expect("site 2 endpoint");
+    let server2 = http::serve(&edge.sites[1].ns, edge.sites[1].server, stop.clone()).expect("server 2");
+    assert_eq!(http::get_many(&edge.inet, edge.sites[1].server, 10), 10, "{}", d.log());
+
+    // Metrics: generation, reasons, per-customer and per-tunnel counters.
+    let m = metrics(&edge.node);
+    assert_eq!(metric(&m, "moat_config_generation"), 2);
+    assert_eq!(metric(&m, "moat_last_reload_success"), 1);
+    assert!(metric(&m, "moat_reason_packets_total{reason=\"forward_encap\"}") >= 35);
+    assert!(
+        metric(
+            &m,
+            "moat_customer_packets_total{customer=\"globex\",direction=\"in\",result=\"forwarded\"}"
+        ) >= 10
+    );
+    assert!(
+        metric(
+            &m,
+            "moat_tunnel_packets_total{customer=\"acme\",tunnel=\"acme-site\",direction=\"rx\"}"
+        ) >= 25
+    );
+    assert!(m.contains("moat_build_info{"), "{m}");
+
+    // Restart under continuous traffic: not one packet lost.
+    let receiver = {
+        let _in = edge.sites[0].ns.enter().expect("enter site");
+        UdpSocket::bind((edge.sites[0].server, 9000)).expect("bind")
+    };
+    receiver
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    let sender = {
+        let _in = edge.inet.enter().expect("enter inet");
+        UdpSocket::bind("198.51.100.100:0").expect("bind")
+    };
+    let counting = std::thread::spawn(move || {
+        let mut seen = BTreeSet::new();
+        let mut buf = [0u8; 64];
+        let mut idle = 0;
+        while idle < 10 {
+            match receiver.recv(&mut buf) {
+                Ok(8) => {
+                    seen.insert(u64::from_be_bytes(buf[..8].try_into().expect("8 bytes")));
+                    idle = 0;
+                }
+                Ok(_) => {}
+                Err(_) => idle += 1,
+            }
+        }
+        seen
+    });
+    let sending = Arc::new(AtomicBool::new(true));
+    let flag = sending.clone();
+    let target = SocketAddr::from((edge.sites[0].server, 9000));
+    let traffic = std::thread::spawn(move || {
+        let mut n: u64 = 0;
+        let started = Instant::now();
+        // 2,000 packets per second, bounded to 20 s.
+        while flag.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(20) {
+            sender.send_to(&n.to_be_bytes(), target).expect("send");
+            n += 1;
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        n
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    d.restart().expect("restart");
+    std::thread::sleep(Duration::from_millis(500));
+    sending.store(false, Ordering::Relaxed);
+    let sent = traffic.join().expect("sender");
+    let seen = counting.join().expect("receiver");
+    let s4 = status(&d);
+    eprintln!("restart under traffic: {sent} sent, {} received", seen.len());
+    assert!(sent > 1000, "too little traffic to show anything: {sent}");
+    assert_eq!(seen.len() as u64, sent, "packets lost across the restart:\n{}", d.log());
+    assert_eq!(s4["data_plane"]["opened"], "adopted");
+    assert_eq!(
+        s4["data_plane"]["program_id"], program,
+        "the same program keeps running"
+    );
+    assert_eq!(s4["data_plane"]["consistent"], true);
+    assert_eq!(customers(&s4), customers(&s3));
+    assert!(
+        d.log().contains("0 added, 0 changed, 0 removed"),
+        "adopting the same config writes nothing:\n{}",
+        d.log()
+    );
+    assert_eq!(http::get_many(&edge.inet, edge.sites[1].server, 5), 5);
+
+    // `moat down` is what stops forwarding.
+    let out = d.down().expect("moat down");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!d.pin_dir.exists(), "pins removed");
+    let link = edge
+        .node
+        .exec("ip", &["-d", "link", "show", "n-inet"])
+        .expect("ip link");
+    assert!(
+        !String::from_utf8_lossy(&link.stdout).contains("prog/xdp"),
+        "still attached after moat down"
+    );
+    assert_eq!(
+        http::get_many(&edge.inet, edge.sites[0].server, 2),
+        0,
+        "forwarding must stop"
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    assert!(server1.join().expect("server 1") >= 25);
+    assert!(server2.join().expect("server 2") >= 10);
+}
+
+#[test]
+fn validate_cli() {
+    let dir = std::env::temp_dir().join(format!("moat-t-validate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let good = dir.join("good.yaml");
+    std::fs::write(&good, Edge::config_yaml(&[(0, 42), (1, 7)])).expect("write");
+    let out = std::process::Command::new(BIN)
+        .args(["validate", "-c"])
+        .arg(&good)
+        .output()
+        .expect("moat validate");
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "ok: 2 customers, 2 prefixes, 2 tunnels, 2 routes\n"
+    );
+    let bad = dir.join("bad.yaml");
+    let text = Edge::config_yaml(&[(0, 42), (1, 42)]).replace("remote: 192.0.2.26", "remote: 192.0.2.10")
+        + "  - name: acme\n    prefixes: [203.0.113.0/26]\n";
+    std::fs::write(&bad, text).expect("write");
+    let out = std::process::Command::new(BIN)
+        .args(["validate", "-c"])
+        .arg(&bad)
+        .output()
+        .expect("moat validate");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains(": error: ")).collect();
+    assert!(errors.len() >= 2, "every error at once: {stderr}");
+    for e in &errors {
+        let rest = e.strip_prefix(&format!("{}:", bad.display())).expect("FILE:");
+        let mut parts = rest.splitn(3, ':');
+        let line: usize = parts.next().and_then(|p| p.parse().ok()).expect("LINE");
+        let col: usize = parts.next().and_then(|p| p.parse().ok()).expect("COL");
+        assert!(line > 0 && col > 0, "{e}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
