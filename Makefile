@@ -14,3 +14,4 @@ test:
 
 bench: setup
 	cargo run --release -p moat-lab --bin moat-bench
+	cargo run --release -p moat-lab --bin moat-apply-bench

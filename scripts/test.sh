@@ -33,8 +33,9 @@ cargo test --release 2>&1 | tee "$log"
 step "demo"
 cargo run --release -p moat -- demo --requests 50
 
-step "benchmark (smoke: tiny counts, figures not asserted)"
+step "benchmarks (smoke: small counts, figures not asserted)"
 cargo run --release -p moat-lab --bin moat-bench -- --quick
+cargo run --release -p moat-lab --bin moat-apply-bench -- --quick
 
 # One closing line for the whole run.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }

@@ -46,7 +46,10 @@ impl std::fmt::Display for Resolution {
                 h.link_mtu
             ),
             Resolution::Unresolved { ifindex, neighbour } => {
-                write!(f, "unresolved (gateway {neighbour} on ifindex {ifindex} has no MAC yet)")
+                write!(
+                    f,
+                    "unresolved (gateway {neighbour} on ifindex {ifindex} has no MAC yet)"
+                )
             }
             Resolution::NoRoute => f.write_str("no route"),
         }

@@ -54,6 +54,8 @@ pub struct Options {
 
 /// How often next hops are resolved again without any announcement.
 const REFRESH: Duration = Duration::from_secs(10);
+/// How often an unresolved gateway's managed neighbour entry is renewed.
+const MANAGED_RETRY: Duration = Duration::from_secs(3);
 /// How long announcements are collected before resolving.
 const DEBOUNCE: Duration = Duration::from_millis(50);
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -125,13 +127,16 @@ impl State {
                 }
             };
             if let Resolution::Unresolved { ifindex, neighbour } = r {
-                let due = self
-                    .managed
-                    .get(&(ifindex, neighbour))
-                    .is_none_or(|t| t.elapsed() > Duration::from_secs(60));
-                if due {
+                // Asked again while it stays unresolved (the entry may have
+                // been deleted), at most every few seconds: the request
+                // itself is announced and wakes the refresh loop.
+                let last = self.managed.get(&(ifindex, neighbour));
+                if last.is_none_or(|t| t.elapsed() > MANAGED_RETRY) {
                     match self.resolver.ensure_managed(ifindex, neighbour) {
-                        Ok(()) => info!(%neighbour, ifindex, "asked the kernel to keep the gateway resolved"),
+                        Ok(()) if last.is_none() => {
+                            info!(%neighbour, ifindex, "asked the kernel to keep the gateway resolved")
+                        }
+                        Ok(()) => {}
                         Err(e) => warn!(%neighbour, ifindex, "managed neighbour entry: {e}"),
                     }
                     self.managed.insert((ifindex, neighbour), Instant::now());

@@ -143,6 +143,50 @@ fn daemon_end_to_end() {
     );
     assert!(m.contains("moat_build_info{"), "{m}");
 
+    // Next hops follow the kernel: a changed neighbour reaches the tunnel
+    // entry at once; a deleted one is resolved again by the kernel (managed
+    // entry) and traffic flows again.
+    let next_hop = |d: &Daemon| {
+        status(d)["tunnels"]
+            .as_array()
+            .expect("tunnels")
+            .iter()
+            .find(|t| t["name"] == "acme-site")
+            .map(|t| t["next_hop"].as_str().unwrap_or_default().to_string())
+            .expect("acme-site")
+    };
+    let real = next_hop(&d);
+    let wait_for = |what: &str, ok: &dyn Fn(&str) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let hop = next_hop(&d);
+            if ok(&hop) {
+                return hop;
+            }
+            assert!(Instant::now() < deadline, "{what}: next hop still {hop}\n{}", d.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    edge.node.ip(&[
+        "neigh",
+        "replace",
+        "192.0.2.10",
+        "lladdr",
+        "02:00:00:00:be:ef",
+        "dev",
+        "n-site1",
+        "nud",
+        "permanent",
+    ]);
+    wait_for("neighbour changed", &|h| h.contains("02:00:00:00:be:ef"));
+    edge.node.ip(&["neigh", "del", "192.0.2.10", "dev", "n-site1"]);
+    let again = wait_for("neighbour deleted", &|h| {
+        h.starts_with("ifindex") && !h.contains("be:ef")
+    });
+    assert_eq!(again, real);
+    assert_eq!(http::get_many(&edge.inet, edge.sites[0].server, 5), 5);
+    assert!(d.log().contains("next hop changed"), "{}", d.log());
+
     // Restart under continuous traffic: not one packet lost.
     let receiver = {
         let _in = edge.sites[0].ns.enter().expect("enter site");
