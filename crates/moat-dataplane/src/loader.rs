@@ -461,6 +461,15 @@ impl Dataplane {
         self.applied.as_ref()
     }
 
+    /// Forgets what the last apply kept about the maps (the ids stay): the
+    /// next apply reads the maps back and rewrites whatever differs, e.g.
+    /// after something other than moat changed them.
+    pub fn resync(&mut self) {
+        if let Some(applied) = self.applied.as_mut() {
+            applied.state = crate::apply::Carry(None);
+        }
+    }
+
     /// Interfaces the program is attached to.
     pub fn attached(&self) -> impl Iterator<Item = &str> {
         self.links.iter().map(|(i, _)| i.as_str())

@@ -26,11 +26,17 @@ pub struct Daemon {
     log: PathBuf,
     child: Option<Child>,
     starts: u32,
+    extra: Vec<String>,
 }
 
 impl Daemon {
     /// Writes `config` and starts `moat run` in `ns`; returns once it answers.
     pub fn start(bin: &Path, ns: &NetNs, config: &str) -> io::Result<Daemon> {
+        Self::start_with(bin, ns, config, &[])
+    }
+
+    /// [`Daemon::start`] with extra `moat run` arguments.
+    pub fn start_with(bin: &Path, ns: &NetNs, config: &str, extra: &[&str]) -> io::Result<Daemon> {
         let tag = format!(
             "{PREFIX}-d{}-{}",
             std::process::id(),
@@ -48,6 +54,7 @@ impl Daemon {
             dir,
             child: None,
             starts: 0,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         d.write_config(config)?;
         d.spawn()?;
@@ -74,6 +81,7 @@ impl Daemon {
             .arg(&self.pin_dir)
             .arg("--socket")
             .arg(&self.socket)
+            .args(&self.extra)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -50,6 +50,8 @@ pub struct Options {
     pub config: PathBuf,
     pub pin_dir: PathBuf,
     pub socket: PathBuf,
+    /// How often the maps are read back and compared with the generation.
+    pub verify_interval: Duration,
 }
 
 /// How often next hops are resolved again without any announcement.
@@ -87,6 +89,8 @@ struct State {
     next_hops: BTreeMap<Ipv4Addr, Resolution>,
     /// Gateways already given a managed neighbour entry, and when.
     managed: BTreeMap<(u32, Ipv4Addr), Instant>,
+    /// Differences found by the last verification (before repairing them).
+    last_differences: usize,
 }
 
 /// Loads and validates a file: the config or every diagnostic as text.
@@ -298,6 +302,35 @@ impl State {
         }
     }
 
+    /// Reads the maps back; any difference from the generation in force
+    /// is logged and repaired by an apply that reads the maps back.
+    fn verify(&mut self) {
+        let maps = match self.dp.read_back() {
+            Ok(m) => m,
+            Err(e) => {
+                error!("verifying the data plane: reading the maps: {e}");
+                return;
+            }
+        };
+        let differences = status::differences(&maps, &self.desired);
+        self.last_differences = differences.len();
+        if differences.is_empty() {
+            return;
+        }
+        error!(
+            generation = self.generation,
+            count = differences.len(),
+            first = %differences[0],
+            "the maps differ from the generation in force (changed outside moat?); repairing"
+        );
+        self.dp.resync();
+        let (config, hops) = (self.config.clone(), self.next_hops.clone());
+        match self.apply(&config, &hops) {
+            Ok(summary) => info!(generation = self.generation, "repaired: {summary}"),
+            Err(e) => error!(generation = self.generation, "repairing the data plane: {e:#}"),
+        }
+    }
+
     fn status(&mut self) -> Result<Status> {
         let maps = self.dp.read_back()?;
         let differences = status::differences(&maps, &self.desired);
@@ -360,6 +393,7 @@ impl State {
             generation: self.generation,
             last_reload_ok: self.last_reload.result == "ok",
             last_reload_at: self.last_reload.at,
+            differences: self.last_differences,
             reasons: status::reasons(&counters).into_iter().collect(),
             ..metrics::Snapshot::default()
         };
@@ -565,6 +599,7 @@ async fn serve(opts: Options, config: Config) -> Result<()> {
         resolver,
         next_hops: BTreeMap::new(),
         managed: BTreeMap::new(),
+        last_differences: 0,
     };
     let hops = state.resolve_all(&config);
     let summary = state.apply(&config, &hops)?;
@@ -612,6 +647,7 @@ async fn serve(opts: Options, config: Config) -> Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let (down_tx, mut down_rx) = mpsc::unbounded_channel::<()>();
     let mut tick = tokio::time::interval(REFRESH);
+    let mut verify = tokio::time::interval_at(tokio::time::Instant::now() + opts.verify_interval, opts.verify_interval);
     info!(socket = %opts.socket.display(), "ready");
     let outcome = loop {
         tokio::select! {
@@ -632,6 +668,10 @@ async fn serve(opts: Options, config: Config) -> Result<()> {
             _ = tick.tick() => {
                 let st = state.clone();
                 tokio::task::spawn_blocking(move || st.lock().unwrap_or_else(|p| p.into_inner()).refresh()).await?;
+            }
+            _ = verify.tick() => {
+                let st = state.clone();
+                tokio::task::spawn_blocking(move || st.lock().unwrap_or_else(|p| p.into_inner()).verify()).await?;
             }
             accepted = listener.accept() => {
                 if let Ok((stream, _)) = accepted {

@@ -46,6 +46,10 @@ enum Command {
         socket: PathBuf,
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
+        /// Seconds between read-backs of the maps that compare them with the
+        /// generation in force and repair any difference.
+        #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+        verify_interval: u64,
     },
     /// Ask the running daemon to re-read its configuration.
     Reload {
@@ -109,12 +113,14 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             pin_dir,
             socket,
             log_format,
+            verify_interval,
         } => {
             init_logs(log_format);
             daemon::run(daemon::Options {
                 config,
                 pin_dir,
                 socket,
+                verify_interval: Duration::from_secs(verify_interval),
             })?;
             Ok(ExitCode::SUCCESS)
         }

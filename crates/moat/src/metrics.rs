@@ -26,6 +26,8 @@ pub struct Snapshot {
     pub generation: u64,
     pub last_reload_ok: bool,
     pub last_reload_at: u64,
+    /// Differences between the maps and the generation found by the last verification.
+    pub differences: usize,
     pub reasons: Vec<(String, Count)>,
     /// (customer, "in"/"out", "received"/"forwarded"/"dropped", count)
     pub customers: Vec<(String, &'static str, &'static str, Count)>,
@@ -66,6 +68,14 @@ pub fn encode_snapshot(s: &Snapshot) -> String {
         "last_reload_timestamp_seconds",
         "When the last reload (or the start) happened",
         at,
+    );
+
+    let diff: Gauge = Gauge::default();
+    diff.set(s.differences as i64);
+    r.register(
+        "data_plane_differences",
+        "Entries in which the maps differed from the generation in force at the last verification (then repaired)",
+        diff,
     );
 
     let reason_packets = Family::<Labels, Counter>::default();

@@ -314,3 +314,62 @@ fn validate_cli() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn status_flags_and_verification_repairs_maps_changed_behind_its_back() {
+    use aya::maps::{lpm_trie::Key, LpmTrie, Map, MapData};
+    use moat_common::DestValue;
+
+    let edge = Edge::new("drift").expect("topology");
+    let d = Daemon::start_with(
+        Path::new(BIN),
+        &edge.node,
+        &Edge::config_yaml(&[(0, 42), (1, 7)]),
+        &["--verify-interval", "5"],
+    )
+    .expect("moat run");
+    let clean = d.cli(&["status"]).expect("moat status");
+    assert_eq!(
+        clean.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&clean.stderr)
+    );
+
+    // Something other than moat removes acme's destination entry.
+    let data = MapData::from_pin(d.pin_dir.join("maps/DEST4")).expect("pinned DEST4");
+    let mut dest: LpmTrie<MapData, [u8; 4], DestValue> = LpmTrie::try_from(Map::LpmTrie(data)).expect("LPM trie");
+    dest.remove(&Key::new(25, [203, 0, 113, 0])).expect("remove");
+
+    let out = d.cli(&["status"]).expect("moat status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "status must fail on a difference: {text}");
+    assert!(
+        text.contains("MAPS DIFFER") && text.contains("destination 203.0.113.0/25: missing from the maps"),
+        "{text}"
+    );
+    let s = status(&d);
+    assert_eq!(s["data_plane"]["consistent"], false);
+    assert_eq!(
+        customers(&s),
+        BTreeSet::from(["globex".to_string()]),
+        "status shows the maps, not the config"
+    );
+
+    // The periodic verification puts it back.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while status(&d)["data_plane"]["consistent"] != true {
+        assert!(Instant::now() < deadline, "not repaired:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        customers(&status(&d)),
+        BTreeSet::from(["acme".to_string(), "globex".to_string()])
+    );
+    assert!(
+        d.log().contains("repairing") && d.log().contains("repaired: "),
+        "{}",
+        d.log()
+    );
+    assert!(dest.get(&Key::new(25, [203, 0, 113, 0]), 0).is_ok());
+}
