@@ -128,8 +128,18 @@ impl PinDir {
         self.root.join("links")
     }
     pub fn link(&self, interface: &str) -> PathBuf {
-        self.links().join(interface)
+        self.links().join(escape(interface))
     }
+}
+
+/// An interface name as a bpffs entry name: bpffs refuses dots (VLAN
+/// interfaces such as `eth0.100` have them), so `%` and `.` are escaped.
+fn escape(interface: &str) -> String {
+    interface.replace('%', "%25").replace('.', "%2e")
+}
+
+fn unescape(name: &str) -> String {
+    name.replace("%2e", ".").replace("%25", "%")
 }
 
 /// Where the maps come from while the data plane is being opened.
@@ -264,7 +274,7 @@ impl Dataplane {
                 for entry in entries.flatten() {
                     let path = entry.path();
                     let link = PinnedLink::from_pin(&path).map_err(|e| pin_err(&path, e))?;
-                    pinned_links.push((entry.file_name().to_string_lossy().into_owned(), link));
+                    pinned_links.push((unescape(&entry.file_name().to_string_lossy()), link));
                 }
             }
             pinned_links.sort_by(|a, b| a.0.cmp(&b.0));
@@ -283,7 +293,9 @@ impl Dataplane {
                 return Err(Error::Pin {
                     path: other.path().display().to_string(),
                     message: format!(
-                        "pinned by another moat build (this build is {}); stop it with `moat down` first",
+                        "pinned by another moat build (this build is {}); that data plane keeps forwarding, \
+                         unmanaged, until the build that pinned it runs again or `moat down` stops it \
+                         (replacing a running data plane in place is not supported yet)",
                         build_id()
                     ),
                 });
@@ -314,7 +326,7 @@ impl Dataplane {
             for entry in entries.flatten() {
                 let path = entry.path();
                 std::fs::remove_file(&path).map_err(|e| pin_err(&path, e))?;
-                detached.push(entry.file_name().to_string_lossy().into_owned());
+                detached.push(unescape(&entry.file_name().to_string_lossy()));
             }
         }
         for dir in [pins.programs(), pins.root().join("maps")] {

@@ -5,7 +5,7 @@
 //! The data plane then transmits encapsulated packets without asking the
 //! kernel per packet.
 
-use std::net::Ipv4Addr;
+use std::{collections::HashMap, net::Ipv4Addr};
 
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE, NLM_F_REQUEST,
@@ -69,6 +69,8 @@ impl Resolution {
 pub struct Resolver {
     socket: Socket,
     seq: u32,
+    /// The errno of the last single (non-dump) request the kernel refused.
+    last_errno: Option<i32>,
 }
 
 fn nl_err(what: &str, e: impl std::fmt::Display) -> Error {
@@ -85,12 +87,17 @@ impl Resolver {
         socket
             .connect(&SocketAddr::new(0, 0))
             .map_err(|e| nl_err("connect", e))?;
-        Ok(Resolver { socket, seq: 0 })
+        Ok(Resolver {
+            socket,
+            seq: 0,
+            last_errno: None,
+        })
     }
 
     /// Sends one request and collects the replies (all parts of a dump).
     fn request(&mut self, msg: RouteNetlinkMessage, dump: bool) -> Result<Vec<RouteNetlinkMessage>, Error> {
         self.seq = self.seq.wrapping_add(1);
+        self.last_errno = None;
         let mut header = NetlinkHeader::default();
         header.flags = NLM_F_REQUEST | if dump { NLM_F_DUMP } else { 0 };
         header.sequence_number = self.seq;
@@ -119,8 +126,12 @@ impl Resolver {
                         NetlinkPayload::Done(_) => return Ok(out),
                         NetlinkPayload::Error(e) => {
                             return match e.code {
-                                // Routing errors (e.g. ENETUNREACH) mean "no route".
-                                Some(_) if !dump => Ok(out),
+                                // Routing errors (e.g. ENETUNREACH) mean "no route";
+                                // callers that care look at `last_errno`.
+                                Some(c) if !dump => {
+                                    self.last_errno = Some(-c.get());
+                                    Ok(out)
+                                }
                                 Some(c) => Err(nl_err("kernel", c)),
                                 None => Ok(out),
                             };
@@ -138,6 +149,54 @@ impl Resolver {
 
     /// Resolves the next hop toward `remote`.
     pub fn resolve(&mut self, remote: Ipv4Addr) -> Result<Resolution, Error> {
+        Ok(self.resolve_many(&[remote])?.remove(0))
+    }
+
+    /// Resolves the next hops toward every remote, with one route query
+    /// per remote and one dump of the neighbour table in all.
+    pub fn resolve_many(&mut self, remotes: &[Ipv4Addr]) -> Result<Vec<Resolution>, Error> {
+        let mut routes = Vec::with_capacity(remotes.len());
+        for &remote in remotes {
+            routes.push(self.route(remote)?);
+        }
+        if routes.iter().all(Option::is_none) {
+            return Ok(vec![Resolution::NoRoute; remotes.len()]);
+        }
+        let neighbours = self.neighbours()?;
+        let mut links: HashMap<u32, Option<([u8; 6], u16)>> = HashMap::new();
+        let mut out = Vec::with_capacity(remotes.len());
+        for route in routes {
+            let Some((ifindex, neighbour)) = route else {
+                out.push(Resolution::NoRoute);
+                continue;
+            };
+            let Some(&dmac) = neighbours.get(&(ifindex, neighbour)) else {
+                out.push(Resolution::Unresolved { ifindex, neighbour });
+                continue;
+            };
+            let link = match links.get(&ifindex) {
+                Some(l) => *l,
+                None => {
+                    let l = self.link(ifindex)?;
+                    links.insert(ifindex, l);
+                    l
+                }
+            };
+            out.push(match link {
+                Some((smac, link_mtu)) => Resolution::Ready(NextHop {
+                    ifindex,
+                    smac,
+                    dmac,
+                    link_mtu,
+                }),
+                None => Resolution::Unresolved { ifindex, neighbour },
+            });
+        }
+        Ok(out)
+    }
+
+    /// The route toward `remote`: (interface, gateway or the remote itself).
+    fn route(&mut self, remote: Ipv4Addr) -> Result<Option<(u32, Ipv4Addr)>, Error> {
         let mut q = RouteMessage::default();
         q.header.address_family = AddressFamily::Inet;
         q.header.destination_prefix_length = 32;
@@ -145,10 +204,10 @@ impl Resolver {
             .push(RouteAttribute::Destination(RouteAddress::Inet(remote)));
         let Some(RouteNetlinkMessage::NewRoute(route)) = self.request(RouteNetlinkMessage::GetRoute(q), false)?.pop()
         else {
-            return Ok(Resolution::NoRoute);
+            return Ok(None);
         };
         if route.header.kind != RouteType::Unicast {
-            return Ok(Resolution::NoRoute);
+            return Ok(None);
         }
         let mut ifindex = 0;
         let mut neighbour = remote;
@@ -159,16 +218,17 @@ impl Resolver {
                 _ => {}
             }
         }
-        if ifindex == 0 {
-            return Ok(Resolution::NoRoute);
-        }
+        Ok((ifindex != 0).then_some((ifindex, neighbour)))
+    }
 
+    /// Usable IPv4 neighbour entries: (interface, address) -> MAC.
+    fn neighbours(&mut self) -> Result<HashMap<(u32, Ipv4Addr), [u8; 6]>, Error> {
         let mut n = NeighbourMessage::default();
         n.header.family = AddressFamily::Inet;
-        let neighbours = self.request(RouteNetlinkMessage::GetNeighbour(n), true)?;
-        let dmac = neighbours.iter().find_map(|m| {
+        let mut out = HashMap::new();
+        for m in self.request(RouteNetlinkMessage::GetNeighbour(n), true)? {
             let RouteNetlinkMessage::NewNeighbour(m) = m else {
-                return None;
+                continue;
             };
             let usable = matches!(
                 m.header.state,
@@ -179,27 +239,32 @@ impl Resolver {
                     | NeighbourState::Permanent
                     | NeighbourState::Noarp
             );
-            let ours = m.header.ifindex == ifindex
-                && m.attributes.iter().any(
-                    |a| matches!(a, NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) if *d == neighbour),
-                );
-            if !(usable && ours) {
-                return None;
+            if !usable {
+                continue;
             }
-            m.attributes.iter().find_map(|a| match a {
-                NeighbourAttribute::LinkLocalAddress(mac) if mac.len() == 6 => mac_array(mac),
-                _ => None,
-            })
-        });
-        let Some(dmac) = dmac else {
-            return Ok(Resolution::Unresolved { ifindex, neighbour });
-        };
+            let mut dst = None;
+            let mut mac = None;
+            for a in &m.attributes {
+                match a {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) => dst = Some(*d),
+                    NeighbourAttribute::LinkLocalAddress(l) => mac = mac_array(l),
+                    _ => {}
+                }
+            }
+            if let (Some(d), Some(mac)) = (dst, mac) {
+                out.insert((m.header.ifindex, d), mac);
+            }
+        }
+        Ok(out)
+    }
 
+    /// An interface's MAC and MTU.
+    fn link(&mut self, ifindex: u32) -> Result<Option<([u8; 6], u16)>, Error> {
         let mut l = LinkMessage::default();
         l.header.index = ifindex;
         let Some(RouteNetlinkMessage::NewLink(link)) = self.request(RouteNetlinkMessage::GetLink(l), false)?.pop()
         else {
-            return Ok(Resolution::Unresolved { ifindex, neighbour });
+            return Ok(None);
         };
         let mut smac = None;
         let mut mtu = 0;
@@ -210,15 +275,7 @@ impl Resolver {
                 _ => {}
             }
         }
-        let Some(smac) = smac else {
-            return Ok(Resolution::Unresolved { ifindex, neighbour });
-        };
-        Ok(Resolution::Ready(NextHop {
-            ifindex,
-            smac,
-            dmac,
-            link_mtu: mtu.min(u32::from(u16::MAX)) as u16,
-        }))
+        Ok(smac.map(|m| (m, mtu.min(u32::from(u16::MAX)) as u16)))
     }
 }
 
@@ -230,10 +287,25 @@ const NTF_EXT_MANAGED: u32 = 1;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InterfaceXdp {
     pub ifindex: u32,
-    /// Id of the attached program, if any.
+    /// Id of the attached program when only one is attached.
     pub program: Option<u32>,
-    /// "native", "generic", "offload" or "none".
+    /// "native", "generic", "offload", "multiple" or "none".
     pub mode: &'static str,
+    /// Programs per mode (set when several modes are in use at once).
+    pub native: Option<u32>,
+    pub generic: Option<u32>,
+}
+
+impl InterfaceXdp {
+    /// Whether `program` runs in `mode` ("native" or "generic") here.
+    pub fn runs(&self, program: u32, mode: &str) -> bool {
+        let per_mode = match mode {
+            "native" => self.native,
+            "generic" => self.generic,
+            _ => None,
+        };
+        per_mode == Some(program) || (self.mode == mode && self.program == Some(program))
+    }
 }
 
 impl Resolver {
@@ -309,18 +381,28 @@ impl Resolver {
         l.attributes.push(LinkAttribute::IfName(name.to_string()));
         let Some(RouteNetlinkMessage::NewLink(link)) = self.request(RouteNetlinkMessage::GetLink(l), false)?.pop()
         else {
-            return Ok(None);
+            return match self.last_errno {
+                Some(libc::ENODEV) | None => Ok(None),
+                Some(e) => Err(nl_err(
+                    &format!("interface {name}"),
+                    std::io::Error::from_raw_os_error(e),
+                )),
+            };
         };
         let mut out = InterfaceXdp {
             ifindex: link.header.index,
             program: None,
             mode: "none",
+            native: None,
+            generic: None,
         };
         for a in &link.attributes {
             if let LinkAttribute::Xdp(xdp) = a {
                 for x in xdp {
                     match x {
                         LinkXdp::ProgId(id) if *id != 0 => out.program = Some(*id),
+                        LinkXdp::DrvProgId(id) if *id != 0 => out.native = Some(*id),
+                        LinkXdp::SkbProgId(id) if *id != 0 => out.generic = Some(*id),
                         LinkXdp::Attached(XdpAttached::Driver) => out.mode = "native",
                         LinkXdp::Attached(XdpAttached::SocketBuffer) => out.mode = "generic",
                         LinkXdp::Attached(XdpAttached::Hardware) => out.mode = "offload",

@@ -33,7 +33,7 @@ use moat_dataplane::{
     Compiled, Dataplane, Opened, PinDir, XdpMode,
 };
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
     signal::unix::{signal, SignalKind},
     sync::mpsc,
@@ -58,6 +58,8 @@ pub struct Options {
 const REFRESH: Duration = Duration::from_secs(10);
 /// How often an unresolved gateway's managed neighbour entry is renewed.
 const MANAGED_RETRY: Duration = Duration::from_secs(3);
+/// Shortest time between two refreshes triggered by announcements.
+const MIN_REFRESH: Duration = Duration::from_millis(250);
 /// How long announcements are collected before resolving.
 const DEBOUNCE: Duration = Duration::from_millis(50);
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -116,20 +118,27 @@ impl State {
     /// Resolves every tunnel remote; asks the kernel to keep unresolved
     /// gateways resolved.
     fn resolve_all(&mut self, config: &Config) -> BTreeMap<Ipv4Addr, Resolution> {
-        let remotes: BTreeSet<Ipv4Addr> = config
+        let remotes: Vec<Ipv4Addr> = config
             .customers
             .iter()
             .flat_map(|c| c.tunnels.iter().map(|t| t.remote))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
             .collect();
+        let resolved = match self.resolver.resolve_many(&remotes) {
+            Ok(r) => r,
+            Err(e) => {
+                // A failed query says nothing about the next hops: keep the
+                // ones in force rather than cutting tunnels off.
+                warn!("resolving next hops: {e}; keeping the previous ones");
+                remotes
+                    .iter()
+                    .map(|r| self.next_hops.get(r).copied().unwrap_or(Resolution::NoRoute))
+                    .collect()
+            }
+        };
         let mut out = BTreeMap::new();
-        for remote in remotes {
-            let r = match self.resolver.resolve(remote) {
-                Ok(r) => r,
-                Err(e) => {
-                    warn!(%remote, "resolving the next hop: {e}");
-                    Resolution::NoRoute
-                }
-            };
+        for (remote, r) in remotes.into_iter().zip(resolved) {
             if let Resolution::Unresolved { ifindex, neighbour } = r {
                 // Asked again while it stays unresolved (the entry may have
                 // been deleted), at most every few seconds: the request
@@ -151,8 +160,34 @@ impl State {
         out
     }
 
-    /// Compiles `config` with `hops` and applies it; attaches as configured.
+    /// Compiles `config` with `hops` and applies it; attaches as
+    /// configured. On a failure the previous configuration and next hops
+    /// are applied again (reading the maps back), so nothing stays half
+    /// applied; the error is returned.
     fn apply(&mut self, config: &Config, hops: &BTreeMap<Ipv4Addr, Resolution>) -> Result<String> {
+        let result = self.try_apply(config, hops);
+        if let Err(e) = &result {
+            if self.generation == 0 {
+                return result;
+            }
+            warn!(
+                generation = self.generation,
+                "apply failed ({e:#}); restoring the generation in force"
+            );
+            self.dp.resync();
+            let (previous, previous_hops) = (self.config.clone(), self.next_hops.clone());
+            match self.try_apply(&previous, &previous_hops) {
+                Ok(summary) => info!(generation = self.generation, "restored: {summary}"),
+                Err(e) => error!(
+                    generation = self.generation,
+                    "restoring the generation in force failed too ({e:#}); the verification retries"
+                ),
+            }
+        }
+        result
+    }
+
+    fn try_apply(&mut self, config: &Config, hops: &BTreeMap<Ipv4Addr, Resolution>) -> Result<String> {
         let started = Instant::now();
         let spec = config.to_spec();
         let compiled = compile(
@@ -161,9 +196,19 @@ impl State {
             self.dp.applied(),
         )
         .context("compiling the configuration")?;
+        // A running data plane gets its new interfaces before the maps
+        // change (they serve the generation in force meanwhile); a fresh
+        // one is attached only once its maps are full.
+        let fresh = self.generation == 0 && self.opened == Opened::Loaded;
+        if !fresh {
+            self.attach_configured(config)?;
+        }
         let report = self.dp.apply(&compiled).context("writing the data plane")?;
         self.desired = compiled;
-        self.sync_interfaces(config)?;
+        if fresh {
+            self.attach_configured(config)?;
+        }
+        self.detach_unconfigured(config)?;
         Ok(format!(
             "{} added, {} changed, {} removed in {:.1} ms",
             report.added,
@@ -173,29 +218,42 @@ impl State {
         ))
     }
 
-    /// Makes the attachments match the config: attach what is missing,
-    /// re-attach what is stale or in another mode, detach what is gone.
-    fn sync_interfaces(&mut self, config: &Config) -> Result<()> {
+    /// Attaches to every configured interface where our program does not
+    /// run in the configured mode (missing, stale after the interface was
+    /// re-created, or another mode). An interface the kernel cannot answer
+    /// for is left as it is.
+    fn attach_configured(&mut self, config: &Config) -> Result<()> {
         let ours = self.dp.program_id()?;
         for iface in &config.node.interfaces {
             let (mode, mode_name) = xdp_mode(iface.xdp_mode);
-            let kernel = self.resolver.interface_xdp(&iface.name)?;
+            let kernel = self
+                .resolver
+                .interface_xdp(&iface.name)
+                .with_context(|| format!("asking the kernel about {}", iface.name))?;
+            let Some(kernel) = kernel else {
+                bail!("interface {} does not exist", iface.name);
+            };
             let pinned = self.dp.pinned_interfaces().any(|i| i == iface.name);
-            let good = kernel
-                .as_ref()
-                .is_some_and(|k| k.program == Some(ours) && k.mode == mode_name);
-            if pinned && good {
+            if pinned && kernel.runs(ours, mode_name) {
                 continue;
             }
             if pinned {
-                warn!(interface = %iface.name, ?kernel, "attachment stale or in another mode; attaching again");
+                // Native and generic cannot be active at once: a mode change
+                // (or a re-created interface) means detaching first.
+                warn!(interface = %iface.name, kernel_mode = kernel.mode, mode = mode_name,
+                    "attachment stale or in another mode; attaching again");
                 self.dp.detach_pinned(&iface.name)?;
             }
             self.dp
                 .attach(&iface.name, mode)
-                .with_context(|| format!("attaching to {}", iface.name))?;
+                .with_context(|| format!("attaching to {} ({mode_name})", iface.name))?;
             info!(interface = %iface.name, mode = mode_name, "attached");
         }
+        Ok(())
+    }
+
+    /// Detaches from interfaces no longer configured.
+    fn detach_unconfigured(&mut self, config: &Config) -> Result<()> {
         let gone: Vec<String> = self
             .dp
             .pinned_interfaces()
@@ -221,7 +279,11 @@ impl State {
         }
         let hops = self.resolve_all(&config);
         match self.apply(&config, &hops) {
-            Ok(summary) => {
+            Ok(mut summary) => {
+                if config.node.metrics != self.config.node.metrics {
+                    warn!("node.metrics changed: the metrics listener moves at the next start");
+                    summary.push_str(" (node.metrics changed: takes effect at the next start)");
+                }
                 self.generation += 1;
                 self.config = config;
                 self.next_hops = hops;
@@ -282,6 +344,9 @@ impl State {
     /// Resolves next hops again and applies any change.
     fn refresh(&mut self) {
         let config = self.config.clone();
+        if let Err(e) = self.attach_configured(&config) {
+            warn!("checking the attachments: {e:#}");
+        }
         let hops = self.resolve_all(&config);
         if hops == self.next_hops {
             return;
@@ -333,7 +398,7 @@ impl State {
 
     fn status(&mut self) -> Result<Status> {
         let maps = self.dp.read_back()?;
-        let differences = status::differences(&maps, &self.desired);
+        let mut differences = status::differences(&maps, &self.desired);
         let customers: BTreeSet<u32> = maps
             .dest4
             .values()
@@ -346,15 +411,25 @@ impl State {
         let mut interfaces = Vec::new();
         let ours = self.dp.program_id()?;
         for i in &self.config.node.interfaces {
+            let mode = xdp_mode(i.xdp_mode).1;
             let k = self.resolver.interface_xdp(&i.name)?;
+            let attached = k.as_ref().is_some_and(|k| k.runs(ours, mode));
+            if !attached {
+                differences.push(format!(
+                    "interface {}: our program does not run there in {mode} mode",
+                    i.name
+                ));
+            }
             interfaces.push(status::Interface {
                 name: i.name.clone(),
-                configured_mode: xdp_mode(i.xdp_mode).1.into(),
+                configured_mode: mode.into(),
                 mode: k.as_ref().map_or("missing", |k| k.mode).into(),
-                attached: k.as_ref().is_some_and(|k| k.program == Some(ours)),
-                program_id: k.and_then(|k| k.program),
+                attached,
+                program_id: k.and_then(|k| k.program.or(k.native).or(k.generic)),
             });
         }
+        let difference_count = differences.len();
+        differences.truncate(status::MAX_DIFFERENCES);
         Ok(Status {
             node: self.config.node.name.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -371,7 +446,8 @@ impl State {
                 .into(),
                 program_id: ours,
                 pin_dir: self.pins.root().display().to_string(),
-                consistent: differences.is_empty(),
+                consistent: difference_count == 0,
+                difference_count,
                 differences,
                 entries,
             },
@@ -471,6 +547,12 @@ fn statfs_magic(path: &Path) -> Option<i64> {
 
 /// Makes sure `pin_dir` lies on bpffs, mounting /sys/fs/bpf if needed.
 fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
+    if pin_dir
+        .components()
+        .any(|c| c.as_os_str().to_string_lossy().contains('.'))
+    {
+        bail!("pin directory {}: bpffs does not allow '.' in names", pin_dir.display());
+    }
     let mut existing = pin_dir.to_path_buf();
     while !existing.exists() {
         if !existing.pop() {
@@ -557,6 +639,10 @@ pub fn run(opts: Options) -> Result<()> {
 }
 
 async fn serve(opts: Options, config: Config) -> Result<()> {
+    // Signals first: a SIGHUP during a long start must not kill the daemon.
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let mut resolver = Resolver::new()?;
     let problems = check_node(&mut resolver, &config);
     if !problems.is_empty() {
@@ -602,7 +688,20 @@ async fn serve(opts: Options, config: Config) -> Result<()> {
         last_differences: 0,
     };
     let hops = state.resolve_all(&config);
-    let summary = state.apply(&config, &hops)?;
+    let summary = match state.apply(&config, &hops) {
+        Ok(s) => s,
+        Err(e) => {
+            if opened == Opened::Loaded {
+                // Nothing was forwarding before this start: leave nothing behind.
+                let interfaces: Vec<String> = state.dp.pinned_interfaces().map(str::to_string).collect();
+                for i in interfaces {
+                    let _ = state.dp.detach_pinned(&i);
+                }
+                let _ = Dataplane::remove_pinned(&state.pins);
+            }
+            return Err(e.context("applying the configuration at start"));
+        }
+    };
     state.generation = 1;
     state.next_hops = hops;
     state.last_reload = status::Reload {
@@ -642,42 +741,47 @@ async fn serve(opts: Options, config: Config) -> Result<()> {
         ));
     }
 
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     let (down_tx, mut down_rx) = mpsc::unbounded_channel::<()>();
     let mut tick = tokio::time::interval(REFRESH);
+    let mut last_refresh = Instant::now();
     let mut verify = tokio::time::interval_at(tokio::time::Instant::now() + opts.verify_interval, opts.verify_interval);
     info!(socket = %opts.socket.display(), "ready");
     let outcome = loop {
         tokio::select! {
             _ = hup.recv() => {
                 info!("SIGHUP: reloading {}", opts.config.display());
-                let st = state.clone();
-                tokio::task::spawn_blocking(move || st.lock().unwrap_or_else(|p| p.into_inner()).reload()).await?;
+                blocking(&state, |st| {
+                    st.reload();
+                })
+                .await;
             }
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
             _ = down_rx.recv() => break "down",
             Some(()) = events.recv() => {
-                tokio::time::sleep(DEBOUNCE).await;
+                // Collect a burst of announcements, and refresh at most
+                // every MIN_REFRESH however busy the routing tables are.
+                let wait = DEBOUNCE.max(MIN_REFRESH.saturating_sub(last_refresh.elapsed()));
+                tokio::time::sleep(wait).await;
                 while events.try_recv().is_ok() {}
-                let st = state.clone();
-                tokio::task::spawn_blocking(move || st.lock().unwrap_or_else(|p| p.into_inner()).refresh()).await?;
+                blocking(&state, State::refresh).await;
+                last_refresh = Instant::now();
             }
             _ = tick.tick() => {
-                let st = state.clone();
-                tokio::task::spawn_blocking(move || st.lock().unwrap_or_else(|p| p.into_inner()).refresh()).await?;
+                blocking(&state, State::refresh).await;
+                last_refresh = Instant::now();
             }
-            _ = verify.tick() => {
-                let st = state.clone();
-                tokio::task::spawn_blocking(move || st.lock().unwrap_or_else(|p| p.into_inner()).verify()).await?;
-            }
-            accepted = listener.accept() => {
-                if let Ok((stream, _)) = accepted {
+            _ = verify.tick() => blocking(&state, State::verify).await,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
                     tokio::spawn(handle(stream, state.clone(), down_tx.clone()));
                 }
-            }
+                Err(e) => {
+                    // E.g. out of descriptors: back off instead of spinning.
+                    warn!("control socket: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
         }
     };
     let _ = std::fs::remove_file(&opts.socket);
@@ -692,11 +796,27 @@ async fn serve(opts: Options, config: Config) -> Result<()> {
     Ok(())
 }
 
+/// Runs `f` on the state in the blocking pool. A panic there is logged
+/// and the daemon goes on (the data plane is not touched by it).
+async fn blocking(state: &Arc<Mutex<State>>, f: impl FnOnce(&mut State) + Send + 'static) {
+    let st = state.clone();
+    if let Err(e) = tokio::task::spawn_blocking(move || f(&mut st.lock().unwrap_or_else(|p| p.into_inner()))).await {
+        error!("internal error (the daemon goes on): {e}");
+    }
+}
+
+/// Longest control request accepted.
+const MAX_REQUEST: u64 = 64 * 1024;
+
 /// One control connection: one request line, one response line.
 async fn handle(stream: UnixStream, state: Arc<Mutex<State>>, down: mpsc::UnboundedSender<()>) {
     let (rd, mut wr) = stream.into_split();
     let mut line = String::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), BufReader::new(rd).read_line(&mut line)).await;
+    let read = tokio::time::timeout(
+        Duration::from_secs(5),
+        BufReader::new(rd.take(MAX_REQUEST)).read_line(&mut line),
+    )
+    .await;
     let response = match read {
         Ok(Ok(n)) if n > 0 => match serde_json::from_str::<Request>(&line) {
             Ok(req) => {
@@ -723,7 +843,7 @@ async fn handle(stream: UnixStream, state: Arc<Mutex<State>>, down: mpsc::Unboun
     };
     if let Ok(mut text) = serde_json::to_string(&response) {
         text.push('\n');
-        let _ = wr.write_all(text.as_bytes()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(30), wr.write_all(text.as_bytes())).await;
     }
 }
 

@@ -163,6 +163,17 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::SUCCESS);
                 }
             }
+            // No daemon answers: remove the pins ourselves, unless a daemon
+            // (reached through another socket) still holds the directory.
+            if let Ok(dir) = std::fs::File::open(&pin_dir) {
+                // SAFETY: flock on a descriptor we own.
+                if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&dir), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                    anyhow::bail!(
+                        "down: a running moat daemon holds {}; reach it with --socket",
+                        pin_dir.display()
+                    );
+                }
+            }
             let pins = moat_dataplane::PinDir::new(&pin_dir);
             let detached = moat_dataplane::Dataplane::remove_pinned(&pins)?;
             println!(

@@ -15,6 +15,9 @@ use moat_common::{Counter, Reason, Tunnel, TUNNEL_HAS_KEY, TUNNEL_NEXTHOP_VALID}
 use moat_dataplane::{compile::Lpm, Contents, Counters, RouteSetEntry};
 use serde::{Deserialize, Serialize};
 
+/// Differences listed in one status answer (all are counted).
+pub const MAX_DIFFERENCES: usize = 100;
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Status {
     pub node: String,
@@ -46,8 +49,11 @@ pub struct DataPlane {
     pub opened: String,
     pub program_id: u32,
     pub pin_dir: String,
-    /// True when the maps hold exactly the desired state of this generation.
+    /// True when the maps hold exactly the desired state of this generation
+    /// and the program runs on every configured interface.
     pub consistent: bool,
+    pub difference_count: usize,
+    /// The first [`MAX_DIFFERENCES`] differences.
     pub differences: Vec<String>,
     pub entries: BTreeMap<String, usize>,
 }
@@ -99,7 +105,7 @@ pub struct TunnelStatus {
     pub remote: String,
     pub key: Option<u32>,
     pub mtu: u16,
-    /// "healthy (not probed yet)" until health checks exist.
+    /// "unchecked" until health checks exist.
     pub health: String,
     /// "ifindex N via MAC" or "unresolved".
     pub next_hop: String,
@@ -287,7 +293,7 @@ fn tunnel_status(id: u32, t: &Tunnel, names: &Contents, counters: &Counters) -> 
         remote: ip(header::IP_DST).to_string(),
         key,
         mtu: t.mtu,
-        health: "healthy (not probed: health checks are not enforced yet)".into(),
+        health: "unchecked".into(),
         next_hop,
         tx: s.tx.into(),
         rx: s.rx.into(),

@@ -246,10 +246,15 @@ fn daemon_end_to_end() {
     );
     assert_eq!(s4["data_plane"]["consistent"], true);
     assert_eq!(customers(&s4), customers(&s3));
+    let log = d.log();
+    let after_restart = &log[log.rfind("adopted the running data plane").expect("adopted")..];
+    let applied = after_restart
+        .lines()
+        .find(|l| l.contains("INFO applied "))
+        .expect("the apply line after the restart");
     assert!(
-        d.log().contains("0 added, 0 changed, 0 removed"),
-        "adopting the same config writes nothing:\n{}",
-        d.log()
+        applied.contains(": 0 added, 0 changed, 0 removed in"),
+        "adopting the same config writes nothing: {applied}"
     );
     assert_eq!(http::get_many(&edge.inet, edge.sites[1].server, 5), 5);
 
@@ -372,4 +377,98 @@ fn status_flags_and_verification_repairs_maps_changed_behind_its_back() {
         d.log()
     );
     assert!(dest.get(&Key::new(25, [203, 0, 113, 0]), 0).is_ok());
+}
+
+#[test]
+fn daemon_failure_paths() {
+    let edge = Edge::new("fail").expect("topology");
+    let config = Edge::config_yaml(&[(0, 42)]);
+    let mut d = Daemon::start(Path::new(BIN), &edge.node, &config).expect("moat run");
+    let _site = edge.start_site(0, Some(42)).expect("site endpoint");
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = http::serve(&edge.sites[0].ns, edge.sites[0].server, stop.clone()).expect("server");
+    assert_eq!(http::get_many(&edge.inet, edge.sites[0].server, 3), 3);
+    let before = status(&d);
+
+    // A second daemon on the same pin directory is refused; the first goes on.
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", edge.node.name()))
+        .args([BIN, "run", "-c"])
+        .arg(&d.config)
+        .arg("--pin-dir")
+        .arg(&d.pin_dir)
+        .arg("--socket")
+        .arg(d.socket.with_file_name("second.sock"))
+        .output()
+        .expect("second moat run");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("another moat daemon holds the pin directory"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A reload whose attach fails (no native XDP on loopback) is rolled
+    // back: the generation in force stays, nothing of the new one remains.
+    let bad =
+        Edge::config_yaml(&[(0, 42), (1, 7)]).replace("    - name: n-site2\n", "    - name: n-site2\n    - name: lo\n");
+    d.write_config(&bad).expect("write");
+    let out = d.cli(&["reload"]).expect("moat reload");
+    assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let after = status(&d);
+    assert_eq!(after["generation"], 1);
+    assert_eq!(after["last_reload"]["result"], "failed");
+    assert_eq!(after["data_plane"]["consistent"], true, "{after:#}");
+    assert_eq!(
+        customers(&after),
+        customers(&before),
+        "globex must not stay half applied"
+    );
+    assert_eq!(after["interfaces"].as_array().map(Vec::len), Some(4));
+    assert!(d.log().contains("restored: "), "{}", d.log());
+    assert_eq!(http::get_many(&edge.inet, edge.sites[0].server, 3), 3);
+    d.write_config(&config).expect("write");
+
+    // An interface deleted and created again gets the program back.
+    edge.node.ip(&["link", "del", "n-atk"]);
+    moat_lab::netns::veth(&edge.attacker, "a0", &edge.node, "n-atk");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let s = status(&d);
+        let atk = s["interfaces"]
+            .as_array()
+            .expect("interfaces")
+            .iter()
+            .find(|i| i["name"] == "n-atk")
+            .cloned()
+            .expect("n-atk");
+        if atk["attached"] == true && s["data_plane"]["consistent"] == true {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "n-atk not attached again: {atk}\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Without a daemon, `moat down` removes the pins itself.
+    d.stop().expect("SIGTERM");
+    assert!(d.pin_dir.exists(), "SIGTERM leaves the data plane pinned");
+    assert_eq!(
+        http::get_many(&edge.inet, edge.sites[0].server, 3),
+        3,
+        "still forwarding"
+    );
+    let out = d.down().expect("moat down");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!d.pin_dir.exists());
+    assert_eq!(
+        http::get_many(&edge.inet, edge.sites[0].server, 1),
+        0,
+        "forwarding stops"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let _ = server.join();
 }
