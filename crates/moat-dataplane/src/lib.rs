@@ -14,6 +14,7 @@ mod mmap;
 pub mod nexthop;
 pub mod spec;
 pub mod testrun;
+mod verify;
 
 pub use adopt::AdoptReport;
 pub use apply::ApplyReport;

@@ -377,7 +377,8 @@ impl State {
                 return;
             }
         };
-        let differences = status::differences(&maps, &self.desired);
+        let mut differences = status::differences(&maps, &self.desired);
+        differences.extend(self.dp.verify_dir(&self.desired));
         self.last_differences = differences.len();
         if differences.is_empty() {
             return;
@@ -399,6 +400,7 @@ impl State {
     fn status(&mut self) -> Result<Status> {
         let maps = self.dp.read_back()?;
         let mut differences = status::differences(&maps, &self.desired);
+        differences.extend(self.dp.verify_dir(&self.desired));
         let customers: BTreeSet<u32> = maps
             .dest4
             .values()

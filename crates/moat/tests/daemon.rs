@@ -322,7 +322,7 @@ fn validate_cli() {
 
 #[test]
 fn status_flags_and_verification_repairs_maps_changed_behind_its_back() {
-    use aya::maps::{lpm_trie::Key, LpmTrie, Map, MapData};
+    use aya::maps::{lpm_trie::Key, Array, LpmTrie, Map, MapData};
     use moat_common::DestValue;
 
     let edge = Edge::new("drift").expect("topology");
@@ -377,6 +377,38 @@ fn status_flags_and_verification_repairs_maps_changed_behind_its_back() {
         d.log()
     );
     assert!(dest.get(&Key::new(25, [203, 0, 113, 0]), 0).is_ok());
+
+    // Packets look destinations up in the multibit table first: damage
+    // there is flagged and repaired too. Clear globex's root entry
+    // (203.0.x.x) in the live buffer.
+    let active: Array<MapData, u64> = Array::try_from(Map::Array(
+        MapData::from_pin(d.pin_dir.join("maps/DIR_ACTIVE")).expect("pin"),
+    ))
+    .expect("array");
+    let buf = active.get(&0, 0).expect("active buffer");
+    assert!(buf < 2, "a multibit table is live");
+    let mut root: Array<MapData, u64> = Array::try_from(Map::Array(
+        MapData::from_pin(d.pin_dir.join("maps/DIR4_ROOT")).expect("pin"),
+    ))
+    .expect("array");
+    let index = buf as u32 * 65536 + (203 << 8);
+    let entry = root.get(&index, 0).expect("root entry");
+    assert_ne!(entry, 0);
+    root.set(index, 0, 0).expect("tamper");
+    let out = d.cli(&["status"]).expect("moat status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains(
+            "multibit destination table, 203.0.0.0/16: 256 differing ranges, e.g. 203.0.113.0/32 holds nothing"
+        ),
+        "{text}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while status(&d)["data_plane"]["consistent"] != true {
+        assert!(Instant::now() < deadline, "not repaired:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
