@@ -26,7 +26,7 @@ use moat_common::{limits::NO_ROUTE_SET, DecapKey, LOCAL_NODE_ADDRESS};
 
 use crate::{
     apply::{ecmp_indexes, ApplyState, Carry},
-    compile::{Compiled, Piece},
+    compile::{get, Compiled, Piece},
     error::Error,
     loader::Dataplane,
     spec::Spec,
@@ -52,7 +52,7 @@ impl Dataplane {
     /// identities (see the module documentation). Follow it with
     /// `compile(spec, .., dp.applied())` and `apply`.
     pub fn adopt(&mut self, spec: &Spec) -> Result<AdoptReport, Error> {
-        let (flat, raw_sets) = self.read_back_with_route_sets()?;
+        let (flat, raw_sets) = self.read_entries()?;
         let mut groups: BTreeMap<u32, Piece> = BTreeMap::new();
         fn group(groups: &mut BTreeMap<u32, Piece>, cid: u32) -> &mut Piece {
             groups.entry(cid).or_insert_with(|| Piece {
@@ -60,36 +60,37 @@ impl Dataplane {
                 ..Piece::default()
             })
         }
+        // Entries come sorted, so each group's vectors are sorted too.
         let mut set_owner: BTreeMap<u32, u32> = BTreeMap::new();
         for (k, v) in &flat.dest4 {
-            group(&mut groups, v.customer).dest4.insert(*k, *v);
+            group(&mut groups, v.customer).dest4.push((*k, *v));
             set_owner.entry(v.route_set).or_insert(v.customer);
         }
         for (k, v) in &flat.dest6 {
-            group(&mut groups, v.customer).dest6.insert(*k, *v);
+            group(&mut groups, v.customer).dest6.push((*k, *v));
             set_owner.entry(v.route_set).or_insert(v.customer);
         }
-        for k in &flat.source4 {
+        for (k, ()) in &flat.source4 {
             let b = k.1;
             group(&mut groups, u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
                 .source4
-                .insert(*k);
+                .push((*k, ()));
         }
-        for k in &flat.source6 {
+        for (k, ()) in &flat.source6 {
             let b = k.1;
             group(&mut groups, u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
                 .source6
-                .insert(*k);
+                .push((*k, ()));
         }
         for (k, v) in &flat.decap {
-            group(&mut groups, v.customer).decap.insert(*k, *v);
+            group(&mut groups, v.customer).decap.push((*k, *v));
         }
         for (id, t) in &flat.tunnels {
-            group(&mut groups, t.customer).tunnels.insert(*id, *t);
+            group(&mut groups, t.customer).tunnels.push((*id, *t));
         }
         for (id, entry) in &flat.route_sets {
             if let Some(cid) = set_owner.get(id) {
-                group(&mut groups, *cid).route_sets.insert(*id, entry.clone());
+                group(&mut groups, *cid).route_sets.push((*id, entry.clone()));
             }
         }
 
@@ -98,8 +99,8 @@ impl Dataplane {
         let mut claimed: BTreeMap<u32, &crate::spec::CustomerSpec> = BTreeMap::new();
         for c in &spec.customers {
             let cid = c.prefixes.iter().find_map(|p| match p.trunc() {
-                IpNet::V4(n) => flat.dest4.get(&(u32::from(n.prefix_len()), n.addr().octets())),
-                IpNet::V6(n) => flat.dest6.get(&(u32::from(n.prefix_len()), n.addr().octets())),
+                IpNet::V4(n) => get(&flat.dest4, &(u32::from(n.prefix_len()), n.addr().octets())),
+                IpNet::V6(n) => get(&flat.dest6, &(u32::from(n.prefix_len()), n.addr().octets())),
             });
             if let Some(v) = cid {
                 if !claimed.contains_key(&v.customer) && groups.contains_key(&v.customer) {
@@ -117,12 +118,14 @@ impl Dataplane {
                 .collect(),
             ..Compiled::default()
         };
+        let mut pieces = crate::compile::Pieces::default();
         for (cid, mut piece) in groups {
             match claimed.get(&cid) {
                 Some(c) => {
                     report.customers += 1;
                     piece.name = c.name.clone();
                     let mut taken = BTreeSet::new();
+                    let mut tunnel_ids = BTreeMap::new();
                     for t in &c.tunnels {
                         let dk = DecapKey {
                             local: t.local.octets(),
@@ -130,32 +133,35 @@ impl Dataplane {
                             key: t.key.unwrap_or(0).to_be_bytes(),
                             has_key: u32::from(t.key.is_some()),
                         };
-                        if let Some(v) = piece.decap.get(&dk) {
-                            if piece.tunnels.contains_key(&v.tunnel) && taken.insert(v.tunnel) {
-                                piece.tunnel_ids.insert(t.name.clone(), v.tunnel);
+                        if let Some(v) = get(&piece.decap, &dk) {
+                            if get(&piece.tunnels, &v.tunnel).is_some() && taken.insert(v.tunnel) {
+                                tunnel_ids.insert(t.name.clone(), v.tunnel);
                             }
                         }
                     }
+                    piece.tunnel_ids = tunnel_ids.into_iter().collect();
                     report.tunnels += piece.tunnel_ids.len();
                     report.orphan_tunnels += piece.tunnels.len() - piece.tunnel_ids.len();
                     let mut prefixes: Vec<IpNet> = c.routes.iter().map(|r| r.prefix.trunc()).collect();
                     prefixes.sort_by_key(|p| (p.prefix_len(), *p));
                     prefixes.dedup();
                     let mut taken = BTreeSet::new();
+                    let mut set_ids = BTreeMap::new();
                     for p in prefixes {
                         let v = match p {
-                            IpNet::V4(n) => piece.dest4.get(&(u32::from(n.prefix_len()), n.addr().octets())),
-                            IpNet::V6(n) => piece.dest6.get(&(u32::from(n.prefix_len()), n.addr().octets())),
+                            IpNet::V4(n) => get(&piece.dest4, &(u32::from(n.prefix_len()), n.addr().octets())),
+                            IpNet::V6(n) => get(&piece.dest6, &(u32::from(n.prefix_len()), n.addr().octets())),
                         };
                         if let Some(v) = v {
                             if v.route_set != NO_ROUTE_SET
-                                && piece.route_sets.contains_key(&v.route_set)
+                                && get(&piece.route_sets, &v.route_set).is_some()
                                 && taken.insert(v.route_set)
                             {
-                                piece.set_ids.insert(p, v.route_set);
+                                set_ids.insert(p, v.route_set);
                             }
                         }
                     }
+                    piece.set_ids = set_ids.into_iter().collect();
                     report.route_sets += piece.set_ids.len();
                     report.orphan_route_sets += piece.route_sets.len() - piece.set_ids.len();
                 }
@@ -167,12 +173,14 @@ impl Dataplane {
                 }
             }
             out.used.mark(&piece, true);
+            out.totals.mark(&piece, true);
             for (k, v) in &piece.decap {
                 out.decap_owner.insert(*k, v.customer);
                 *out.endpoints.entry(k.local).or_default() += 1;
             }
-            out.pieces.insert(piece.name.as_str().into(), Arc::new(piece));
+            pieces.insert(Arc::new(piece));
         }
+        out.pieces = pieces;
         out.state = Carry(Some(Box::new(ApplyState {
             ecmp: ecmp_indexes(&raw_sets),
             ..ApplyState::default()

@@ -34,7 +34,10 @@
 //! does not use (see `compile`), so an id never changes meaning within
 //! one apply.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    borrow::Cow,
+    collections::{BTreeMap, BTreeSet},
+};
 
 use aya::{
     maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues},
@@ -46,7 +49,7 @@ use moat_common::{
 };
 
 use crate::{
-    compile::{Compiled, Contents, Lpm, RouteSetEntry},
+    compile::{get, Compiled, Contents, Entries, Lpm, RouteSetEntry},
     dir::{Dir, Model},
     error::Error,
     loader::Dataplane,
@@ -82,83 +85,88 @@ impl ApplyReport {
 fn read_lpm<const N: usize, V: Pod>(
     map: &LpmTrie<MapData, [u8; N], V>,
     name: &'static str,
-) -> Result<BTreeMap<Lpm<N>, V>, Error> {
-    let mut out = BTreeMap::new();
+) -> Result<Vec<(Lpm<N>, V)>, Error> {
+    let mut out = Vec::new();
     for item in map.iter() {
         let (k, v) = item.map_err(Error::map(name))?;
-        out.insert((k.prefix_len(), k.data()), v);
+        out.push(((k.prefix_len(), k.data()), v));
     }
+    out.sort_by_key(|a| a.0);
+    out.dedup_by(|a, b| a.0 == b.0);
     Ok(out)
 }
 
-fn read_hash<K: Pod + Ord, V: Pod>(map: &HashMap<MapData, K, V>, name: &'static str) -> Result<BTreeMap<K, V>, Error> {
-    let mut out = BTreeMap::new();
+fn read_hash<K: Pod + Ord, V: Pod>(map: &HashMap<MapData, K, V>, name: &'static str) -> Result<Vec<(K, V)>, Error> {
+    let mut out = Vec::new();
     for item in map.iter() {
         let (k, v) = item.map_err(Error::map(name))?;
-        out.insert(k, v);
+        out.push((k, v));
     }
+    out.sort_by_key(|a| a.0);
+    out.dedup_by(|a, b| a.0 == b.0);
     Ok(out)
 }
 
-fn upsert_lpm<const N: usize, V: Pod + PartialEq>(
-    map: &mut LpmTrie<MapData, [u8; N], V>,
-    name: &'static str,
-    want: &BTreeMap<Lpm<N>, V>,
-    have: &BTreeMap<Lpm<N>, V>,
+/// Writes the entries of `want` that `have` lacks or holds otherwise.
+fn upsert<K: Ord, V: PartialEq>(
+    want: &[(K, V)],
+    have: &[(K, V)],
     report: &mut ApplyReport,
+    mut write: impl FnMut(&K, &V) -> Result<(), Error>,
 ) -> Result<(), Error> {
     for (k, v) in want {
-        if report.count(have.get(k), v) {
-            map.insert(&Key::new(k.0, k.1), v, 0).map_err(Error::map(name))?;
+        if report.count(get(have, k), v) {
+            write(k, v)?;
         }
     }
     Ok(())
 }
 
-fn remove_lpm<const N: usize, V: Pod>(
-    map: &mut LpmTrie<MapData, [u8; N], V>,
-    name: &'static str,
-    want: &BTreeMap<Lpm<N>, V>,
-    have: &BTreeMap<Lpm<N>, V>,
+/// Removes the entries of `have` that `want` lacks.
+fn remove<K: Ord, V>(
+    want: &[(K, V)],
+    have: &[(K, V)],
     report: &mut ApplyReport,
+    mut delete: impl FnMut(&K) -> Result<(), Error>,
 ) -> Result<(), Error> {
-    for k in have.keys().filter(|k| !want.contains_key(*k)) {
-        map.remove(&Key::new(k.0, k.1)).map_err(Error::map(name))?;
-        report.removed += 1;
-    }
-    Ok(())
-}
-
-fn upsert_hash<K: Pod + Ord, V: Pod + PartialEq>(
-    map: &mut HashMap<MapData, K, V>,
-    name: &'static str,
-    want: &BTreeMap<K, V>,
-    have: &BTreeMap<K, V>,
-    report: &mut ApplyReport,
-) -> Result<(), Error> {
-    for (k, v) in want {
-        if report.count(have.get(k), v) {
-            map.insert(k, v, 0).map_err(Error::map(name))?;
+    for (k, _) in have {
+        if get(want, k).is_none() {
+            delete(k)?;
+            report.removed += 1;
         }
     }
     Ok(())
 }
 
-fn remove_hash<K: Pod + Ord, V: Pod>(
-    map: &mut HashMap<MapData, K, V>,
+fn lpm_insert<'m, const N: usize, V: Pod>(
+    map: &'m mut LpmTrie<MapData, [u8; N], V>,
     name: &'static str,
-    want: &BTreeMap<K, V>,
-    have: &BTreeMap<K, V>,
-    report: &mut ApplyReport,
-) -> Result<(), Error> {
-    for k in have.keys().filter(|k| !want.contains_key(*k)) {
-        match map.remove(k) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(Error::map(name)(e)),
-        }
-        report.removed += 1;
+) -> impl FnMut(&Lpm<N>, &V) -> Result<(), Error> + 'm {
+    move |k, v| map.insert(&Key::new(k.0, k.1), v, 0).map_err(Error::map(name))
+}
+
+fn lpm_remove<'m, const N: usize, V: Pod>(
+    map: &'m mut LpmTrie<MapData, [u8; N], V>,
+    name: &'static str,
+) -> impl FnMut(&Lpm<N>) -> Result<(), Error> + 'm {
+    move |k| map.remove(&Key::new(k.0, k.1)).map_err(Error::map(name))
+}
+
+fn hash_insert<'m, K: Pod, V: Pod>(
+    map: &'m mut HashMap<MapData, K, V>,
+    name: &'static str,
+) -> impl FnMut(&K, &V) -> Result<(), Error> + 'm {
+    move |k, v| map.insert(k, v, 0).map_err(Error::map(name))
+}
+
+fn hash_remove<'m, K: Pod, V: Pod>(
+    map: &'m mut HashMap<MapData, K, V>,
+    name: &'static str,
+) -> impl FnMut(&K) -> Result<(), Error> + 'm {
+    move |k| match map.remove(k) {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(Error::map(name)(e)),
     }
-    Ok(())
 }
 
 fn node_base(buf: u32, n: usize) -> u32 {
@@ -257,23 +265,24 @@ fn publish_changes<const N: usize>(
 /// or built in full. Returns false when the table exceeds its capacity
 /// (the data plane is switched to the LPM tables).
 #[expect(clippy::too_many_arguments, reason = "one family's maps and its entries")]
-fn update_dir<const N: usize>(
+fn update_dir<'a, const N: usize>(
     model: &mut Option<Model<N>>,
     active: &MmapWords,
     family: u32,
     root: &MmapWords,
     nodes: &MmapWords,
-    have: &BTreeMap<Lpm<N>, DestValue>,
-    want: &BTreeMap<Lpm<N>, DestValue>,
-    full: &dyn Fn() -> BTreeMap<Lpm<N>, DestValue>,
+    have: &[(Lpm<N>, DestValue)],
+    want: &[(Lpm<N>, DestValue)],
+    full: &dyn Fn() -> Cow<'a, [(Lpm<N>, DestValue)]>,
 ) -> bool {
     if let Some(m) = model {
-        let removed: Vec<Lpm<N>> = have.keys().filter(|k| !want.contains_key(*k)).copied().collect();
-        let upserted: Vec<(Lpm<N>, DestValue)> = want
+        let removed: Vec<Lpm<N>> = have
             .iter()
-            .filter(|(k, v)| have.get(*k) != Some(*v))
-            .map(|(k, v)| (*k, *v))
+            .filter(|(k, _)| get(want, k).is_none())
+            .map(|(k, _)| *k)
             .collect();
+        let upserted: Vec<(Lpm<N>, DestValue)> =
+            want.iter().filter(|(k, v)| get(have, k) != Some(v)).copied().collect();
         if m.update(&removed, &upserted) {
             publish_changes(active, family, root, nodes, m);
             return true;
@@ -335,10 +344,6 @@ enum Mode<'a> {
     Changes { all: &'a Compiled },
 }
 
-fn set_to_map<const N: usize>(s: &BTreeSet<Lpm<N>>) -> BTreeMap<Lpm<N>, u32> {
-    s.iter().map(|k| (*k, 1u32)).collect()
-}
-
 fn zero_per_cpu<V: Pod + Default>(
     map: &mut PerCpuArray<MapData, V>,
     name: &'static str,
@@ -369,17 +374,19 @@ impl Dataplane {
     }
 
     /// Raw route set values referenced by destination entries.
-    fn read_route_sets(&self, state: &Contents) -> Result<BTreeMap<u32, u32>, Error> {
-        let ids: BTreeSet<u32> = state
+    fn read_route_sets(&self, state: &Entries) -> Result<Vec<(u32, u32)>, Error> {
+        let mut ids: Vec<u32> = state
             .dest4
-            .values()
-            .chain(state.dest6.values())
-            .map(|d| d.route_set)
+            .iter()
+            .map(|(_, d)| d.route_set)
+            .chain(state.dest6.iter().map(|(_, d)| d.route_set))
             .filter(|r| *r != NO_ROUTE_SET)
             .collect();
-        let mut out = BTreeMap::new();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut out = Vec::with_capacity(ids.len());
         for id in ids {
-            out.insert(id, self.maps.route_sets.get(&id, 0).map_err(Error::map("ROUTE_SETS"))?);
+            out.push((id, self.maps.route_sets.get(&id, 0).map_err(Error::map("ROUTE_SETS"))?));
         }
         Ok(out)
     }
@@ -387,24 +394,31 @@ impl Dataplane {
     /// Reads every map back into the shape `compile` produces (names
     /// excepted), following references the way packets do.
     pub fn read_back(&self) -> Result<Contents, Error> {
-        Ok(self.read_back_with_route_sets()?.0)
+        Ok(self.read_entries()?.0.into_contents())
     }
 
-    /// [`Dataplane::read_back`], plus the raw route set values it followed.
-    pub(crate) fn read_back_with_route_sets(&self) -> Result<(Contents, BTreeMap<u32, u32>), Error> {
+    /// [`Dataplane::read_back`] as sorted entries, plus the raw route set
+    /// values it followed.
+    pub(crate) fn read_entries(&self) -> Result<(Entries, Vec<(u32, u32)>), Error> {
         let m = &self.maps;
-        let mut out = Contents {
+        let mut out = Entries {
             dest4: read_lpm(&m.dest4, "DEST4")?,
             dest6: read_lpm(&m.dest6, "DEST6")?,
-            source4: read_lpm(&m.source4, "SOURCE4")?.into_keys().collect(),
-            source6: read_lpm(&m.source6, "SOURCE6")?.into_keys().collect(),
+            source4: read_lpm(&m.source4, "SOURCE4")?
+                .into_iter()
+                .map(|(k, _)| (k, ()))
+                .collect(),
+            source6: read_lpm(&m.source6, "SOURCE6")?
+                .into_iter()
+                .map(|(k, _)| (k, ()))
+                .collect(),
             decap: read_hash(&m.decap, "DECAP")?,
             local_addrs: read_hash(&m.local_addrs, "LOCAL_ADDRS")?,
-            ..Contents::default()
+            ..Entries::default()
         };
-        let mut tunnel_ids: BTreeSet<u32> = out.decap.values().map(|d| d.tunnel).collect();
+        let mut tunnel_ids: BTreeSet<u32> = out.decap.iter().map(|(_, d)| d.tunnel).collect();
         let raw_sets = self.read_route_sets(&out)?;
-        for (&id, &v) in &raw_sets {
+        for &(id, v) in &raw_sets {
             let entry = if v & ROUTE_SET_TABLE == 0 {
                 tunnel_ids.insert(v);
                 RouteSetEntry::Single(v)
@@ -416,7 +430,7 @@ impl Dataplane {
                 tunnel_ids.extend(t.slots.iter().map(|s| u32::from(*s)));
                 RouteSetEntry::Table(std::sync::Arc::new(t.slots))
             };
-            out.route_sets.insert(id, entry);
+            out.route_sets.push((id, entry));
         }
         for id in tunnel_ids {
             let slot = id
@@ -425,7 +439,7 @@ impl Dataplane {
                 + self.live_slot(id)?;
             let t = m.tunnels.get(&slot, 0).map_err(Error::map("TUNNELS"))?;
             if t.flags & TUNNEL_PRESENT != 0 {
-                out.tunnels.insert(id, t);
+                out.tunnels.push((id, t));
             }
         }
         Ok((out, raw_sets))
@@ -465,20 +479,20 @@ impl Dataplane {
     }
 
     fn apply_full(&mut self, want: &Compiled) -> Result<(ApplyReport, Box<ApplyState>), Error> {
-        let (have, have_sets) = self.read_back_with_route_sets()?;
+        let (have, have_sets) = self.read_entries()?;
         let mut state = Box::new(ApplyState {
             ecmp: ecmp_indexes(&have_sets),
             ..ApplyState::default()
         });
-        let report = self.write(&have, &want.contents(), &mut state, Mode::Full)?;
+        let report = self.write(&have, &want.entries(), &mut state, Mode::Full)?;
         Ok((report, state))
     }
 
     /// Writes the difference from `have` to `want` in the documented order.
     fn write(
         &mut self,
-        have: &Contents,
-        want: &Contents,
+        have: &Entries,
+        want: &Entries,
         state: &mut ApplyState,
         mode: Mode<'_>,
     ) -> Result<ApplyReport, Error> {
@@ -486,10 +500,11 @@ impl Dataplane {
 
         // 1. Tunnels; fresh ids start with zeroed counters.
         for (id, t) in &want.tunnels {
-            if !have.tunnels.contains_key(id) {
+            let old = get(&have.tunnels, id);
+            if old.is_none() {
                 zero_per_cpu(&mut self.maps.tunnel_stats, "TUNNEL_STATS", *id)?;
             }
-            if report.count(have.tunnels.get(id), t) {
+            if report.count(old, t) {
                 self.write_tunnel(*id, t)?;
             }
         }
@@ -497,22 +512,25 @@ impl Dataplane {
         // 2 + 3. ECMP tables into unused slots, then route sets.
         let m = &mut self.maps;
         let mut used: BTreeSet<u32> = state.ecmp.values().copied().collect();
-        let mut free = (0..MAX_ECMP_TABLES)
-            .filter(|i| !used.contains(i))
-            .collect::<Vec<_>>()
-            .into_iter();
+        let mut next_free = 0u32;
         for (id, entry) in &want.route_sets {
-            if !report.count(have.route_sets.get(id), entry) {
+            if !report.count(get(&have.route_sets, id), entry) {
                 continue;
             }
             let value = match entry {
                 RouteSetEntry::Single(t) => *t,
                 RouteSetEntry::Table(slots) => {
-                    let index = free.next().ok_or(Error::Capacity {
-                        what: "ECMP tables",
-                        have: used.len() + 1,
-                        limit: MAX_ECMP_TABLES as usize,
-                    })?;
+                    while next_free < MAX_ECMP_TABLES && used.contains(&next_free) {
+                        next_free += 1;
+                    }
+                    if next_free >= MAX_ECMP_TABLES {
+                        return Err(Error::Capacity {
+                            what: "ECMP tables",
+                            have: used.len() + 1,
+                            limit: MAX_ECMP_TABLES as usize,
+                        });
+                    }
+                    let index = next_free;
                     used.insert(index);
                     m.ecmp_tables
                         .set(index, EcmpTable { slots: **slots }, 0)
@@ -525,45 +543,57 @@ impl Dataplane {
         }
 
         // 4. Sources, decapsulation, local addresses.
-        let (want_s4, have_s4) = (set_to_map(&want.source4), set_to_map(&have.source4));
-        let (want_s6, have_s6) = (set_to_map(&want.source6), set_to_map(&have.source6));
-        upsert_lpm(&mut m.source4, "SOURCE4", &want_s4, &have_s4, &mut report)?;
-        upsert_lpm(&mut m.source6, "SOURCE6", &want_s6, &have_s6, &mut report)?;
-        let customers = |c: &Contents| -> BTreeSet<u32> {
+        upsert(&want.source4, &have.source4, &mut report, |k, ()| {
+            m.source4
+                .insert(&Key::new(k.0, k.1), 1, 0)
+                .map_err(Error::map("SOURCE4"))
+        })?;
+        upsert(&want.source6, &have.source6, &mut report, |k, ()| {
+            m.source6
+                .insert(&Key::new(k.0, k.1), 1, 0)
+                .map_err(Error::map("SOURCE6"))
+        })?;
+        let customers = |c: &Entries| -> BTreeSet<u32> {
             c.decap
-                .values()
-                .map(|d| d.customer)
-                .chain(c.dest4.values().chain(c.dest6.values()).map(|d| d.customer))
+                .iter()
+                .map(|(_, d)| d.customer)
+                .chain(c.dest4.iter().map(|(_, d)| d.customer))
+                .chain(c.dest6.iter().map(|(_, d)| d.customer))
                 .collect()
         };
         for c in customers(want).difference(&customers(have)) {
             zero_per_cpu(&mut m.customer_stats, "CUSTOMER_STATS", *c)?;
         }
-        upsert_hash(&mut m.decap, "DECAP", &want.decap, &have.decap, &mut report)?;
-        upsert_hash(
-            &mut m.local_addrs,
-            "LOCAL_ADDRS",
+        upsert(
+            &want.decap,
+            &have.decap,
+            &mut report,
+            hash_insert(&mut m.decap, "DECAP"),
+        )?;
+        upsert(
             &want.local_addrs,
             &have.local_addrs,
             &mut report,
+            hash_insert(&mut m.local_addrs, "LOCAL_ADDRS"),
         )?;
 
         // 5. Destinations: the LPM entries (the record), then the multibit
         // table, changed in its idle buffer and made live with one store
         // (or, beyond its capacity, the LPM tables serve).
-        upsert_lpm(&mut m.dest4, "DEST4", &want.dest4, &have.dest4, &mut report)?;
-        upsert_lpm(&mut m.dest6, "DEST6", &want.dest6, &have.dest6, &mut report)?;
-        let (full4, full6): (Box<dyn Fn() -> _>, Box<dyn Fn() -> _>) = match mode {
-            Mode::Full => (Box::new(|| want.dest4.clone()), Box::new(|| want.dest6.clone())),
-            Mode::Changes { all } => (
-                Box::new(move || all.contents().dest4),
-                Box::new(move || all.contents().dest6),
-            ),
-        };
+        upsert(&want.dest4, &have.dest4, &mut report, lpm_insert(&mut m.dest4, "DEST4"))?;
+        upsert(&want.dest6, &have.dest6, &mut report, lpm_insert(&mut m.dest6, "DEST6"))?;
         if matches!(mode, Mode::Full) {
             state.dir4 = None;
             state.dir6 = None;
         }
+        let full4 = || match mode {
+            Mode::Full => Cow::Borrowed(&want.dest4[..]),
+            Mode::Changes { all } => Cow::Owned(all.collect(|p| &p.dest4)),
+        };
+        let full6 = || match mode {
+            Mode::Full => Cow::Borrowed(&want.dest6[..]),
+            Mode::Changes { all } => Cow::Owned(all.collect(|p| &p.dest6)),
+        };
         report.lpm_fallback[0] = !update_dir(
             &mut state.dir4,
             &m.dir_active,
@@ -572,7 +602,7 @@ impl Dataplane {
             &m.dir4_nodes,
             &have.dest4,
             &want.dest4,
-            &*full4,
+            &full4,
         );
         report.lpm_fallback[1] = !update_dir(
             &mut state.dir6,
@@ -582,41 +612,51 @@ impl Dataplane {
             &m.dir6_nodes,
             &have.dest6,
             &want.dest6,
-            &*full6,
+            &full6,
         );
 
         // Removals, in reverse.
-        remove_lpm(&mut m.dest6, "DEST6", &want.dest6, &have.dest6, &mut report)?;
-        remove_lpm(&mut m.dest4, "DEST4", &want.dest4, &have.dest4, &mut report)?;
-        remove_hash(
-            &mut m.local_addrs,
-            "LOCAL_ADDRS",
+        remove(&want.dest6, &have.dest6, &mut report, lpm_remove(&mut m.dest6, "DEST6"))?;
+        remove(&want.dest4, &have.dest4, &mut report, lpm_remove(&mut m.dest4, "DEST4"))?;
+        remove(
             &want.local_addrs,
             &have.local_addrs,
             &mut report,
+            hash_remove(&mut m.local_addrs, "LOCAL_ADDRS"),
         )?;
-        remove_hash(&mut m.decap, "DECAP", &want.decap, &have.decap, &mut report)?;
-        remove_lpm(&mut m.source6, "SOURCE6", &want_s6, &have_s6, &mut report)?;
-        remove_lpm(&mut m.source4, "SOURCE4", &want_s4, &have_s4, &mut report)?;
-        for id in have.route_sets.keys().filter(|id| !want.route_sets.contains_key(*id)) {
-            // Its table slot is free for a later apply.
-            state.ecmp.remove(id);
-            report.removed += 1;
+        remove(
+            &want.decap,
+            &have.decap,
+            &mut report,
+            hash_remove(&mut m.decap, "DECAP"),
+        )?;
+        remove(
+            &want.source6,
+            &have.source6,
+            &mut report,
+            lpm_remove(&mut m.source6, "SOURCE6"),
+        )?;
+        remove(
+            &want.source4,
+            &have.source4,
+            &mut report,
+            lpm_remove(&mut m.source4, "SOURCE4"),
+        )?;
+        for (id, _) in &have.route_sets {
+            if get(&want.route_sets, id).is_none() {
+                // Its table slot is free for a later apply.
+                state.ecmp.remove(id);
+                report.removed += 1;
+            }
         }
-        let gone: Vec<u32> = have
+        let gone: Vec<(u32, Tunnel)> = have
             .tunnels
-            .keys()
-            .filter(|id| !want.tunnels.contains_key(*id))
+            .iter()
+            .filter(|(id, _)| get(&want.tunnels, id).is_none())
             .copied()
             .collect();
-        for id in gone {
-            self.write_tunnel(
-                id,
-                &Tunnel {
-                    flags: 0,
-                    ..have.tunnels[&id]
-                },
-            )?;
+        for (id, t) in gone {
+            self.write_tunnel(id, &Tunnel { flags: 0, ..t })?;
             report.removed += 1;
         }
         Ok(report)
@@ -624,7 +664,7 @@ impl Dataplane {
 }
 
 /// Route set id -> ECMP table index, from raw `ROUTE_SETS` values.
-pub(crate) fn ecmp_indexes(raw: &BTreeMap<u32, u32>) -> BTreeMap<u32, u32> {
+pub(crate) fn ecmp_indexes(raw: &[(u32, u32)]) -> BTreeMap<u32, u32> {
     raw.iter()
         .filter(|(_, v)| *v & ROUTE_SET_TABLE != 0)
         .map(|(id, v)| (*id, v & !ROUTE_SET_TABLE))
@@ -634,45 +674,48 @@ pub(crate) fn ecmp_indexes(raw: &BTreeMap<u32, u32>) -> BTreeMap<u32, u32> {
 /// The entries of the customers whose pieces differ between `prev` and
 /// `want` (a shared piece is unchanged), as (have, want); local addresses
 /// in full.
-fn changed_pieces(prev: &Compiled, want: &Compiled) -> (Contents, Contents) {
-    let mut have = Contents {
-        local_addrs: prev.local_addrs(),
-        ..Contents::default()
+fn changed_pieces(prev: &Compiled, want: &Compiled) -> (Entries, Entries) {
+    let mut have = Entries {
+        local_addrs: prev.local_addrs().into_iter().collect(),
+        ..Entries::default()
     };
-    let mut next = Contents {
-        local_addrs: want.local_addrs(),
-        ..Contents::default()
+    let mut next = Entries {
+        local_addrs: want.local_addrs().into_iter().collect(),
+        ..Entries::default()
     };
-    let mut a = prev.pieces.iter().peekable();
-    let mut b = want.pieces.iter().peekable();
-    loop {
-        match (a.peek(), b.peek()) {
-            (None, None) => break,
-            (Some((_, pa)), Some((_, pb))) if std::sync::Arc::ptr_eq(pa, pb) => {
-                a.next();
-                b.next();
-            }
-            (Some((na, pa)), Some((nb, pb))) if na == nb => {
-                if !std::sync::Arc::ptr_eq(pa, pb) {
-                    pa.add_to(&mut have);
-                    pb.add_to(&mut next);
+    for (sa, sb) in prev.pieces.shards().iter().zip(want.pieces.shards()) {
+        if std::sync::Arc::ptr_eq(sa, sb) {
+            continue;
+        }
+        let mut a = sa.iter().peekable();
+        let mut b = sb.iter().peekable();
+        loop {
+            match (a.peek(), b.peek()) {
+                (None, None) => break,
+                (Some((_, pa)), Some((_, pb))) if std::sync::Arc::ptr_eq(pa, pb) => {
+                    a.next();
+                    b.next();
                 }
-                a.next();
-                b.next();
-            }
-            (Some((na, pa)), Some((nb, _))) if na < nb => {
-                pa.add_to(&mut have);
-                a.next();
-            }
-            (Some((_, pa)), None) => {
-                pa.add_to(&mut have);
-                a.next();
-            }
-            (_, Some((_, pb))) => {
-                pb.add_to(&mut next);
-                b.next();
+                (Some((na, pa)), Some((nb, pb))) if na == nb => {
+                    pa.add_entries(&mut have);
+                    pb.add_entries(&mut next);
+                    a.next();
+                    b.next();
+                }
+                (Some((na, pa)), Some((nb, _))) if na < nb => {
+                    pa.add_entries(&mut have);
+                    a.next();
+                }
+                (Some((_, pa)), None) => {
+                    pa.add_entries(&mut have);
+                    a.next();
+                }
+                (_, Some((_, pb))) => {
+                    pb.add_entries(&mut next);
+                    b.next();
+                }
             }
         }
     }
-    (have, next)
+    (have.finish(), next.finish())
 }

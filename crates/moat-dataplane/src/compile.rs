@@ -68,33 +68,133 @@ pub struct Contents {
     pub route_set_keys: BTreeMap<u32, (String, IpNet)>,
 }
 
-/// Everything one customer puts into the maps, and the ids it holds.
+/// Looks `k` up in a slice sorted by key.
+pub(crate) fn get<'a, K: Ord, V>(v: &'a [(K, V)], k: &K) -> Option<&'a V> {
+    v.binary_search_by(|(x, _)| x.cmp(k)).ok().map(|i| &v[i].1)
+}
+
+/// Sorts by key; of equal keys the last one stays (as a map's insert).
+fn sort_dedup<K: Ord, V>(v: &mut Vec<(K, V)>) {
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut out = 0;
+    for i in 0..v.len() {
+        if out > 0 && v[out - 1].0 == v[i].0 {
+            v.swap(out - 1, i);
+        } else {
+            v.swap(out, i);
+            out += 1;
+        }
+    }
+    v.truncate(out);
+}
+
+/// Map contents as sorted vectors (unique keys): what `apply` diffs and
+/// writes. Compact, and cheap to build from pieces.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct Entries {
+    pub dest4: Vec<(Lpm<4>, DestValue)>,
+    pub dest6: Vec<(Lpm<16>, DestValue)>,
+    pub source4: Vec<(Lpm<8>, ())>,
+    pub source6: Vec<(Lpm<20>, ())>,
+    pub route_sets: Vec<(u32, RouteSetEntry)>,
+    pub tunnels: Vec<(u32, Tunnel)>,
+    pub decap: Vec<(DecapKey, DecapValue)>,
+    pub local_addrs: Vec<([u8; 4], u32)>,
+}
+
+impl Entries {
+    /// Sorts every kind after pieces were added.
+    pub(crate) fn finish(mut self) -> Self {
+        sort_dedup(&mut self.dest4);
+        sort_dedup(&mut self.dest6);
+        sort_dedup(&mut self.source4);
+        sort_dedup(&mut self.source6);
+        sort_dedup(&mut self.route_sets);
+        sort_dedup(&mut self.tunnels);
+        sort_dedup(&mut self.decap);
+        sort_dedup(&mut self.local_addrs);
+        self
+    }
+
+    /// The public, flat form (without names).
+    pub(crate) fn into_contents(self) -> Contents {
+        Contents {
+            dest4: self.dest4.into_iter().collect(),
+            dest6: self.dest6.into_iter().collect(),
+            source4: self.source4.into_iter().map(|(k, ())| k).collect(),
+            source6: self.source6.into_iter().map(|(k, ())| k).collect(),
+            route_sets: self.route_sets.into_iter().collect(),
+            tunnels: self.tunnels.into_iter().collect(),
+            decap: self.decap.into_iter().collect(),
+            local_addrs: self.local_addrs.into_iter().collect(),
+            ..Contents::default()
+        }
+    }
+}
+
+/// Everything one customer puts into the maps, and the ids it holds;
+/// every kind a vector sorted by key.
 #[derive(Debug, Default, PartialEq)]
 pub(crate) struct Piece {
     pub name: String,
-    /// What it was compiled from: the customer and its tunnels' next hops.
-    /// `None` for a piece rebuilt from the maps (adoption): never reused.
-    pub source: Option<(CustomerSpec, Vec<Option<NextHop>>)>,
+    /// What it was compiled from: the customer and its tunnels' next hops,
+    /// encoded (see [`encode`]). `None` for a piece rebuilt from the maps
+    /// (adoption): never reused.
+    pub source: Option<Box<[u8]>>,
     pub id: u32,
-    pub tunnels: BTreeMap<u32, Tunnel>,
+    pub tunnels: Vec<(u32, Tunnel)>,
     /// Tunnel name -> id.
-    pub tunnel_ids: BTreeMap<String, u32>,
-    pub decap: BTreeMap<DecapKey, DecapValue>,
-    pub route_sets: BTreeMap<u32, RouteSetEntry>,
+    pub tunnel_ids: Vec<(String, u32)>,
+    pub decap: Vec<(DecapKey, DecapValue)>,
+    pub route_sets: Vec<(u32, RouteSetEntry)>,
     /// Route prefix -> route set id.
-    pub set_ids: BTreeMap<IpNet, u32>,
-    pub dest4: BTreeMap<Lpm<4>, DestValue>,
-    pub dest6: BTreeMap<Lpm<16>, DestValue>,
-    pub source4: BTreeSet<Lpm<8>>,
-    pub source6: BTreeSet<Lpm<20>>,
+    pub set_ids: Vec<(IpNet, u32)>,
+    pub dest4: Vec<(Lpm<4>, DestValue)>,
+    pub dest6: Vec<(Lpm<16>, DestValue)>,
+    pub source4: Vec<(Lpm<8>, ())>,
+    pub source6: Vec<(Lpm<20>, ())>,
 }
 
 impl Piece {
     fn tables(&self) -> usize {
         self.route_sets
-            .values()
-            .filter(|e| matches!(e, RouteSetEntry::Table(_)))
+            .iter()
+            .filter(|(_, e)| matches!(e, RouteSetEntry::Table(_)))
             .count()
+    }
+
+    /// Adds this piece's entries to `out` (call [`Entries::finish`] after).
+    pub(crate) fn add_entries(&self, out: &mut Entries) {
+        out.dest4.extend_from_slice(&self.dest4);
+        out.dest6.extend_from_slice(&self.dest6);
+        out.source4.extend_from_slice(&self.source4);
+        out.source6.extend_from_slice(&self.source6);
+        out.route_sets.extend_from_slice(&self.route_sets);
+        out.tunnels.extend_from_slice(&self.tunnels);
+        out.decap.extend_from_slice(&self.decap);
+    }
+}
+
+/// Entry counts of a state, per kind, kept as pieces come and go.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct Totals {
+    dest4: isize,
+    dest6: isize,
+    source4: isize,
+    source6: isize,
+    route_sets: isize,
+    tables: isize,
+}
+
+impl Totals {
+    pub(crate) fn mark(&mut self, p: &Piece, on: bool) {
+        let s = if on { 1 } else { -1 };
+        self.dest4 += s * p.dest4.len() as isize;
+        self.dest6 += s * p.dest6.len() as isize;
+        self.source4 += s * p.source4.len() as isize;
+        self.source6 += s * p.source6.len() as isize;
+        self.route_sets += s * p.route_sets.len() as isize;
+        self.tables += s * p.tables() as isize;
     }
 }
 
@@ -110,6 +210,9 @@ impl Bitmap {
             self.0.resize(w + 1, 0);
         }
         self.0[w] |= 1 << (i % 64);
+    }
+    pub fn get(&self, i: u32) -> bool {
+        self.0.get(i as usize / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
     }
     pub fn clear(&mut self, i: u32) {
         if let Some(w) = self.0.get_mut(i as usize / 64) {
@@ -147,10 +250,10 @@ impl Used {
     pub(crate) fn mark(&mut self, p: &Piece, on: bool) {
         let f = |b: &mut Bitmap, i: u32| if on { b.set(i) } else { b.clear(i) };
         f(&mut self.customers, p.id);
-        for id in p.tunnels.keys() {
+        for (id, _) in &p.tunnels {
             f(&mut self.tunnels, *id);
         }
-        for id in p.route_sets.keys() {
+        for (id, _) in &p.route_sets {
             f(&mut self.route_sets, *id);
         }
     }
@@ -186,6 +289,115 @@ impl<K: Ord + Hash + Clone, V: Clone> Sharded<K, V> {
     }
 }
 
+/// Customer name -> piece, split into shards shared between states:
+/// cloning is cheap, and changing a piece copies one small shard.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Pieces {
+    shards: Vec<Arc<BTreeMap<Arc<str>, Arc<Piece>>>>,
+    len: usize,
+}
+
+const PIECE_SHARDS: usize = 64;
+
+impl Default for Pieces {
+    fn default() -> Self {
+        Pieces {
+            shards: (0..PIECE_SHARDS).map(|_| Arc::new(BTreeMap::new())).collect(),
+            len: 0,
+        }
+    }
+}
+
+impl Pieces {
+    fn shard(name: &str) -> usize {
+        let mut h = NameHasher::default();
+        h.write(name.as_bytes());
+        (h.finish() % PIECE_SHARDS as u64) as usize
+    }
+    pub fn get(&self, name: &str) -> Option<&Arc<Piece>> {
+        self.shards[Self::shard(name)].get(name)
+    }
+    pub fn insert(&mut self, piece: Arc<Piece>) {
+        let name: Arc<str> = piece.name.as_str().into();
+        if Arc::make_mut(&mut self.shards[Self::shard(&name)])
+            .insert(name, piece)
+            .is_none()
+        {
+            self.len += 1;
+        }
+    }
+    pub fn remove(&mut self, name: &str) {
+        if Arc::make_mut(&mut self.shards[Self::shard(name)])
+            .remove(name)
+            .is_some()
+        {
+            self.len -= 1;
+        }
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &Arc<Piece>)> {
+        self.shards.iter().flat_map(|s| s.iter())
+    }
+    pub fn values(&self) -> impl Iterator<Item = &Arc<Piece>> {
+        self.shards.iter().flat_map(|s| s.values())
+    }
+    pub fn keys(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.shards.iter().flat_map(|s| s.keys())
+    }
+    /// The shards (the same name falls into the same shard in every state).
+    pub fn shards(&self) -> &[Arc<BTreeMap<Arc<str>, Arc<Piece>>>] {
+        &self.shards
+    }
+}
+
+/// The pieces in the order of the spec they were compiled from, with
+/// their sources end to end, in chunks shared between states: the next
+/// compile compares customer `i` with the `i`-th source first, reading
+/// memory in order and touching no piece.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct Hint {
+    chunks: Vec<Arc<HintChunk>>,
+}
+
+#[derive(Debug, Default, PartialEq)]
+struct HintChunk {
+    bytes: Vec<u8>,
+    ends: Vec<usize>,
+    /// The pieces' customer ids.
+    ids: Vec<u32>,
+    pieces: Vec<Arc<Piece>>,
+}
+
+const HINT_CHUNK: usize = 256;
+
+impl Hint {
+    fn get(&self, i: usize) -> Option<&[u8]> {
+        let c = self.chunks.get(i / HINT_CHUNK)?;
+        let j = i % HINT_CHUNK;
+        let end = *c.ends.get(j)?;
+        let start = if j == 0 { 0 } else { c.ends[j - 1] };
+        Some(&c.bytes[start..end])
+    }
+    fn id(&self, i: usize) -> u32 {
+        self.chunks[i / HINT_CHUNK].ids[i % HINT_CHUNK]
+    }
+    fn piece(&self, i: usize) -> &Arc<Piece> {
+        &self.chunks[i / HINT_CHUNK].pieces[i % HINT_CHUNK]
+    }
+}
+
+/// Where a customer's piece comes from in a compile.
+enum Origin {
+    /// The previous state's piece at this position of its hint.
+    Hinted,
+    /// Another previous piece.
+    Kept(Arc<Piece>),
+    /// A fresh piece (filled in once made).
+    Fresh,
+}
+
 /// A compiled configuration: one shared piece per customer, plus what is
 /// global (node addresses, tunnel endpoints, the ids in use). Cloning it
 /// is cheap (pieces are shared); [`Compiled::contents`] spells it out.
@@ -193,11 +405,15 @@ impl<K: Ord + Hash + Clone, V: Clone> Sharded<K, V> {
 pub struct Compiled {
     /// Customer name -> its piece. Names of pieces kept only to hold ids
     /// found in the maps (adoption) start with a NUL and match nothing.
-    pub(crate) pieces: BTreeMap<Arc<str>, Arc<Piece>>,
+    /// Shared as a whole too: an unchanged state is one pointer.
+    pub(crate) pieces: Pieces,
+    /// The pieces in the order of the spec they were compiled from.
+    pub(crate) hint: Arc<Hint>,
     pub(crate) node_addresses: BTreeSet<[u8; 4]>,
     /// Tunnel endpoint -> number of tunnels using it.
     pub(crate) endpoints: BTreeMap<[u8; 4], u32>,
     pub(crate) used: Used,
+    pub(crate) totals: Totals,
     /// Decapsulation key -> customer id, over all pieces.
     pub(crate) decap_owner: Sharded<DecapKey, u32>,
     /// What `apply` keeps between applies (never compared, never cloned).
@@ -243,6 +459,28 @@ impl Compiled {
         out
     }
 
+    /// Every map's entries (no names), sorted.
+    pub(crate) fn entries(&self) -> Entries {
+        let mut out = Entries {
+            local_addrs: self.local_addrs().into_iter().collect(),
+            ..Entries::default()
+        };
+        for p in self.pieces.values() {
+            p.add_entries(&mut out);
+        }
+        out.finish()
+    }
+
+    /// One kind of entry over all pieces, sorted.
+    pub(crate) fn collect<K: Ord + Copy, V: Copy>(&self, f: impl Fn(&Piece) -> &[(K, V)]) -> Vec<(K, V)> {
+        let mut out = Vec::with_capacity(self.pieces.values().map(|p| f(p).len()).sum());
+        for p in self.pieces.values() {
+            out.extend_from_slice(f(p));
+        }
+        sort_dedup(&mut out);
+        out
+    }
+
     /// Every map's contents, flat, with names.
     pub fn contents(&self) -> Contents {
         let mut out = Contents {
@@ -266,8 +504,8 @@ impl Piece {
     pub(crate) fn add_to(&self, out: &mut Contents) {
         out.dest4.extend(self.dest4.iter().map(|(k, v)| (*k, *v)));
         out.dest6.extend(self.dest6.iter().map(|(k, v)| (*k, *v)));
-        out.source4.extend(self.source4.iter().copied());
-        out.source6.extend(self.source6.iter().copied());
+        out.source4.extend(self.source4.iter().map(|(k, ())| *k));
+        out.source6.extend(self.source6.iter().map(|(k, ())| *k));
         out.route_sets
             .extend(self.route_sets.iter().map(|(k, v)| (*k, v.clone())));
         out.tunnels.extend(self.tunnels.iter().map(|(k, v)| (*k, *v)));
@@ -350,13 +588,119 @@ fn fresh(taken: &mut Bitmap, limit: u32, what: &'static str) -> Result<u32, Erro
     Ok(id)
 }
 
-/// Whether `old` was compiled from exactly this customer and next hops.
-fn reusable(old: &Piece, customer: &CustomerSpec, next_hop: &dyn Fn(&TunnelSpec) -> Option<NextHop>) -> bool {
-    match &old.source {
-        Some((spec, hops)) => spec == customer && customer.tunnels.iter().zip(hops).all(|(t, h)| next_hop(t) == *h),
-        None => false,
+/// Where the encoding of a customer goes.
+trait Sink {
+    fn put(&mut self, bytes: &[u8]);
+}
+
+impl Sink for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
     }
 }
+
+fn put_str(w: &mut impl Sink, s: &str) {
+    w.put(&(s.len() as u32).to_le_bytes());
+    w.put(s.as_bytes());
+}
+
+fn put_net(w: &mut impl Sink, n: &IpNet) {
+    match n {
+        IpNet::V4(n) => {
+            let a = n.addr().octets();
+            w.put(&[4, n.prefix_len(), a[0], a[1], a[2], a[3]]);
+        }
+        IpNet::V6(n) => {
+            w.put(&[6, n.prefix_len()]);
+            w.put(&n.addr().octets());
+        }
+    }
+}
+
+/// A self-delimiting encoding of everything a piece is compiled from: the
+/// customer (field by field, lengths first) and its tunnels' next hops.
+/// Equal encodings mean equal inputs.
+fn encode(w: &mut impl Sink, c: &CustomerSpec, hops: &mut dyn FnMut(&TunnelSpec) -> Option<NextHop>) {
+    put_str(w, &c.name);
+    for list in [&c.prefixes, &c.egress_prefixes] {
+        w.put(&(list.len() as u32).to_le_bytes());
+        for p in list {
+            put_net(w, p);
+        }
+    }
+    w.put(&(c.tunnels.len() as u32).to_le_bytes());
+    for t in &c.tunnels {
+        put_str(w, &t.name);
+        let (l, r) = (t.local.octets(), t.remote.octets());
+        let k = t.key.unwrap_or(0).to_le_bytes();
+        let m = t.mtu.to_le_bytes();
+        let p = t.penalty.to_le_bytes();
+        w.put(&[
+            l[0],
+            l[1],
+            l[2],
+            l[3],
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            u8::from(t.key.is_some()),
+            k[0],
+            k[1],
+            k[2],
+            k[3],
+            m[0],
+            m[1],
+            t.ttl,
+            p[0],
+            p[1],
+            p[2],
+            p[3],
+        ]);
+        match hops(t) {
+            None => w.put(&[0]),
+            Some(h) => {
+                let i = h.ifindex.to_le_bytes();
+                let m = h.link_mtu.to_le_bytes();
+                w.put(&[1, i[0], i[1], i[2], i[3], m[0], m[1]]);
+                w.put(&h.smac);
+                w.put(&h.dmac);
+            }
+        }
+    }
+    w.put(&(c.routes.len() as u32).to_le_bytes());
+    for r in &c.routes {
+        put_net(w, &r.prefix);
+        put_str(w, &r.tunnel);
+        let p = r.priority.to_le_bytes();
+        let g = r.weight.to_le_bytes();
+        w.put(&[p[0], p[1], p[2], p[3], g[0], g[1]]);
+    }
+}
+
+/// A fast hasher for names (not keyed: the names come from the config).
+#[derive(Default)]
+struct NameHasher(u64);
+
+impl Hasher for NameHasher {
+    fn finish(&self) -> u64 {
+        ecmp::splitmix64(self.0)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(0x517c_c1b7_2722_0a95);
+        }
+        let mut w = [0u8; 8];
+        w[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+        self.0 =
+            (self.0.rotate_left(5) ^ u64::from_le_bytes(w) ^ bytes.len() as u64).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+type NameSet<'a> = std::collections::HashSet<&'a str, std::hash::BuildHasherDefault<NameHasher>>;
 
 /// Compiles `spec`. `next_hop` resolves each tunnel's next hop; `None`
 /// leaves the tunnel installed but marked unresolved (its packets are
@@ -372,6 +716,7 @@ fn reusable(old: &Piece, customer: &CustomerSpec, next_hop: &dyn Fn(&TunnelSpec)
 ///
 /// A customer whose spec and tunnel next hops equal those it was compiled
 /// from in `previous` keeps its compiled piece as is (shared, not copied).
+/// When nothing changed at all, the result shares the previous state.
 pub fn compile(
     spec: &Spec,
     next_hop: &dyn Fn(&TunnelSpec) -> Option<NextHop>,
@@ -383,44 +728,88 @@ pub fn compile(
     let empty = Compiled::default();
     let prev = previous.unwrap_or(&empty);
 
-    let mut out = Compiled {
-        node_addresses: spec.node_addresses.iter().map(|a| a.octets()).collect(),
-        endpoints: prev.endpoints.clone(),
-        used: prev.used.clone(),
-        decap_owner: prev.decap_owner.clone(),
-        ..Compiled::default()
-    };
+    let twice = |name: &str| Error::Spec(format!("customer {name} is defined twice"));
+    // Names defined twice: a previous piece claimed twice (by its id), or
+    // a new name twice.
+    let mut claimed = Bitmap::default();
+    let mut new_names = NameSet::default();
     let mut taken = prev.used.clone();
-    // Start from the previous pieces (shared) and replace what changed.
-    out.pieces = prev.pieces.clone();
-    let names: std::collections::HashSet<&str> = spec.customers.iter().map(|c| c.name.as_str()).collect();
-    if names.len() != spec.customers.len() {
-        let mut seen = std::collections::HashSet::new();
-        let twice = spec.customers.iter().find(|c| !seen.insert(c.name.as_str()));
-        return Err(Error::Spec(format!(
-            "customer {} is defined twice",
-            twice.map_or("?", |c| c.name.as_str())
-        )));
-    }
     let mut fresh_pieces = Vec::new();
     let mut released: Vec<Arc<Piece>> = Vec::new();
     let mut found = 0usize;
-    for customer in &spec.customers {
-        let old = prev.pieces.get(customer.name.as_str());
-        found += usize::from(old.is_some());
+    // Pieces in spec order; `None` for fresh ones (filled in below).
+    let mut order: Vec<Origin> = Vec::with_capacity(spec.customers.len());
+    let mut scratch = Vec::new();
+    for (i, customer) in spec.customers.iter().enumerate() {
+        scratch.clear();
+        encode(&mut scratch, customer, &mut |t| next_hop(t));
+        let source = &scratch[..];
+        // The encoding starts with the name: an equal source at the same
+        // position is this customer's piece, unchanged.
+        let hinted = prev.hint.get(i);
+        if hinted == Some(source) {
+            // Only the id is read (no piece is touched).
+            let id = prev.hint.id(i);
+            if claimed.get(id) {
+                return Err(twice(&customer.name));
+            }
+            claimed.set(id);
+            found += 1;
+            order.push(Origin::Hinted);
+            continue;
+        }
+        let (old, same) = match hinted {
+            Some(_) if prev.hint.piece(i).name == customer.name => (Some(prev.hint.piece(i)), hinted == Some(source)),
+            _ => match prev.pieces.get(customer.name.as_str()) {
+                Some(p) => (Some(p), p.source.as_deref() == Some(source)),
+                None => (None, false),
+            },
+        };
         match old {
-            Some(old) if reusable(old, customer, next_hop) => {}
+            Some(old) => {
+                if claimed.get(old.id) {
+                    return Err(twice(&customer.name));
+                }
+                claimed.set(old.id);
+                found += 1;
+            }
+            None => {
+                if !new_names.insert(customer.name.as_str()) {
+                    return Err(twice(&customer.name));
+                }
+            }
+        }
+        match old {
+            Some(old) if same => order.push(Origin::Kept(old.clone())),
             _ => {
-                fresh_pieces.push(compile_customer(customer, next_hop, old.map(|p| &**p), &mut taken)?);
+                let piece = compile_customer(customer, next_hop, Box::from(source), old.map(|p| &**p), &mut taken)?;
+                fresh_pieces.push((i, piece));
                 released.extend(old.cloned());
+                order.push(Origin::Fresh);
             }
         }
     }
+    let node_addresses: BTreeSet<[u8; 4]> = spec.node_addresses.iter().map(|a| a.octets()).collect();
+    if fresh_pieces.is_empty() && found == prev.pieces.len() && node_addresses == prev.node_addresses {
+        // Nothing changed: the same state (pieces shared as a whole).
+        return Ok(prev.clone());
+    }
+
+    let mut out = Compiled {
+        node_addresses,
+        endpoints: prev.endpoints.clone(),
+        used: prev.used.clone(),
+        totals: prev.totals,
+        decap_owner: prev.decap_owner.clone(),
+        ..Compiled::default()
+    };
+    // Start from the previous pieces (shared) and replace what changed.
+    let mut pieces = prev.pieces.clone();
     if found < prev.pieces.len() {
         // Customers gone (and pieces that only held ids).
-        for (name, old) in &prev.pieces {
-            if !names.contains(&**name) {
-                out.pieces.remove(name);
+        for (name, old) in prev.pieces.iter() {
+            if !claimed.get(old.id) {
+                pieces.remove(name);
                 released.push(old.clone());
             }
         }
@@ -429,6 +818,7 @@ pub fn compile(
     // and decapsulation keys; then claim those of the new pieces.
     for old in &released {
         out.used.mark(old, false);
+        out.totals.mark(old, false);
         for (k, v) in &old.decap {
             if out.decap_owner.get(k) == Some(&v.customer) {
                 out.decap_owner.remove(k);
@@ -441,8 +831,9 @@ pub fn compile(
             }
         }
     }
-    for piece in fresh_pieces {
+    for (i, piece) in fresh_pieces {
         out.used.mark(&piece, true);
+        out.totals.mark(&piece, true);
         for (k, v) in &piece.decap {
             if out.decap_owner.get(k).is_some() {
                 return Err(Error::Spec(format!(
@@ -456,16 +847,44 @@ pub fn compile(
             out.decap_owner.insert(*k, v.customer);
             *out.endpoints.entry(k.local).or_default() += 1;
         }
-        out.pieces.insert(piece.name.as_str().into(), Arc::new(piece));
+        let piece = Arc::new(piece);
+        pieces.insert(piece.clone());
+        order[i] = Origin::Kept(piece);
     }
+    out.pieces = pieces;
+    // Chunks of pieces all hinted at their own position are shared.
+    let mut chunks = Vec::with_capacity(order.len().div_ceil(HINT_CHUNK));
+    for (k, chunk) in order.chunks(HINT_CHUNK).enumerate() {
+        let same = prev.hint.chunks.get(k).filter(|c| c.ends.len() == chunk.len());
+        match same {
+            Some(c) if chunk.iter().all(|o| matches!(o, Origin::Hinted)) => chunks.push(c.clone()),
+            _ => {
+                let mut c = HintChunk::default();
+                for (j, o) in chunk.iter().enumerate() {
+                    let i = k * HINT_CHUNK + j;
+                    let p = match o {
+                        Origin::Hinted => prev.hint.piece(i),
+                        Origin::Kept(p) => p,
+                        Origin::Fresh => unreachable!("fresh pieces are filled in"),
+                    };
+                    c.bytes.extend_from_slice(p.source.as_deref().unwrap_or_default());
+                    c.ends.push(c.bytes.len());
+                    c.ids.push(p.id);
+                    c.pieces.push(p.clone());
+                }
+                chunks.push(Arc::new(c));
+            }
+        }
+    }
+    out.hint = Arc::new(Hint { chunks });
 
-    let total = |f: fn(&Piece) -> usize| out.pieces.values().map(|p| f(p)).sum::<usize>();
-    check_capacity("IPv4 destination entries", total(|p| p.dest4.len()), MAX_DEST_ENTRIES)?;
-    check_capacity("IPv6 destination entries", total(|p| p.dest6.len()), MAX_DEST_ENTRIES)?;
-    check_capacity("IPv4 source entries", total(|p| p.source4.len()), MAX_SOURCE_ENTRIES)?;
-    check_capacity("IPv6 source entries", total(|p| p.source6.len()), MAX_SOURCE_ENTRIES)?;
-    check_capacity("route sets", total(|p| p.route_sets.len()), MAX_ROUTE_SETS / 2)?;
-    check_capacity("multi-tunnel route sets", total(Piece::tables), MAX_ECMP_SETS)?;
+    let t = out.totals;
+    check_capacity("IPv4 destination entries", t.dest4 as usize, MAX_DEST_ENTRIES)?;
+    check_capacity("IPv6 destination entries", t.dest6 as usize, MAX_DEST_ENTRIES)?;
+    check_capacity("IPv4 source entries", t.source4 as usize, MAX_SOURCE_ENTRIES)?;
+    check_capacity("IPv6 source entries", t.source6 as usize, MAX_SOURCE_ENTRIES)?;
+    check_capacity("route sets", t.route_sets as usize, MAX_ROUTE_SETS / 2)?;
+    check_capacity("multi-tunnel route sets", t.tables as usize, MAX_ECMP_SETS)?;
     check_capacity("local addresses", out.local_addrs().len(), MAX_LOCAL_ADDRS)?;
     Ok(out)
 }
@@ -475,6 +894,7 @@ pub fn compile(
 fn compile_customer(
     customer: &CustomerSpec,
     next_hop: &dyn Fn(&TunnelSpec) -> Option<NextHop>,
+    source: Box<[u8]>,
     old: Option<&Piece>,
     taken: &mut Used,
 ) -> Result<Piece, Error> {
@@ -482,17 +902,12 @@ fn compile_customer(
         Some(p) => p.id,
         None => fresh(&mut taken.customers, MAX_CUSTOMERS, "customers")?,
     };
-    let mut hops = Vec::with_capacity(customer.tunnels.len());
-    let mut out = Piece {
-        name: customer.name.clone(),
-        id: cid,
-        ..Piece::default()
-    };
+    let mut b = Building::default();
 
     // Tunnels.
     let mut tunnel_ids: BTreeMap<&str, (u32, u64, u32)> = BTreeMap::new();
     for t in &customer.tunnels {
-        let id = match old.and_then(|p| p.tunnel_ids.get(&t.name)) {
+        let id = match old.and_then(|p| get(&p.tunnel_ids, &t.name)) {
             Some(id) => *id,
             None => fresh(&mut taken.tunnels, MAX_TUNNELS, "tunnels")?,
         };
@@ -502,7 +917,6 @@ fn compile_customer(
             flags |= TUNNEL_HAS_KEY;
         }
         let nh = next_hop(t);
-        hops.push(nh);
         if nh.is_some() {
             flags |= TUNNEL_NEXTHOP_VALID;
         }
@@ -512,7 +926,7 @@ fn compile_customer(
             dmac: [0; 6],
             link_mtu: 0,
         });
-        out.tunnels.insert(
+        b.tunnels.insert(
             id,
             Tunnel {
                 header: outer_header(&nh, local, remote, t.ttl, t.key),
@@ -525,7 +939,7 @@ fn compile_customer(
                 header_len: if t.key.is_some() { 42 } else { 38 },
             },
         );
-        if out.tunnel_ids.insert(t.name.clone(), id).is_some() {
+        if b.tunnel_ids.insert(t.name.clone(), id).is_some() {
             return Err(Error::Spec(format!(
                 "customer {}: tunnel {} is defined twice",
                 customer.name, t.name
@@ -537,8 +951,7 @@ fn compile_customer(
             key: t.key.unwrap_or(0).to_be_bytes(),
             has_key: u32::from(t.key.is_some()),
         };
-        if out
-            .decap
+        if b.decap
             .insert(
                 dk,
                 DecapValue {
@@ -587,17 +1000,24 @@ fn compile_customer(
                     .weight += weight;
             }
         }
+        let members: Vec<Member> = members.into_values().collect();
+        let old_set = old.and_then(|p| get(&p.set_ids, prefix).map(|id| (*id, p)));
         let entry = if members.len() == 1 {
-            RouteSetEntry::Single(*members.keys().next().unwrap_or(&0))
+            RouteSetEntry::Single(u32::from(members[0].tunnel))
         } else {
-            RouteSetEntry::Table(Arc::from(ecmp::build_table(&members.into_values().collect::<Vec<_>>())))
+            // The same members give the same table: share the old one.
+            let table = ecmp::build_table(&members);
+            match old_set.and_then(|(id, p)| get(&p.route_sets, &id)) {
+                Some(RouteSetEntry::Table(t)) if **t == *table => RouteSetEntry::Table(t.clone()),
+                _ => RouteSetEntry::Table(Arc::from(table)),
+            }
         };
-        let id = match old.and_then(|p| p.set_ids.get(prefix).map(|id| (*id, p))) {
-            Some((id, p)) if p.route_sets.get(&id) == Some(&entry) => id,
+        let id = match old_set {
+            Some((id, p)) if get(&p.route_sets, &id) == Some(&entry) => id,
             _ => fresh(&mut taken.route_sets, MAX_ROUTE_SETS, "route sets")?,
         };
-        out.route_sets.insert(id, entry);
-        out.set_ids.insert(*prefix, id);
+        b.route_sets.insert(id, entry);
+        b.set_ids.insert(*prefix, id);
     }
 
     // Destination entries: prefixes (inheriting the longest covering
@@ -606,17 +1026,16 @@ fn compile_customer(
         let p = p.trunc();
         let covering = (0..=p.prefix_len())
             .rev()
-            .find_map(|len| IpNet::new(p.addr(), len).ok().and_then(|n| out.set_ids.get(&n.trunc())));
+            .find_map(|len| IpNet::new(p.addr(), len).ok().and_then(|n| b.set_ids.get(&n.trunc())));
         let value = DestValue {
             customer: cid,
             route_set: covering.copied().unwrap_or(NO_ROUTE_SET),
         };
-        insert_dest(&mut out, p, value);
+        b.insert_dest(p, value);
     }
-    let sets: Vec<(IpNet, u32)> = out.set_ids.iter().map(|(p, id)| (*p, *id)).collect();
+    let sets: Vec<(IpNet, u32)> = b.set_ids.iter().map(|(p, id)| (*p, *id)).collect();
     for (prefix, set) in sets {
-        insert_dest(
-            &mut out,
+        b.insert_dest(
             prefix,
             DestValue {
                 customer: cid,
@@ -632,7 +1051,7 @@ fn compile_customer(
         match p {
             IpNet::V4(n) => {
                 let a = n.addr().octets();
-                out.source4.insert((
+                b.source4.insert((
                     32 + u32::from(n.prefix_len()),
                     [c[0], c[1], c[2], c[3], a[0], a[1], a[2], a[3]],
                 ));
@@ -641,21 +1060,49 @@ fn compile_customer(
                 let mut k = [0u8; 20];
                 k[..4].copy_from_slice(&c);
                 k[4..].copy_from_slice(&n.addr().octets());
-                out.source6.insert((32 + u32::from(n.prefix_len()), k));
+                b.source6.insert((32 + u32::from(n.prefix_len()), k));
             }
         }
     }
-    out.source = Some((customer.clone(), hops));
-    Ok(out)
+    Ok(Piece {
+        name: customer.name.clone(),
+        source: Some(source),
+        id: cid,
+        tunnels: b.tunnels.into_iter().collect(),
+        tunnel_ids: b.tunnel_ids.into_iter().collect(),
+        decap: b.decap.into_iter().collect(),
+        route_sets: b.route_sets.into_iter().collect(),
+        set_ids: b.set_ids.into_iter().collect(),
+        dest4: b.dest4.into_iter().collect(),
+        dest6: b.dest6.into_iter().collect(),
+        source4: b.source4.into_iter().map(|k| (k, ())).collect(),
+        source6: b.source6.into_iter().map(|k| (k, ())).collect(),
+    })
 }
 
-fn insert_dest(out: &mut Piece, prefix: IpNet, value: DestValue) {
-    match prefix {
-        IpNet::V4(n) => {
-            out.dest4.insert((u32::from(n.prefix_len()), n.addr().octets()), value);
-        }
-        IpNet::V6(n) => {
-            out.dest6.insert((u32::from(n.prefix_len()), n.addr().octets()), value);
+/// A piece while it is compiled.
+#[derive(Default)]
+struct Building {
+    tunnels: BTreeMap<u32, Tunnel>,
+    tunnel_ids: BTreeMap<String, u32>,
+    decap: BTreeMap<DecapKey, DecapValue>,
+    route_sets: BTreeMap<u32, RouteSetEntry>,
+    set_ids: BTreeMap<IpNet, u32>,
+    dest4: BTreeMap<Lpm<4>, DestValue>,
+    dest6: BTreeMap<Lpm<16>, DestValue>,
+    source4: BTreeSet<Lpm<8>>,
+    source6: BTreeSet<Lpm<20>>,
+}
+
+impl Building {
+    fn insert_dest(&mut self, prefix: IpNet, value: DestValue) {
+        match prefix {
+            IpNet::V4(n) => {
+                self.dest4.insert((u32::from(n.prefix_len()), n.addr().octets()), value);
+            }
+            IpNet::V6(n) => {
+                self.dest6.insert((u32::from(n.prefix_len()), n.addr().octets()), value);
+            }
         }
     }
 }

@@ -35,11 +35,16 @@ pub struct Dir {
 /// The table for `dest`, or the number of nodes it would need when that
 /// exceeds the capacity.
 pub fn build<const N: usize>(dest: &BTreeMap<Lpm<N>, DestValue>) -> Result<Dir, usize> {
+    build_from(dest.iter())
+}
+
+/// [`build`] from entries with unique keys, in any order.
+fn build_from<'a, const N: usize>(dest: impl Iterator<Item = (&'a Lpm<N>, &'a DestValue)>) -> Result<Dir, usize> {
     let mut dir = Dir {
         root: vec![0; DIR_ROOT as usize],
         nodes: Vec::new(),
     };
-    let mut order: Vec<(&Lpm<N>, &DestValue)> = dest.iter().collect();
+    let mut order: Vec<(&Lpm<N>, &DestValue)> = dest.collect();
     order.sort_by_key(|((len, _), _)| *len);
     for ((len, addr), value) in order {
         let leaf = dir_leaf(*value);
@@ -133,10 +138,10 @@ pub struct Model<const N: usize> {
 }
 
 impl<const N: usize> Model<N> {
-    /// The model of `dest`, built in full; `Err` as [`build`].
-    pub fn new(dest: &BTreeMap<Lpm<N>, DestValue>) -> Result<Self, usize> {
+    /// The model of `dest` (unique keys), built in full; `Err` as [`build`].
+    pub fn new(dest: &[(Lpm<N>, DestValue)]) -> Result<Self, usize> {
         Ok(Model {
-            dir: build(dest)?,
+            dir: build_from(dest.iter().map(|(k, v)| (k, v)))?,
             free: Vec::new(),
             index: dest.iter().map(|((l, a), v)| ((*a, *l), *v)).collect(),
             dirty_root: BTreeSet::new(),
@@ -405,7 +410,7 @@ mod tests {
             state >> 8
         };
         let mut d: BTreeMap<Lpm<4>, DestValue> = BTreeMap::new();
-        let mut model = Model::new(&d).unwrap();
+        let mut model = Model::new(&[]).unwrap();
         for round in 0..300 {
             let mut removed = Vec::new();
             let mut upserted = Vec::new();
