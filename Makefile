@@ -15,3 +15,5 @@ test:
 bench: setup
 	cargo run --release -p moat-lab --bin moat-bench
 	cargo run --release -p moat-lab --bin moat-apply-bench
+	cargo build --release -p moat
+	cargo run --release -p moat-lab --bin moat-daemon-bench

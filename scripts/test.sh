@@ -36,6 +36,8 @@ cargo run --release -p moat -- demo --requests 50
 step "benchmarks (smoke: small counts, figures not asserted)"
 cargo run --release -p moat-lab --bin moat-bench -- --quick
 cargo run --release -p moat-lab --bin moat-apply-bench -- --quick
+cargo build --release -p moat
+cargo run --release -p moat-lab --bin moat-daemon-bench -- --quick
 
 # One closing line for the whole run.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }

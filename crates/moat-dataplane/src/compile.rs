@@ -132,6 +132,14 @@ impl Entries {
     }
 }
 
+/// Names by id, from [`Compiled::names`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Names {
+    pub customers: BTreeMap<u32, String>,
+    /// Tunnel id -> (customer, tunnel, the tunnel's data-plane flags).
+    pub tunnels: BTreeMap<u32, (String, String, u8)>,
+}
+
 /// Everything one customer puts into the maps, and the ids it holds;
 /// every kind a vector sorted by key.
 #[derive(Debug, Default, PartialEq)]
@@ -489,6 +497,23 @@ impl Compiled {
         };
         for p in self.pieces.values() {
             p.add_to(&mut out);
+        }
+        out
+    }
+
+    /// Names by id, without spelling out the entries (cheap: one walk over
+    /// the customers): customer id -> name, tunnel id -> (customer, tunnel).
+    pub fn names(&self) -> Names {
+        let mut out = Names::default();
+        for p in self.pieces.values() {
+            if p.name.starts_with('\0') {
+                continue;
+            }
+            out.customers.insert(p.id, p.name.clone());
+            for (name, id) in &p.tunnel_ids {
+                let flags = p.tunnels.iter().find(|(t, _)| t == id).map_or(0, |(_, t)| t.flags);
+                out.tunnels.insert(*id, (p.name.clone(), name.clone(), flags));
+            }
         }
         out
     }

@@ -18,7 +18,7 @@ mod verify;
 
 pub use adopt::AdoptReport;
 pub use apply::ApplyReport;
-pub use compile::{compile, Compiled, Contents, RouteSetEntry};
+pub use compile::{compile, Compiled, Contents, Names, RouteSetEntry};
 pub use counters::Counters;
 pub use error::Error;
 pub use loader::{build_id, Dataplane, Opened, PinDir, XdpMode};

@@ -377,8 +377,11 @@ impl State {
                 return;
             }
         };
-        let mut differences = status::differences(&maps, &self.desired);
-        differences.extend(self.dp.verify_dir(&self.desired));
+        // Spelt out for the comparison only, not kept (it is as large as the maps).
+        let want = self.desired.contents();
+        let mut differences = status::differences(&maps, &want);
+        differences.extend(self.dp.verify_dir(&want));
+        drop(want);
         self.last_differences = differences.len();
         if differences.is_empty() {
             return;
@@ -399,17 +402,19 @@ impl State {
 
     fn status(&mut self) -> Result<Status> {
         let maps = self.dp.read_back()?;
-        let mut differences = status::differences(&maps, &self.desired);
-        differences.extend(self.dp.verify_dir(&self.desired));
+        let want = self.desired.contents();
+        let mut differences = status::differences(&maps, &want);
+        differences.extend(self.dp.verify_dir(&want));
         let customers: BTreeSet<u32> = maps
             .dest4
             .values()
             .chain(maps.dest6.values())
             .map(|v| v.customer)
-            .chain(self.desired.customers.keys().copied())
+            .chain(want.customers.keys().copied())
             .collect();
         let counters = self.dp.counters(customers, maps.tunnels.keys().copied())?;
-        let (customers, tunnels, entries) = status::from_maps(&maps, &self.desired, &counters);
+        let (customers, tunnels, entries) = status::from_maps(&maps, &want, &counters);
+        drop(want);
         let mut interfaces = Vec::new();
         let ours = self.dp.program_id()?;
         for i in &self.config.node.interfaces {
@@ -461,10 +466,10 @@ impl State {
     }
 
     fn metrics(&self) -> Result<String> {
-        let d = &self.desired;
+        let names = self.desired.names();
         let counters = self
             .dp
-            .counters(d.customers.keys().copied(), d.tunnel_names.keys().copied())?;
+            .counters(names.customers.keys().copied(), names.tunnels.keys().copied())?;
         let mut s = metrics::Snapshot {
             node: self.config.node.name.clone(),
             build: moat_dataplane::build_id(),
@@ -475,7 +480,7 @@ impl State {
             reasons: status::reasons(&counters).into_iter().collect(),
             ..metrics::Snapshot::default()
         };
-        for (id, name) in &d.customers {
+        for (id, name) in &names.customers {
             let c = counters.customers.get(id).copied().unwrap_or_default();
             for (dir, res, v) in [
                 ("in", "received", c.in_received),
@@ -488,14 +493,11 @@ impl State {
                 s.customers.push((name.clone(), dir, res, v.into()));
             }
         }
-        for (id, (customer, tunnel)) in &d.tunnel_names {
+        for (id, (customer, tunnel, flags)) in &names.tunnels {
             let t = counters.tunnels.get(id).copied().unwrap_or_default();
             s.tunnels.push((customer.clone(), tunnel.clone(), "tx", t.tx.into()));
             s.tunnels.push((customer.clone(), tunnel.clone(), "rx", t.rx.into()));
-            let ok = d
-                .tunnels
-                .get(id)
-                .is_some_and(|t| t.flags & moat_common::TUNNEL_NEXTHOP_VALID != 0);
+            let ok = flags & moat_common::TUNNEL_NEXTHOP_VALID != 0;
             s.next_hops.push((customer.clone(), tunnel.clone(), ok));
         }
         Ok(metrics::encode_snapshot(&s))
