@@ -81,7 +81,8 @@ struct State {
     pins: PinDir,
     dp: Dataplane,
     opened: Opened,
-    config: Config,
+    /// The configuration in force (shared: refreshes borrow it cheaply).
+    config: Arc<Config>,
     /// What the maps should hold in this generation (with names).
     desired: Compiled,
     generation: u64,
@@ -285,7 +286,7 @@ impl State {
                     summary.push_str(" (node.metrics changed: takes effect at the next start)");
                 }
                 self.generation += 1;
-                self.config = config;
+                self.config = Arc::new(config);
                 self.next_hops = hops;
                 self.last_reload = status::Reload {
                     result: "ok".into(),
@@ -665,10 +666,9 @@ async fn serve(opts: Options, config: Config) -> Result<()> {
 
     let pins = PinDir::new(&opts.pin_dir);
     let (mut dp, opened) = Dataplane::open_pinned(&pins)?;
-    let spec = config.to_spec();
     if opened == Opened::Adopted {
         let started = Instant::now();
-        let report = dp.adopt(&spec).context("adopting the pinned data plane")?;
+        let report = dp.adopt(&config.to_spec()).context("adopting the pinned data plane")?;
         info!(
             pin_dir = %opts.pin_dir.display(),
             "adopted the running data plane in {:.1} ms: {report:?}",
@@ -682,7 +682,7 @@ async fn serve(opts: Options, config: Config) -> Result<()> {
         pins,
         dp,
         opened,
-        config: config.clone(),
+        config: Arc::new(config),
         desired: Compiled::default(),
         generation: 0,
         last_reload: status::Reload::default(),
@@ -691,6 +691,7 @@ async fn serve(opts: Options, config: Config) -> Result<()> {
         managed: BTreeMap::new(),
         last_differences: 0,
     };
+    let config = state.config.clone();
     let hops = state.resolve_all(&config);
     let summary = match state.apply(&config, &hops) {
         Ok(s) => s,
