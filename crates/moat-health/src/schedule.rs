@@ -1,0 +1,371 @@
+//! When each tunnel is probed.
+//!
+//! Every tunnel is probed on a fixed grid: at `epoch + phase + k * interval`
+//! (k = 0, 1, 2, ...), where the phase is a fraction of the interval derived
+//! from the tunnel id by Fibonacci hashing (`id * 2^64 / golden ratio`, the
+//! top bits as a fraction). Dense ids, as the data plane's tunnel ids are,
+//! then fall into the interval like the golden-ratio sequence, the most even
+//! spread there is: 10,000 tunnels probed every second come due about one
+//! every 100 µs, never in bursts. Sparse ids spread like a random hash.
+//!
+//! The grid is kept whatever happens: a tunnel added, or whose interval
+//! changes, gets its next probe at its next grid point; a late call to
+//! [`Schedule::due`] returns each late tunnel once and puts it back on its
+//! next grid point after `now` (missed probes are skipped, not sent in a
+//! burst). Extra probes ([`Schedule::probe_now`]) come before scheduled ones
+//! and do not move the grid.
+//!
+//! A binary heap keyed by due time holds one live entry per tunnel; entries
+//! made obsolete by removal or an interval change stay until they surface,
+//! and the heap is rebuilt when they outnumber the live ones.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::{Trigger, TunnelId};
+
+/// Probe interval of rate `low`.
+pub const INTERVAL_LOW: Duration = Duration::from_secs(10);
+/// Probe interval of rate `mid`.
+pub const INTERVAL_MID: Duration = Duration::from_secs(1);
+/// Probe interval of rate `high`.
+pub const INTERVAL_HIGH: Duration = Duration::from_millis(100);
+
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    interval: u64,
+    phase: u64,
+    due: u64,
+    generation: u64,
+}
+
+/// Which tunnels are due for a probe. Times are kept as nanoseconds since the
+/// schedule's epoch.
+#[derive(Debug)]
+pub struct Schedule {
+    epoch: Instant,
+    tunnels: HashMap<TunnelId, Entry>,
+    heap: BinaryHeap<Reverse<(u64, u64, TunnelId)>>,
+    extra: VecDeque<TunnelId>,
+    next_generation: u64,
+}
+
+impl Schedule {
+    /// An empty schedule whose grid starts at `epoch`.
+    pub fn new(epoch: Instant) -> Self {
+        Schedule {
+            epoch,
+            tunnels: HashMap::new(),
+            heap: BinaryHeap::new(),
+            extra: VecDeque::new(),
+            next_generation: 0,
+        }
+    }
+
+    /// Tunnels scheduled.
+    pub fn len(&self) -> usize {
+        self.tunnels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tunnels.is_empty()
+    }
+
+    pub fn contains(&self, id: TunnelId) -> bool {
+        self.tunnels.contains_key(&id)
+    }
+
+    /// Schedules a tunnel (or reschedules it, as [`Schedule::set_interval`]):
+    /// its first probe is at its next grid point at or after `now`. An
+    /// interval of zero is taken as 1 ms.
+    pub fn add(&mut self, id: TunnelId, interval: Duration, now: Instant) {
+        let interval = (interval.as_nanos().min(u128::from(u64::MAX)) as u64).max(1_000_000);
+        if self.tunnels.get(&id).is_some_and(|e| e.interval == interval) {
+            return;
+        }
+        let phase = phase_of(id, interval);
+        let due = next_grid_point(phase, interval, self.nanos(now));
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        self.tunnels.insert(
+            id,
+            Entry {
+                interval,
+                phase,
+                due,
+                generation,
+            },
+        );
+        self.heap.push(Reverse((due, generation, id)));
+        self.compact();
+    }
+
+    /// Changes a tunnel's interval; its next probe moves to its next grid
+    /// point (of the new interval) at or after `now`. False when the tunnel
+    /// is not scheduled.
+    pub fn set_interval(&mut self, id: TunnelId, interval: Duration, now: Instant) -> bool {
+        if !self.contains(id) {
+            return false;
+        }
+        self.add(id, interval, now);
+        true
+    }
+
+    /// Stops probing a tunnel, extra probes included.
+    pub fn remove(&mut self, id: TunnelId) -> bool {
+        let removed = self.tunnels.remove(&id).is_some();
+        if removed {
+            self.extra.retain(|&t| t != id);
+            self.compact();
+        }
+        removed
+    }
+
+    /// Asks for `count` extra probes of a tunnel, due at once.
+    pub fn probe_now(&mut self, id: TunnelId, count: u8) {
+        if self.contains(id) {
+            self.extra.extend(std::iter::repeat_n(id, usize::from(count)));
+        }
+    }
+
+    /// The probes due at `now`, extra ones first, each scheduled tunnel at
+    /// most once; due tunnels move to their next grid point after `now`.
+    pub fn due(&mut self, now: Instant) -> Vec<(TunnelId, Trigger)> {
+        let mut out: Vec<_> = self.extra.drain(..).map(|id| (id, Trigger::Extra)).collect();
+        let now = self.nanos(now);
+        while let Some(&Reverse((due, generation, id))) = self.heap.peek() {
+            if due > now {
+                break;
+            }
+            self.heap.pop();
+            let Some(e) = self.tunnels.get_mut(&id).filter(|e| e.generation == generation) else {
+                continue;
+            };
+            out.push((id, Trigger::Scheduled));
+            let mut next = due + e.interval;
+            if next <= now {
+                next = next_grid_point(e.phase, e.interval, now + 1);
+            }
+            e.due = next;
+            self.heap.push(Reverse((next, generation, id)));
+        }
+        out
+    }
+
+    /// When the next probe is due (in the past when extra probes wait), for
+    /// the daemon's sleep.
+    pub fn next_due(&mut self) -> Option<Instant> {
+        if !self.extra.is_empty() {
+            return Some(self.epoch);
+        }
+        while let Some(&Reverse((due, generation, id))) = self.heap.peek() {
+            if self.tunnels.get(&id).is_some_and(|e| e.generation == generation) {
+                return Some(self.epoch + Duration::from_nanos(due));
+            }
+            self.heap.pop();
+        }
+        None
+    }
+
+    fn nanos(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch)
+            .as_nanos()
+            .min(u128::from(u64::MAX)) as u64
+    }
+
+    /// Rebuilds the heap from the live entries when obsolete ones dominate.
+    fn compact(&mut self) {
+        if self.heap.len() > 2 * self.tunnels.len() + 1024 {
+            self.heap = self
+                .tunnels
+                .iter()
+                .map(|(&id, e)| Reverse((e.due, e.generation, id)))
+                .collect();
+        }
+    }
+}
+
+/// The tunnel's offset in its interval: its id by Fibonacci hashing, as a
+/// fraction of the interval.
+fn phase_of(id: TunnelId, interval: u64) -> u64 {
+    let fraction = u64::from(id).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    ((u128::from(interval) * u128::from(fraction)) >> 64) as u64
+}
+
+/// The first `phase + k * interval` at or after `t`.
+fn next_grid_point(phase: u64, interval: u64, t: u64) -> u64 {
+    if t <= phase {
+        return phase;
+    }
+    let k = (t - phase).div_ceil(interval);
+    phase + k * interval
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn us(n: u64) -> Duration {
+        Duration::from_micros(n)
+    }
+
+    /// Steps the clock by `tick` from `start` for `span`, collecting
+    /// (time in µs since `start`, tunnel, trigger) of every probe due.
+    fn run(s: &mut Schedule, start: Instant, span: Duration, tick: Duration) -> Vec<(u64, TunnelId, Trigger)> {
+        let mut out = Vec::new();
+        let mut t = Duration::ZERO;
+        while t <= span {
+            for (id, trig) in s.due(start + t) {
+                out.push((t.as_micros() as u64, id, trig));
+            }
+            t += tick;
+        }
+        out
+    }
+
+    fn max_per_slice(probes: &[(u64, TunnelId, Trigger)], slice_us: u64, slices: u64) -> (usize, usize) {
+        let mut counts = vec![0usize; slices as usize];
+        for &(t, _, _) in probes {
+            if t / slice_us < slices {
+                counts[(t / slice_us) as usize] += 1;
+            }
+        }
+        (*counts.iter().min().unwrap(), *counts.iter().max().unwrap())
+    }
+
+    #[test]
+    fn ten_thousand_tunnels_at_one_second_are_spread_evenly() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(t0);
+        for id in 0..10_000 {
+            s.add(id, INTERVAL_MID, t0);
+        }
+        let probes = run(&mut s, t0, Duration::from_millis(3_000), us(100));
+        // Each 10 ms slice holds close to 100 probes.
+        let (min, max) = max_per_slice(&probes, 10_000, 299);
+        assert!(
+            (95..=105).contains(&min) && (95..=105).contains(&max),
+            "min {min} max {max}"
+        );
+        // And each 1 ms slice close to 10.
+        let (min, max) = max_per_slice(&probes, 1_000, 2_999);
+        assert!(min >= 8 && max <= 12, "min {min} max {max}");
+        // Every tunnel three times (four for the one whose phase is 0), exactly
+        // 1 s apart: the tick, 100 µs, divides the interval.
+        let mut seen: HashMap<TunnelId, Vec<u64>> = HashMap::new();
+        for &(t, id, trig) in &probes {
+            assert_eq!(trig, Trigger::Scheduled);
+            seen.entry(id).or_default().push(t);
+        }
+        assert_eq!(seen.len(), 10_000);
+        for (id, times) in seen {
+            assert!((3..=4).contains(&times.len()), "tunnel {id}: {times:?}");
+            assert!(
+                times.windows(2).all(|w| w[1] - w[0] == 1_000_000),
+                "tunnel {id}: {times:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn sparse_ids_spread_like_a_random_hash() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(t0);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for _ in 0..10_000 {
+            s.add(rng.gen(), INTERVAL_MID, t0);
+        }
+        let probes = run(&mut s, t0, Duration::from_millis(999), us(100));
+        let (min, max) = max_per_slice(&probes, 10_000, 100);
+        assert!(min >= 60 && max <= 140, "min {min} max {max}");
+    }
+
+    #[test]
+    fn mixed_rates_with_a_late_clock_do_not_starve() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(t0);
+        for id in 0..3_000 {
+            let interval = [INTERVAL_LOW, INTERVAL_MID, INTERVAL_HIGH][id as usize % 3];
+            s.add(id, interval, t0);
+        }
+        // A coarse, irregular tick: 1..=37 ms.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let mut counts: HashMap<TunnelId, u32> = HashMap::new();
+        let mut t = Duration::ZERO;
+        while t < Duration::from_secs(30) {
+            for (id, _) in s.due(t0 + t) {
+                *counts.entry(id).or_default() += 1;
+            }
+            t += Duration::from_millis(rng.gen_range(1..=37));
+        }
+        for id in 0..3_000 {
+            let n = counts.get(&id).copied().unwrap_or(0);
+            let expected = [3, 30, 300][id as usize % 3];
+            // Late ticks can merge probes of the fast tunnels, never starve them.
+            let low = if id % 3 == 2 { expected * 7 / 10 } else { expected - 1 };
+            assert!(
+                (low..=expected + 1).contains(&n),
+                "tunnel {id}: {n} probes, expected ~{expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn add_remove_change_interval_and_probe_now() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(t0);
+        s.add(1, INTERVAL_MID, t0);
+        s.add(2, INTERVAL_MID, t0);
+        let first = s.next_due().expect("scheduled");
+        assert!(first < t0 + INTERVAL_MID);
+
+        // Extra probes come first and at once, without moving the grid.
+        s.probe_now(2, 2);
+        s.probe_now(99, 2); // not scheduled: ignored
+        assert_eq!(s.next_due(), Some(t0));
+        assert_eq!(s.due(t0), vec![(2, Trigger::Extra), (2, Trigger::Extra)]);
+        assert_eq!(s.next_due(), Some(first));
+
+        // Remove: never due again, pending extras dropped.
+        s.probe_now(1, 1);
+        assert!(s.remove(1));
+        assert!(!s.remove(1));
+        let probes = run(&mut s, t0, Duration::from_secs(5), Duration::from_millis(1));
+        assert!(probes.iter().all(|&(_, id, _)| id == 2));
+        assert_eq!(probes.len(), 5, "tunnel 2 once a second: {probes:?}");
+
+        // Interval change: the new rate from the next grid point on.
+        let t1 = t0 + Duration::from_secs(6);
+        assert!(s.set_interval(2, INTERVAL_HIGH, t1));
+        assert!(!s.set_interval(3, INTERVAL_HIGH, t1));
+        let probes = run(&mut s, t1, Duration::from_millis(999), Duration::from_millis(1));
+        assert_eq!(probes.len(), 10);
+        assert!(probes.windows(2).all(|w| w[1].0 - w[0].0 == 100_000), "{probes:?}");
+        assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn churn_keeps_the_heap_bounded() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(t0);
+        for round in 0..100u32 {
+            for id in 0..100 {
+                let interval = if (id + round) % 2 == 0 {
+                    INTERVAL_LOW
+                } else {
+                    INTERVAL_MID
+                };
+                s.add(id, interval, t0);
+            }
+        }
+        assert!(s.heap.len() <= 2 * s.len() + 1024, "heap {}", s.heap.len());
+        let probes = run(&mut s, t0, Duration::from_secs(10), Duration::from_millis(1));
+        for id in 0..100 {
+            let n = probes.iter().filter(|p| p.1 == id).count();
+            let expected = if (id + 99) % 2 == 0 { 1..=2 } else { 10..=11 };
+            assert!(expected.contains(&n), "tunnel {id}: {n}");
+        }
+    }
+}
