@@ -4,13 +4,14 @@
 //! With it, ordinary sockets at the site talk TCP through moat's tunnel.
 
 use std::{
+    collections::BTreeSet,
     fs::{File, OpenOptions},
     io::{Read, Write},
     net::Ipv4Addr,
     os::fd::AsRawFd,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     thread::JoinHandle,
     time::Duration,
@@ -37,6 +38,8 @@ pub struct GreTunEndpoint {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     pub counters: Arc<SiteCounters>,
+    /// Tunnel keys whose GRE is currently decapsulated (the others are cut).
+    open: Arc<Mutex<BTreeSet<Option<u32>>>>,
 }
 
 fn open_tun(name: &str) -> std::io::Result<File> {
@@ -68,6 +71,29 @@ impl GreTunEndpoint {
         underlay_gateway: Ipv4Addr,
         key: Option<u32>,
     ) -> std::io::Result<GreTunEndpoint> {
+        Self::start_multi(site, dev, inner_addr, mtu, node_endpoint, underlay_gateway, &[key], key)
+    }
+
+    /// Like [`GreTunEndpoint::start`] for several tunnels between the node
+    /// and this site, told apart by their keys: GRE with any of `keys` is
+    /// decapsulated into the TUN device, and the site's traffic goes back
+    /// with `return_key`. The site also routes what arrives from the
+    /// tunnels (as a customer router does), so health probes in reply
+    /// style, whose inner source is the site's own address, are forwarded
+    /// back to the node.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_multi(
+        site: &NetNs,
+        dev: &str,
+        inner_addr: Ipv4Addr,
+        mtu: u16,
+        node_endpoint: Ipv4Addr,
+        underlay_gateway: Ipv4Addr,
+        keys: &[Option<u32>],
+        return_key: Option<u32>,
+    ) -> std::io::Result<GreTunEndpoint> {
+        let key = return_key;
+        let open: Arc<Mutex<BTreeSet<Option<u32>>>> = Arc::new(Mutex::new(keys.iter().copied().collect()));
         let (mut tun, sock) = {
             let _in = site.enter()?;
             (open_tun(dev)?, RawGre::open()?)
@@ -85,10 +111,14 @@ impl GreTunEndpoint {
             &underlay_gateway.to_string(),
         ]);
         site.ip(&["route", "replace", "default", "dev", dev]);
+        site.sysctl("net.ipv4.conf.all.forwarding", "1");
+        site.sysctl("net.ipv4.conf.all.rp_filter", "0");
+        site.sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "0");
+        site.sysctl(&format!("net.ipv4.conf.{dev}.accept_local"), "1");
 
         let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(SiteCounters::default());
-        let (stop2, counters2) = (stop.clone(), counters.clone());
+        let (stop2, counters2, open2) = (stop.clone(), counters.clone(), open.clone());
         let mut tun_w = tun.try_clone()?;
         let thread = std::thread::spawn(move || {
             let mut buf = vec![0u8; 65536];
@@ -120,7 +150,8 @@ impl GreTunEndpoint {
                 if fds[1].revents & libc::POLLIN != 0 {
                     if let Ok(Some(pkt)) = sock.recv(Duration::ZERO) {
                         if let Some((src, k, inner)) = gre::open(&pkt) {
-                            if src == node_endpoint && k == key && tun_w.write_all(inner).is_ok() {
+                            let accepted = open2.lock().map(|o| o.contains(&k)).unwrap_or(false);
+                            if src == node_endpoint && accepted && tun_w.write_all(inner).is_ok() {
                                 counters2.decapsulated.fetch_add(1, Ordering::Relaxed);
                             }
                         }
@@ -132,7 +163,22 @@ impl GreTunEndpoint {
             stop,
             thread: Some(thread),
             counters,
+            open,
         })
+    }
+
+    /// Cuts the tunnel with `key`: its GRE is dropped from now on.
+    pub fn cut(&self, key: Option<u32>) {
+        if let Ok(mut o) = self.open.lock() {
+            o.remove(&key);
+        }
+    }
+
+    /// Restores a cut tunnel.
+    pub fn restore(&self, key: Option<u32>) {
+        if let Ok(mut o) = self.open.lock() {
+            o.insert(key);
+        }
     }
 }
 

@@ -42,7 +42,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     control::{Command, Request, Response},
-    metrics,
+    health, metrics,
     status::{self, Status},
 };
 
@@ -94,6 +94,8 @@ struct State {
     managed: BTreeMap<(u32, Ipv4Addr), Instant>,
     /// Differences found by the last verification (before repairing them).
     last_differences: usize,
+    /// Tunnel health (route penalties), kept by the probe thread.
+    health: Arc<Mutex<health::Table>>,
 }
 
 /// Loads and validates a file: the config or every diagnostic as text.
@@ -190,7 +192,10 @@ impl State {
 
     fn try_apply(&mut self, config: &Config, hops: &BTreeMap<Ipv4Addr, Resolution>) -> Result<String> {
         let started = Instant::now();
-        let spec = config.to_spec();
+        let spec = {
+            let health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+            config.to_spec_with_penalties(|c, t| health.penalty(c, t))
+        };
         let compiled = compile(
             &spec,
             &|t| hops.get(&t.remote).and_then(|r| r.next_hop()),
@@ -286,6 +291,10 @@ impl State {
                     summary.push_str(" (node.metrics changed: takes effect at the next start)");
                 }
                 self.generation += 1;
+                self.health
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .configure(&config, Instant::now());
                 self.config = Arc::new(config);
                 self.next_hops = hops;
                 self.last_reload = status::Reload {
@@ -368,6 +377,15 @@ impl State {
         }
     }
 
+    /// Applies the route penalties of the tunnels' current health.
+    fn steer(&mut self) {
+        let (config, hops) = (self.config.clone(), self.next_hops.clone());
+        match self.apply(&config, &hops) {
+            Ok(summary) => info!(generation = self.generation, "health steering applied: {summary}"),
+            Err(e) => error!(generation = self.generation, "applying health steering: {e:#}"),
+        }
+    }
+
     /// Reads the maps back; any difference from the generation in force
     /// is logged and repaired by an apply that reads the maps back.
     fn verify(&mut self) {
@@ -414,8 +432,31 @@ impl State {
             .chain(want.customers.keys().copied())
             .collect();
         let counters = self.dp.counters(customers, maps.tunnels.keys().copied())?;
-        let (customers, tunnels, entries) = status::from_maps(&maps, &want, &counters);
+        let (customers, mut tunnels, entries) = status::from_maps(&maps, &want, &counters);
         drop(want);
+        {
+            let health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            for t in &mut tunnels {
+                if let Some(h) = health.snapshot(&t.customer, &t.name, now) {
+                    t.health = if h.enabled {
+                        h.state.to_string()
+                    } else {
+                        "unchecked (disabled)".into()
+                    };
+                    t.probes = Some(status::Probes {
+                        since_seconds: now.saturating_duration_since(h.since).as_secs(),
+                        reason: h.reason.to_string(),
+                        penalty: h.penalty,
+                        sent: h.sent,
+                        succeeded: h.succeeded,
+                        failed: h.failed,
+                        loss_ratio: h.loss_ratio,
+                        rtt_ms: h.smoothed_rtt.map(|r| r.as_secs_f64() * 1e3),
+                    });
+                }
+            }
+        }
         let mut interfaces = Vec::new();
         let ours = self.dp.program_id()?;
         for i in &self.config.node.interfaces {
@@ -501,6 +542,28 @@ impl State {
             let ok = flags & moat_common::TUNNEL_NEXTHOP_VALID != 0;
             s.next_hops.push((customer.clone(), tunnel.clone(), ok));
         }
+        let health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        for (customer, tunnel, _) in names.tunnels.values() {
+            if let Some(h) = health.snapshot(customer, tunnel, now) {
+                let st = match h.state {
+                    moat_health::HealthState::Healthy => 0,
+                    moat_health::HealthState::Degraded => 1,
+                    moat_health::HealthState::Down => 2,
+                };
+                s.health.push((customer.clone(), tunnel.clone(), st, h.sent, h.failed));
+            }
+        }
+        let c = health.counts();
+        s.replies = vec![
+            ("matched", c.matched),
+            ("malformed", c.malformed),
+            ("not_probe", c.not_probe),
+            ("unknown", c.unknown),
+            ("wrong_tunnel", c.wrong_tunnel),
+            ("stale", c.stale),
+            ("duplicate", c.duplicate),
+        ];
         Ok(metrics::encode_snapshot(&s))
     }
 }
@@ -677,7 +740,10 @@ async fn serve(opts: Options, config: Config) -> Result<()> {
     } else {
         info!(pin_dir = %opts.pin_dir.display(), build = %moat_dataplane::build_id(), "loaded and pinned the data plane");
     }
+    let (health_tx, mut health_events) = mpsc::unbounded_channel::<()>();
+    let health = health::Health::start(&config, health_tx).context("starting health checks")?;
     let mut state = State {
+        health: health.table.clone(),
         config_path: opts.config.clone(),
         pins,
         dp,
@@ -777,6 +843,10 @@ async fn serve(opts: Options, config: Config) -> Result<()> {
                 last_refresh = Instant::now();
             }
             _ = verify.tick() => blocking(&state, State::verify).await,
+            Some(()) = health_events.recv() => {
+                while health_events.try_recv().is_ok() {}
+                blocking(&state, State::steer).await;
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     tokio::spawn(handle(stream, state.clone(), down_tx.clone()));
@@ -789,6 +859,7 @@ async fn serve(opts: Options, config: Config) -> Result<()> {
             },
         }
     };
+    drop(health);
     let _ = std::fs::remove_file(&opts.socket);
     if outcome == "down" {
         info!("stopped forwarding and removed the pinned state; exiting");

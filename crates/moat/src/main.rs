@@ -3,7 +3,9 @@
 mod control;
 mod daemon;
 mod demo;
+mod health;
 mod metrics;
+mod probe_io;
 mod status;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};

@@ -34,6 +34,10 @@ pub struct Snapshot {
     /// (customer, tunnel, "tx"/"rx", count, next hop resolved)
     pub tunnels: Vec<(String, String, &'static str, Count)>,
     pub next_hops: Vec<(String, String, bool)>,
+    /// (customer, tunnel, state: 0 healthy / 1 degraded / 2 down, probes sent, probes failed)
+    pub health: Vec<(String, String, i64, u64, u64)>,
+    /// Probe answers by how they were classified (matched, stale, ...).
+    pub replies: Vec<(&'static str, u64)>,
 }
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
@@ -130,6 +134,32 @@ pub fn encode_snapshot(s: &Snapshot) -> String {
         "tunnel_next_hop_resolved",
         "1 if the tunnel's next hop (interface and MAC) is resolved",
         resolved,
+    );
+
+    let state = Family::<Labels, Gauge>::default();
+    let sent = Family::<Labels, Counter>::default();
+    let failed = Family::<Labels, Counter>::default();
+    for (customer, tunnel, st, n_sent, n_failed) in &s.health {
+        let l = labels(&[("customer", customer), ("tunnel", tunnel)]);
+        state.get_or_create(&l).set(*st);
+        sent.get_or_create(&l).inc_by(*n_sent);
+        failed.get_or_create(&l).inc_by(*n_failed);
+    }
+    r.register(
+        "tunnel_health_state",
+        "Tunnel health: 0 healthy, 1 degraded (+500000 priority), 2 down (+1000000)",
+        state,
+    );
+    r.register("tunnel_probes_sent", "Health probes sent through the tunnel", sent);
+    r.register("tunnel_probes_failed", "Health probes not answered in time", failed);
+    let replies = Family::<Labels, Counter>::default();
+    for (kind, n) in &s.replies {
+        replies.get_or_create(&labels(&[("kind", kind)])).inc_by(*n);
+    }
+    r.register(
+        "probe_replies",
+        "Answers seen by the probe sockets: matched, or ignored as malformed, not_probe, unknown, wrong_tunnel, stale, duplicate",
+        replies,
     );
 
     let mut out = String::new();

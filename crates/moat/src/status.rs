@@ -97,6 +97,21 @@ pub struct Customer {
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Probes {
+    /// Seconds in the current state, and why it was entered.
+    pub since_seconds: u64,
+    pub reason: String,
+    /// Added to the priority of every route through the tunnel.
+    pub penalty: u32,
+    pub sent: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    /// Over the last 5 minutes.
+    pub loss_ratio: f64,
+    pub rtt_ms: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TunnelStatus {
     pub customer: String,
     pub name: String,
@@ -105,8 +120,11 @@ pub struct TunnelStatus {
     pub remote: String,
     pub key: Option<u32>,
     pub mtu: u16,
-    /// "unchecked" until health checks exist.
+    /// "healthy", "degraded", "down", or "unchecked (disabled)".
     pub health: String,
+    /// Probe statistics (absent for a tunnel the daemon does not know).
+    #[serde(default)]
+    pub probes: Option<Probes>,
     /// "ifindex N via MAC" or "unresolved".
     pub next_hop: String,
     pub tx: Count,
@@ -294,6 +312,7 @@ fn tunnel_status(id: u32, t: &Tunnel, names: &Contents, counters: &Counters) -> 
         key,
         mtu: t.mtu,
         health: "unchecked".into(),
+        probes: None,
         next_hop,
         tx: s.tx.into(),
         rx: s.rx.into(),
@@ -385,9 +404,19 @@ pub fn render(s: &Status) -> String {
     let _ = writeln!(o, "tunnels ({}):", s.tunnels.len());
     for t in &s.tunnels {
         let key = t.key.map_or(String::new(), |k| format!(" key {k}"));
+        let probes = t.probes.as_ref().map_or(String::new(), |p| {
+            format!(
+                " ({} s, {}; {} probes, {:.2}% lost{})",
+                p.since_seconds,
+                p.reason,
+                p.sent,
+                p.loss_ratio * 100.0,
+                p.rtt_ms.map_or(String::new(), |r| format!(", rtt {r:.2} ms"))
+            )
+        });
         let _ = writeln!(
             o,
-            "  {}/{}: {} -> {}{} mtu {}  {}  next hop {}  tx {}  rx {}",
+            "  {}/{}: {} -> {}{} mtu {}  {}{}  next hop {}  tx {}  rx {}",
             t.customer,
             t.name,
             t.local,
@@ -395,6 +424,7 @@ pub fn render(s: &Status) -> String {
             key,
             t.mtu,
             t.health,
+            probes,
             t.next_hop,
             count(&t.tx),
             count(&t.rx)

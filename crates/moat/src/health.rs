@@ -1,0 +1,317 @@
+//! Health checks in the daemon: one thread probes every tunnel through
+//! the tunnel itself (moat-health decides when and what), matches the
+//! answers, keeps each tunnel's state, and wakes the main loop when a
+//! tunnel changes state so that route penalties are applied at once.
+//!
+//! A tunnel keeps its health across reloads while its identity (local,
+//! remote, key) is unchanged.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use moat_config::{Config, Direction, ProbeKind};
+use moat_health::{
+    probe::gre_decap, probe::gre_encap, HealthSnapshot, Outcome, Outstanding, ProbeSpec, ProbeStyle, ReceiveCounts,
+    Received as Classified, Schedule, TunnelHealth,
+};
+use tokio::sync::mpsc::UnboundedSender;
+use tracing::{info, warn};
+
+use crate::probe_io::{ProbeIo, Received};
+
+/// (local, remote, key): what identifies a tunnel on the wire.
+type Identity = (Ipv4Addr, Ipv4Addr, Option<u32>);
+
+/// Probes a tunnel may have in flight.
+const MAX_IN_FLIGHT: usize = 8;
+/// Longest wait for an answer.
+const MAX_TIMEOUT: Duration = Duration::from_secs(1);
+/// Wait for an answer when some tunnel is probed at the high rate.
+const HIGH_RATE_TIMEOUT: Duration = Duration::from_millis(250);
+
+struct Tunnel {
+    customer: String,
+    name: String,
+    identity: Identity,
+    interval: Duration,
+    health: TunnelHealth,
+}
+
+/// The health of every configured tunnel, shared by the probe thread and
+/// the daemon.
+pub struct Table {
+    tunnels: BTreeMap<u32, Tunnel>,
+    by_identity: HashMap<Identity, u32>,
+    by_name: HashMap<(String, String), u32>,
+    next_id: u32,
+    schedule: Schedule,
+    outstanding: Outstanding,
+    locals: Vec<Ipv4Addr>,
+}
+
+impl Table {
+    /// The route penalty of tunnel `tunnel` of `customer` (0 if unknown).
+    pub fn penalty(&self, customer: &str, tunnel: &str) -> u32 {
+        self.by_name
+            .get(&(customer.to_string(), tunnel.to_string()))
+            .and_then(|id| self.tunnels.get(id))
+            .map_or(0, |t| t.health.penalty())
+    }
+
+    /// A snapshot of one tunnel's health.
+    pub fn snapshot(&self, customer: &str, tunnel: &str, now: Instant) -> Option<HealthSnapshot> {
+        let id = self.by_name.get(&(customer.to_string(), tunnel.to_string()))?;
+        Some(self.tunnels.get(id)?.health.snapshot(now))
+    }
+
+    pub fn counts(&self) -> ReceiveCounts {
+        self.outstanding.counts()
+    }
+
+    /// Makes the table follow `config`: new tunnels start healthy, tunnels
+    /// whose identity is unchanged keep their health, others go.
+    pub fn configure(&mut self, config: &Config, now: Instant) {
+        let mut keep: HashMap<Identity, u32> = HashMap::new();
+        let mut by_name = HashMap::new();
+        let mut locals = Vec::new();
+        for c in &config.customers {
+            for t in &c.tunnels {
+                let identity = (t.local, t.remote, t.key);
+                let hc = &t.health_check;
+                // Bidirectional answers come back inside the tunnel, to our
+                // side of its interface address; unidirectional ones to the
+                // tunnel endpoint, over the internet.
+                let node_side = match hc.direction {
+                    Direction::Bidirectional => t.our_address().unwrap_or(t.local),
+                    Direction::Unidirectional => t.local,
+                };
+                let id = match self.by_identity.get(&identity) {
+                    Some(&id) => id,
+                    None => {
+                        self.next_id += 1;
+                        self.next_id
+                    }
+                };
+                let interval = hc.rate.interval();
+                let spec = ProbeSpec {
+                    style: match hc.kind {
+                        ProbeKind::Reply => ProbeStyle::Reply,
+                        ProbeKind::Request => ProbeStyle::Request,
+                    },
+                    ident: id as u16,
+                    node: node_side,
+                    target: hc.target,
+                };
+                self.outstanding.set_tunnel(id, spec);
+                match self.tunnels.get_mut(&id) {
+                    Some(existing) => {
+                        existing.customer = c.name.clone();
+                        existing.name = t.name.clone();
+                        if existing.health.is_enabled() != hc.enabled {
+                            existing.health.set_enabled(now, hc.enabled);
+                        }
+                        if existing.interval != interval {
+                            existing.interval = interval;
+                            self.schedule.set_interval(id, interval, now);
+                        }
+                    }
+                    None => {
+                        self.tunnels.insert(
+                            id,
+                            Tunnel {
+                                customer: c.name.clone(),
+                                name: t.name.clone(),
+                                identity,
+                                interval,
+                                health: TunnelHealth::new(now, hc.enabled),
+                            },
+                        );
+                    }
+                }
+                if hc.enabled && !self.schedule.contains(id) {
+                    self.schedule.add(id, interval, now);
+                    // A new or restarted check probes at once.
+                    self.schedule.probe_now(id, 1);
+                } else if !hc.enabled {
+                    self.schedule.remove(id);
+                }
+                keep.insert(identity, id);
+                by_name.insert((c.name.clone(), t.name.clone()), id);
+                locals.push(t.local);
+            }
+        }
+        let gone: Vec<u32> = self
+            .tunnels
+            .iter()
+            .filter(|(_, t)| !keep.contains_key(&t.identity))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            self.tunnels.remove(&id);
+            self.schedule.remove(id);
+            self.outstanding.remove_tunnel(id);
+        }
+        locals.sort();
+        locals.dedup();
+        self.by_identity = keep;
+        self.by_name = by_name;
+        self.locals = locals;
+    }
+
+    fn result(&mut self, id: u32, now: Instant, trigger: moat_health::Trigger, outcome: Outcome) -> bool {
+        let Some(t) = self.tunnels.get_mut(&id) else {
+            return false;
+        };
+        let effect = t.health.on_result(now, trigger, outcome);
+        if effect.extra_probes > 0 {
+            self.schedule.probe_now(id, effect.extra_probes);
+        }
+        if let Some(change) = effect.change {
+            info!(
+                customer = %t.customer,
+                tunnel = %t.name,
+                from = %change.from,
+                to = %change.to,
+                penalty = t.health.penalty(),
+                "tunnel health changed: {}",
+                change.reason
+            );
+            return true;
+        }
+        false
+    }
+}
+
+/// The running probe thread; stops on drop.
+pub struct Health {
+    pub table: Arc<Mutex<Table>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Health {
+    /// Starts probing the tunnels of `config`; `changed` is told whenever a
+    /// tunnel changes state. Answers are awaited for up to 1 s, or 250 ms
+    /// when some tunnel is probed at the high rate (so that it fails over
+    /// within its rate).
+    pub fn start(config: &Config, changed: UnboundedSender<()>) -> anyhow::Result<Health> {
+        let now = Instant::now();
+        let high = config
+            .customers
+            .iter()
+            .flat_map(|c| &c.tunnels)
+            .any(|t| t.health_check.enabled && t.health_check.rate.interval() < Duration::from_secs(1));
+        let timeout = if high { HIGH_RATE_TIMEOUT } else { MAX_TIMEOUT };
+        let mut table = Table {
+            tunnels: BTreeMap::new(),
+            by_identity: HashMap::new(),
+            by_name: HashMap::new(),
+            next_id: 0,
+            schedule: Schedule::new(now),
+            outstanding: Outstanding::new(timeout, MAX_IN_FLIGHT),
+            locals: Vec::new(),
+        };
+        table.configure(config, now);
+        let mut io = ProbeIo::open(table.locals.iter().copied())?;
+        let table = Arc::new(Mutex::new(table));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (t, s) = (table.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("moat-health".into())
+            .spawn(move || run(&t, &s, &mut io, &changed))?;
+        Ok(Health {
+            table,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Health {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Parses a packet from the GRE socket: (identity, inner packet).
+fn open_gre(packet: &[u8]) -> Option<(Identity, &[u8])> {
+    let ihl = usize::from(packet.first()? & 0x0f) * 4;
+    if packet.len() < ihl || ihl < 20 || packet[9] != 47 {
+        return None;
+    }
+    let src = Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]);
+    let dst = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
+    let (key, inner) = gre_decap(&packet[ihl..])?;
+    Some(((dst, src, key), inner))
+}
+
+fn run(table: &Mutex<Table>, stop: &AtomicBool, io: &mut ProbeIo, changed: &UnboundedSender<()>) {
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        let mut any_change = false;
+        let wait = {
+            let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
+            for local in t.locals.clone() {
+                if let Err(e) = io.add_local(local) {
+                    warn!(%local, "health probes: {e}");
+                }
+            }
+            for (id, trigger) in t.schedule.due(now) {
+                let Some(identity) = t.tunnels.get(&id).map(|x| x.identity) else {
+                    continue;
+                };
+                let Some(inner) = t.outstanding.issue(id, now, trigger) else {
+                    continue;
+                };
+                let gre = gre_encap(identity.2, &inner);
+                match io.send(identity.0, identity.1, &gre) {
+                    Ok(()) => {
+                        if let Some(x) = t.tunnels.get_mut(&id) {
+                            x.health.on_probe_sent(now);
+                        }
+                    }
+                    Err(e) => warn!(remote = %identity.1, "sending a health probe: {e}"),
+                }
+            }
+            for lost in t.outstanding.expire(now) {
+                any_change |= t.result(lost.tunnel, now, lost.trigger, Outcome::Lost);
+            }
+            let next = [t.schedule.next_due(), t.outstanding.next_expiry()]
+                .into_iter()
+                .flatten()
+                .min()
+                .map_or(Duration::from_millis(50), |at| at.saturating_duration_since(now));
+            next.min(Duration::from_millis(50))
+        };
+        let packets = io.receive(wait).unwrap_or_default();
+        if !packets.is_empty() {
+            let now = Instant::now();
+            let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
+            for p in &packets {
+                let (inner, arrived_on) = match p {
+                    Received::Gre(pkt) => match open_gre(pkt) {
+                        Some((identity, inner)) => (inner, t.by_identity.get(&identity).copied()),
+                        None => continue,
+                    },
+                    Received::Icmp(pkt) => (pkt.as_slice(), None),
+                };
+                if let Classified::Match(m) = t.outstanding.classify(now, inner, arrived_on) {
+                    any_change |= t.result(m.tunnel, now, m.trigger, Outcome::Success { rtt: m.rtt });
+                }
+            }
+        }
+        if any_change {
+            let _ = changed.send(());
+        }
+    }
+}

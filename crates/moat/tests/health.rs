@@ -1,0 +1,192 @@
+//! Health-steered routing end to end (root, namespaces): a customer site
+//! reachable through two tunnels (priority 100 and 200) whose userspace
+//! GRE endpoint answers probes. Cutting tunnel 1 under a continuous stream
+//! moves the traffic to tunnel 2; restoring it brings the traffic back once
+//! tunnel 1 is healthy again (3 successes -> degraded, 30 -> healthy).
+
+use std::{
+    collections::BTreeSet,
+    net::{SocketAddr, UdpSocket},
+    path::Path,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use moat_lab::{
+    daemon::Daemon,
+    edge::{Edge, ENDPOINT},
+    site::GreTunEndpoint,
+};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_moat");
+
+fn config() -> String {
+    let mut s = Edge::node_yaml("edge-health");
+    s.push_str(
+        "customers:
+  - name: acme
+    prefixes: [203.0.113.0/25]
+    tunnels:
+      - name: acme-1
+        remote: 192.0.2.10
+        key: 1
+        mtu: 1472
+        health_check: { rate: high }
+      - name: acme-2
+        remote: 192.0.2.10
+        key: 2
+        mtu: 1472
+        health_check: { rate: high }
+    routes:
+      - { prefix: 203.0.113.0/25, tunnel: acme-1, priority: 100 }
+      - { prefix: 203.0.113.0/25, tunnel: acme-2, priority: 200 }
+",
+    );
+    s
+}
+
+fn tunnel(d: &Daemon, name: &str) -> Value {
+    let s = d.status().unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    s["tunnels"]
+        .as_array()
+        .expect("tunnels")
+        .iter()
+        .find(|t| t["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no tunnel {name}"))
+}
+
+fn tx(d: &Daemon, name: &str) -> u64 {
+    tunnel(d, name)["tx"]["packets"].as_u64().expect("tx")
+}
+
+fn wait_for(d: &Daemon, what: &str, limit: Duration, ok: impl Fn() -> bool) -> Duration {
+    let started = Instant::now();
+    while !ok() {
+        assert!(started.elapsed() < limit, "{what} not within {limit:?}\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    started.elapsed()
+}
+
+#[test]
+fn failover_to_the_backup_tunnel_and_back() {
+    let edge = Edge::new("health").expect("topology");
+    let site = &edge.sites[0];
+    let endpoint = GreTunEndpoint::start_multi(
+        &site.ns,
+        "tun0",
+        site.server,
+        1472,
+        ENDPOINT,
+        site.gateway,
+        &[Some(1), Some(2)],
+        Some(2),
+    )
+    .expect("site endpoint");
+    let d = Daemon::start(Path::new(BIN), &edge.node, &config()).expect("moat run");
+
+    // Both tunnels answer their probes.
+    wait_for(&d, "both tunnels probed healthy", Duration::from_secs(10), || {
+        ["acme-1", "acme-2"].iter().all(|n| {
+            let t = tunnel(&d, n);
+            t["health"] == "healthy" && t["probes"]["succeeded"].as_u64().unwrap_or(0) >= 5
+        })
+    });
+
+    // A continuous stream to the customer's server: 1,000 packets/s.
+    let receiver = {
+        let _in = site.ns.enter().expect("enter site");
+        UdpSocket::bind((site.server, 9000)).expect("bind")
+    };
+    receiver
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    let sender = {
+        let _in = edge.inet.enter().expect("enter inet");
+        UdpSocket::bind("198.51.100.100:0").expect("bind")
+    };
+    let counting = std::thread::spawn(move || {
+        let mut seen = BTreeSet::new();
+        let mut buf = [0u8; 16];
+        while let Ok(8) = receiver.recv(&mut buf) {
+            seen.insert(u64::from_be_bytes(buf[..8].try_into().expect("8 bytes")));
+        }
+        seen
+    });
+    let sending = Arc::new(AtomicBool::new(true));
+    let flag = sending.clone();
+    let to = SocketAddr::from((site.server, 9000));
+    let traffic = std::thread::spawn(move || {
+        let (mut n, t) = (0u64, Instant::now());
+        while flag.load(Ordering::Relaxed) && t.elapsed() < Duration::from_secs(60) {
+            sender.send_to(&n.to_be_bytes(), to).expect("send");
+            n += 1;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        n
+    });
+
+    std::thread::sleep(Duration::from_millis(500));
+    let (a1, a2) = (tx(&d, "acme-1"), tx(&d, "acme-2"));
+    assert!(a1 > 200, "the primary tunnel carries the stream: {a1}");
+    assert_eq!(a2, 0, "the backup carries nothing while the primary is healthy");
+
+    // Cut tunnel 1: the site drops its GRE (probes included).
+    endpoint.cut(Some(1));
+    let failover = wait_for(&d, "traffic on the backup tunnel", Duration::from_secs(5), || {
+        tx(&d, "acme-2") > 0
+    });
+    eprintln!(
+        "failover at the high rate: {} ms from the cut to traffic on the backup",
+        failover.as_millis()
+    );
+    // Degraded (2 losses) already moves the traffic; the third makes it down.
+    wait_for(&d, "tunnel 1 down", Duration::from_secs(3), || {
+        tunnel(&d, "acme-1")["health"] == "down"
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let (b1, b2) = (tx(&d, "acme-1"), tx(&d, "acme-2"));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(tx(&d, "acme-1"), b1, "nothing more into the dead tunnel");
+    assert!(tx(&d, "acme-2") > b2 + 200, "the stream flows through the backup");
+
+    // Restore: down -> degraded after 3 answers, healthy after 30; only
+    // then does traffic go back (degraded is +500,000 > priority 200).
+    endpoint.restore(Some(1));
+    wait_for(&d, "tunnel 1 degraded", Duration::from_secs(5), || {
+        tunnel(&d, "acme-1")["health"] == "degraded"
+    });
+    let c1 = tx(&d, "acme-1");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        tx(&d, "acme-1"),
+        c1,
+        "a degraded primary still loses to the healthy backup"
+    );
+    wait_for(&d, "tunnel 1 healthy", Duration::from_secs(10), || {
+        tunnel(&d, "acme-1")["health"] == "healthy"
+    });
+    let r1 = tx(&d, "acme-1");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(tx(&d, "acme-1") > r1 + 200, "traffic is back on the primary");
+
+    sending.store(false, Ordering::Relaxed);
+    let sent = traffic.join().expect("sender");
+    let seen = counting.join().expect("receiver");
+    eprintln!(
+        "stream: {sent} sent, {} received, {} lost around the cut",
+        seen.len(),
+        sent - seen.len() as u64
+    );
+    let log = d.log();
+    assert!(
+        log.contains("tunnel health changed") && log.contains("3 probes failed in a row"),
+        "{log}"
+    );
+    assert!(log.contains("health steering applied"), "{log}");
+}
