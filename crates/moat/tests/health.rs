@@ -73,6 +73,77 @@ fn wait_for(d: &Daemon, what: &str, limit: Duration, ok: impl Fn() -> bool) -> D
     started.elapsed()
 }
 
+/// Sends `count` forged reply-style answers for tunnel id 1 from the
+/// attacker host (raw IPv4 with a spoofed source); returns how many.
+fn forge_replies(edge: &Edge, count: u32) -> u64 {
+    use moat_health::probe::{build_probe, ProbePayload};
+    let _in = edge.attacker.enter().expect("enter attacker");
+    // SAFETY: plain socket(2) call; IPPROTO_RAW sends our own IPv4 header.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+    let spec = moat_health::ProbeSpec {
+        style: moat_health::ProbeStyle::Reply,
+        ident: 1,
+        node: ENDPOINT,
+        target: std::net::Ipv4Addr::new(192, 0, 2, 10),
+    };
+    let dst = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ENDPOINT.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let mut sent = 0;
+    for i in 0..count {
+        let token = 0x9e37_79b9_7f4a_7c15u64.wrapping_mul(u64::from(i) + 1);
+        let pkt = build_probe(
+            &spec,
+            &ProbePayload {
+                tunnel: 1,
+                seq: i,
+                token,
+            },
+        );
+        // SAFETY: sendto(2) with our buffer and a valid sockaddr_in.
+        let n = unsafe {
+            libc::sendto(
+                fd,
+                pkt.as_ptr().cast(),
+                pkt.len(),
+                0,
+                (&dst as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if n > 0 {
+            sent += 1;
+        }
+    }
+    // SAFETY: closing the descriptor opened above.
+    unsafe { libc::close(fd) };
+    sent
+}
+
+fn metrics(edge: &Edge) -> String {
+    use std::io::{Read, Write};
+    let _in = edge.node.enter().expect("enter node");
+    let mut c = std::net::TcpStream::connect("127.0.0.1:9477").expect("metrics");
+    c.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    let mut out = String::new();
+    c.read_to_string(&mut out).expect("response");
+    out
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 #[test]
 fn failover_to_the_backup_tunnel_and_back() {
     let edge = Edge::new("health").expect("topology");
@@ -149,6 +220,25 @@ fn failover_to_the_backup_tunnel_and_back() {
     wait_for(&d, "tunnel 1 down", Duration::from_secs(3), || {
         tunnel(&d, "acme-1")["health"] == "down"
     });
+
+    // Forged answers (right addresses and identifier, guessed sequence and
+    // token) from the attacker do not bring the dead tunnel back, and a
+    // reload keeps its health (same identity).
+    let forged = forge_replies(&edge, 2_000);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(tunnel(&d, "acme-1")["health"], "down", "forged answers must not count");
+    let m = metrics(&edge);
+    let rejected: u64 = ["unknown", "stale", "duplicate", "wrong_tunnel", "malformed"]
+        .iter()
+        .map(|k| metric(&m, &format!("moat_probe_replies_total{{kind=\"{k}\"}}")))
+        .sum();
+    assert!(
+        rejected >= forged / 2,
+        "the forged answers reached the daemon and were refused: {rejected} of {forged}\n{m}"
+    );
+    let out = d.cli(&["reload"]).expect("moat reload");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(tunnel(&d, "acme-1")["health"], "down", "health survives a reload");
     std::thread::sleep(Duration::from_millis(500));
     let (b1, b2) = (tx(&d, "acme-1"), tx(&d, "acme-2"));
     std::thread::sleep(Duration::from_millis(500));
