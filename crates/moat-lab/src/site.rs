@@ -4,7 +4,7 @@
 //! With it, ordinary sockets at the site talk TCP through moat's tunnel.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fs::{File, OpenOptions},
     io::{Read, Write},
     net::Ipv4Addr,
@@ -40,6 +40,8 @@ pub struct GreTunEndpoint {
     pub counters: Arc<SiteCounters>,
     /// Tunnel keys whose GRE is currently decapsulated (the others are cut).
     open: Arc<Mutex<BTreeSet<Option<u32>>>>,
+    /// Inner UDP source port -> key of the tunnel it last arrived through.
+    flows: Arc<Mutex<BTreeMap<u16, Option<u32>>>>,
 }
 
 fn open_tun(name: &str) -> std::io::Result<File> {
@@ -118,7 +120,8 @@ impl GreTunEndpoint {
 
         let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(SiteCounters::default());
-        let (stop2, counters2, open2) = (stop.clone(), counters.clone(), open.clone());
+        let flows: Arc<Mutex<BTreeMap<u16, Option<u32>>>> = Arc::default();
+        let (stop2, counters2, open2, flows2) = (stop.clone(), counters.clone(), open.clone(), flows.clone());
         let mut tun_w = tun.try_clone()?;
         let thread = std::thread::spawn(move || {
             let mut buf = vec![0u8; 65536];
@@ -151,6 +154,13 @@ impl GreTunEndpoint {
                     if let Ok(Some(pkt)) = sock.recv(Duration::ZERO) {
                         if let Some((src, k, inner)) = gre::open(&pkt) {
                             let accepted = open2.lock().map(|o| o.contains(&k)).unwrap_or(false);
+                            if src == node_endpoint && accepted {
+                                if let Some(port) = udp_source_port(inner) {
+                                    if let Ok(mut f) = flows2.lock() {
+                                        f.insert(port, k);
+                                    }
+                                }
+                            }
                             if src == node_endpoint && accepted && tun_w.write_all(inner).is_ok() {
                                 counters2.decapsulated.fetch_add(1, Ordering::Relaxed);
                             }
@@ -164,7 +174,21 @@ impl GreTunEndpoint {
             thread: Some(thread),
             counters,
             open,
+            flows,
         })
+    }
+
+    /// Which tunnel (key) each inner UDP flow (by source port) last came
+    /// through; `clear` starts a new record.
+    pub fn flows(&self, clear: bool) -> BTreeMap<u16, Option<u32>> {
+        let Ok(mut f) = self.flows.lock() else {
+            return BTreeMap::new();
+        };
+        if clear {
+            std::mem::take(&mut *f)
+        } else {
+            f.clone()
+        }
     }
 
     /// Cuts the tunnel with `key`: its GRE is dropped from now on.
@@ -180,6 +204,15 @@ impl GreTunEndpoint {
             o.insert(key);
         }
     }
+}
+
+/// The UDP source port of an IPv4/UDP packet.
+fn udp_source_port(p: &[u8]) -> Option<u16> {
+    let ihl = usize::from(p.first()? & 0x0f) * 4;
+    if p.get(9) != Some(&17) || p.len() < ihl + 8 {
+        return None;
+    }
+    Some(u16::from_be_bytes([p[ihl], p[ihl + 1]]))
 }
 
 impl Drop for GreTunEndpoint {

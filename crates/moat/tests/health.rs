@@ -280,3 +280,85 @@ fn failover_to_the_backup_tunnel_and_back() {
     );
     assert!(log.contains("health steering applied"), "{log}");
 }
+
+#[test]
+fn weighted_split_and_a_failed_tunnel_moves_only_its_flows() {
+    let edge = Edge::new("weights").expect("topology");
+    let site = &edge.sites[0];
+    let endpoint = GreTunEndpoint::start_multi(
+        &site.ns,
+        "tun0",
+        site.server,
+        1472,
+        ENDPOINT,
+        site.gateway,
+        &[Some(1), Some(2)],
+        Some(2),
+    )
+    .expect("site endpoint");
+    let config = config()
+        .replace(
+            "tunnel: acme-1, priority: 100 }",
+            "tunnel: acme-1, priority: 100, weight: 64 }",
+        )
+        .replace(
+            "tunnel: acme-2, priority: 200 }",
+            "tunnel: acme-2, priority: 100, weight: 192 }",
+        );
+    let d = Daemon::start(Path::new(BIN), &edge.node, &config).expect("moat run");
+    wait_for(&d, "both tunnels probed healthy", Duration::from_secs(10), || {
+        ["acme-1", "acme-2"].iter().all(|n| {
+            let t = tunnel(&d, n);
+            t["health"] == "healthy" && t["probes"]["succeeded"].as_u64().unwrap_or(0) >= 3
+        })
+    });
+
+    // 2,000 flows (source ports), one packet each per round.
+    let sockets: Vec<UdpSocket> = {
+        let _in = edge.inet.enter().expect("enter inet");
+        (0..2000u16)
+            .map(|i| UdpSocket::bind(("198.51.100.100", 20000 + i)).expect("bind"))
+            .collect()
+    };
+    let to = SocketAddr::from((site.server, 9000));
+    let round = |endpoint: &GreTunEndpoint| {
+        endpoint.flows(true);
+        for s in &sockets {
+            s.send_to(b"flow", to).expect("send");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        endpoint.flows(false)
+    };
+    let before = round(&endpoint);
+    assert!(before.len() >= 1990, "flows seen: {}", before.len());
+    let on1 = before.values().filter(|k| **k == Some(1)).count();
+    let share = on1 as f64 / before.len() as f64;
+    eprintln!(
+        "weights 1:3: {on1} of {} flows on tunnel 1 ({:.1}%)",
+        before.len(),
+        share * 100.0
+    );
+    assert!((share - 0.25).abs() < 0.04, "share on the weight-1 tunnel: {share}");
+
+    // Fail tunnel 1: its flows move to tunnel 2, the others keep theirs.
+    endpoint.cut(Some(1));
+    wait_for(&d, "tunnel 1 down", Duration::from_secs(5), || {
+        tunnel(&d, "acme-1")["health"] == "down"
+    });
+    let after = round(&endpoint);
+    let stayed = before
+        .iter()
+        .filter(|(_, k)| **k == Some(2))
+        .filter(|(p, _)| after.get(p) == Some(&Some(2)))
+        .count();
+    let was2 = before.values().filter(|k| **k == Some(2)).count();
+    let moved = before
+        .iter()
+        .filter(|(_, k)| **k == Some(1))
+        .filter(|(p, _)| after.get(p) == Some(&Some(2)))
+        .count();
+    eprintln!("after failing tunnel 1: {stayed} of {was2} tunnel-2 flows kept their tunnel, {moved} of {on1} moved");
+    assert!(stayed as f64 >= 0.99 * was2 as f64, "{stayed} of {was2}");
+    assert!(moved as f64 >= 0.99 * on1 as f64, "{moved} of {on1}");
+}
