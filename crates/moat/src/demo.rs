@@ -21,6 +21,7 @@ use moat_lab::{
     gre::{self, RawGre},
     http,
     packet::{self, L4},
+    site::GreTunEndpoint,
 };
 
 /// The bundled configuration.
@@ -80,10 +81,19 @@ pub fn run(requests: u32) -> Result<()> {
 
 fn scenes(edge: &Edge, daemon: &mut Daemon, requests: u32) -> Result<()> {
     let keys = [Some(42), Some(7)];
-    let _endpoints = [
-        edge.start_site(0, keys[0]).context("acme's GRE endpoint")?,
-        edge.start_site(1, keys[1]).context("globex's GRE endpoint")?,
-    ];
+    let acme_site = &edge.sites[0];
+    let acme = GreTunEndpoint::start_multi(
+        &acme_site.ns,
+        "tun0",
+        acme_site.server,
+        1472,
+        ENDPOINT,
+        acme_site.gateway,
+        &[keys[0], Some(43)],
+        keys[0],
+    )
+    .context("acme's GRE endpoint")?;
+    let _globex = edge.start_site(1, keys[1]).context("globex's GRE endpoint")?;
     let stop = Arc::new(AtomicBool::new(false));
     let servers = [
         http::serve(&edge.sites[0].ns, edge.sites[0].server, stop.clone())?,
@@ -209,6 +219,81 @@ fn scenes(edge: &Edge, daemon: &mut Daemon, requests: u32) -> Result<()> {
     ok &= sent == received;
     println!();
     stopping()?;
+
+    println!(
+        "5. a tunnel fails: acme's site stops taking GRE on acme-site (probes included) while 1,000 packets/s flow"
+    );
+    let tx = |d: &Daemon, name: &str| -> u64 {
+        d.status()
+            .ok()
+            .and_then(|s| s["tunnels"].as_array()?.iter().find(|t| t["name"] == name)?["tx"]["packets"].as_u64())
+            .unwrap_or(0)
+    };
+    let health = |d: &Daemon, name: &str| -> String {
+        d.status()
+            .ok()
+            .and_then(|s| {
+                let t = s["tunnels"].as_array()?.iter().find(|t| t["name"] == name)?.clone();
+                Some(format!(
+                    "{} ({})",
+                    t["health"].as_str()?,
+                    t["probes"]["reason"].as_str().unwrap_or("")
+                ))
+            })
+            .unwrap_or_default()
+    };
+    let stream_to = SocketAddr::from((edge.sites[0].server, 9001));
+    let streamer = {
+        let _in = edge.inet.enter()?;
+        UdpSocket::bind("198.51.100.100:0")?
+    };
+    let streaming = Arc::new(AtomicBool::new(true));
+    let flag = streaming.clone();
+    let stream = std::thread::spawn(move || {
+        let t = Instant::now();
+        while flag.load(Ordering::Relaxed) && t.elapsed() < Duration::from_secs(30) {
+            let _ = streamer.send_to(b"stream", stream_to);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let backup_before = tx(daemon, "acme-backup");
+    acme.cut(keys[0]);
+    let cut = Instant::now();
+    let mut moved = None;
+    while cut.elapsed() < Duration::from_secs(5) {
+        if tx(daemon, "acme-backup") > backup_before {
+            moved = Some(cut.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    match moved {
+        Some(t) => println!("   traffic on acme-backup {} ms after the cut", t.as_millis()),
+        None => println!("   traffic did NOT move to acme-backup within 5 s"),
+    }
+    ok &= moved.is_some();
+    std::thread::sleep(Duration::from_millis(300));
+    println!("   acme-site: {}", health(daemon, "acme-site"));
+    acme.restore(keys[0]);
+    let restored = Instant::now();
+    while restored.elapsed() < Duration::from_secs(10) && !health(daemon, "acme-site").starts_with("healthy") {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let healthy = health(daemon, "acme-site");
+    let primary = tx(daemon, "acme-site");
+    std::thread::sleep(Duration::from_millis(300));
+    let back = tx(daemon, "acme-site") > primary;
+    println!(
+        "   restored: acme-site {} after {:.1} s; traffic {} on it",
+        healthy,
+        restored.elapsed().as_secs_f64(),
+        if back { "back" } else { "NOT back" }
+    );
+    ok &= healthy.starts_with("healthy") && back;
+    streaming.store(false, Ordering::Relaxed);
+    let _ = stream.join();
+    println!();
 
     println!("moat status (read back from the data plane's maps):");
     let status = daemon.cli(&["status"])?;
