@@ -17,3 +17,4 @@ bench: setup
 	cargo run --release -p moat-lab --bin moat-apply-bench
 	cargo build --release -p moat
 	cargo run --release -p moat-lab --bin moat-daemon-bench
+	cargo run --release -p moat-lab --bin moat-failover-bench

@@ -38,6 +38,7 @@ cargo run --release -p moat-lab --bin moat-bench -- --quick
 cargo run --release -p moat-lab --bin moat-apply-bench -- --quick
 cargo build --release -p moat
 cargo run --release -p moat-lab --bin moat-daemon-bench -- --quick
+cargo run --release -p moat-lab --bin moat-failover-bench -- --quick
 
 # One closing line for the whole run.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }

@@ -255,11 +255,17 @@ fn open_gre(packet: &[u8]) -> Option<(Identity, &[u8])> {
     Some(((dst, src, key), inner))
 }
 
+/// How often due probes are sent and lost ones collected: probes leave
+/// within this of their slot, and a lost probe is noticed within this of
+/// its timeout.
+const TICK: Duration = Duration::from_millis(5);
+
 fn run(table: &Mutex<Table>, stop: &AtomicBool, io: &mut ProbeIo, changed: &UnboundedSender<()>) {
+    let mut next_tick = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         let mut any_change = false;
-        let wait = {
+        if now >= next_tick {
             let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
             for local in t.locals.clone() {
                 if let Err(e) = io.add_local(local) {
@@ -286,14 +292,11 @@ fn run(table: &Mutex<Table>, stop: &AtomicBool, io: &mut ProbeIo, changed: &Unbo
             for lost in t.outstanding.expire(now) {
                 any_change |= t.result(lost.tunnel, now, lost.trigger, Outcome::Lost);
             }
-            let next = [t.schedule.next_due(), t.outstanding.next_expiry()]
-                .into_iter()
-                .flatten()
-                .min()
-                .map_or(Duration::from_millis(50), |at| at.saturating_duration_since(now));
-            next.min(Duration::from_millis(50))
-        };
-        let packets = io.receive(wait).unwrap_or_default();
+            next_tick = now + TICK;
+        }
+        let packets = io
+            .receive(next_tick.saturating_duration_since(Instant::now()))
+            .unwrap_or_default();
         if !packets.is_empty() {
             let now = Instant::now();
             let mut t = table.lock().unwrap_or_else(|p| p.into_inner());

@@ -44,6 +44,7 @@ fn sockaddr(addr: Ipv4Addr) -> libc::sockaddr_in {
 pub struct ProbeIo {
     gre: BTreeMap<Ipv4Addr, OwnedFd>,
     icmp: OwnedFd,
+    buf: Vec<u8>,
 }
 
 impl ProbeIo {
@@ -52,6 +53,7 @@ impl ProbeIo {
         let mut io = ProbeIo {
             gre: BTreeMap::new(),
             icmp: raw_socket(libc::IPPROTO_ICMP)?,
+            buf: vec![0u8; 65536],
         };
         for local in locals {
             io.add_local(local)?;
@@ -118,7 +120,7 @@ impl ProbeIo {
 
     /// Waits up to `timeout` for packets and returns every whole IPv4
     /// packet received (outer header included), tagged GRE or plain ICMP.
-    pub fn receive(&self, timeout: Duration) -> io::Result<Vec<Received>> {
+    pub fn receive(&mut self, timeout: Duration) -> io::Result<Vec<Received>> {
         let fds = self.fds();
         let mut polls: Vec<libc::pollfd> = fds
             .iter()
@@ -128,7 +130,9 @@ impl ProbeIo {
                 revents: 0,
             })
             .collect();
-        let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+        // Rounded up: a wait shorter than a millisecond must not become a
+        // busy poll.
+        let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
         // SAFETY: poll(2) over our own vector of pollfds.
         let n = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, ms) };
         if n < 0 {
@@ -141,7 +145,7 @@ impl ProbeIo {
         }
         let mut out = Vec::new();
         let icmp = self.icmp.as_raw_fd();
-        let mut buf = vec![0u8; 65536];
+        let buf = &mut self.buf;
         for p in polls.iter().filter(|p| p.revents & libc::POLLIN != 0) {
             // Drain what is queued (bounded per wakeup).
             for _ in 0..256 {

@@ -1,0 +1,213 @@
+//! Failover benchmark: `moat run` on the edge topology (moat_lab::edge)
+//! with a customer site behind a primary (priority 100) and a backup
+//! (priority 200) tunnel, both probed at one rate. Each trial starts a
+//! fresh daemon (every tunnel healthy), sends a stream of 1,000 packets/s
+//! to the site, cuts the primary at the site (its GRE, probes included,
+//! is dropped) and measures the time from the cut to the first stream
+//! packet the site receives through the backup. Prints median and max per
+//! rate.
+//!
+//! Then the probe load: 10,000 tunnels at the mid rate (1 s), all answered
+//! by the site's one endpoint, and the daemon's CPU time over 10 s as a
+//! share of one core, with the probe packets per second.
+//!
+//! The `moat` binary is taken from next to this one: build it first
+//! (`cargo build --release -p moat`). Traffic stays inside the namespaces
+//! created here; everything is removed at the end.
+//!
+//! Usage: moat-failover-bench [--quick]   (--quick: 2 trials at the high rate, 1,000 tunnels)
+
+use std::{
+    fmt::Write as _,
+    net::{SocketAddr, UdpSocket},
+    path::Path,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use moat_lab::{
+    daemon::Daemon,
+    edge::{Edge, ENDPOINT},
+    site::GreTunEndpoint,
+};
+
+fn failover_config(rate: &str) -> String {
+    let mut s = Edge::node_yaml("edge-failover");
+    let _ = write!(
+        s,
+        "customers:
+  - name: acme
+    prefixes: [203.0.113.0/25]
+    tunnels:
+      - {{ name: primary, remote: 192.0.2.10, key: 1, mtu: 1472, health_check: {{ rate: {rate} }} }}
+      - {{ name: backup, remote: 192.0.2.10, key: 2, mtu: 1472, health_check: {{ rate: {rate} }} }}
+    routes:
+      - {{ prefix: 203.0.113.0/25, tunnel: primary, priority: 100 }}
+      - {{ prefix: 203.0.113.0/25, tunnel: backup, priority: 200 }}
+"
+    );
+    s
+}
+
+/// 100 customers (one /32 each) with `per` tunnels each, keys 1.., all to
+/// the site router.
+fn load_config(per: u32) -> String {
+    let mut s = Edge::node_yaml("edge-probes");
+    s.push_str("customers:\n");
+    for c in 0..100u32 {
+        let _ = writeln!(s, "  - name: c{c}\n    prefixes: [203.0.113.{c}/32]\n    tunnels:");
+        for t in 0..per {
+            let key = c * per + t + 1;
+            let _ = writeln!(s, "      - {{ name: t{t}, remote: 192.0.2.10, key: {key}, mtu: 1472 }}");
+        }
+        let _ = writeln!(s, "    routes:\n      - {{ prefix: 203.0.113.{c}/32, tunnel: t0 }}");
+    }
+    s
+}
+
+fn status_health(d: &Daemon) -> Vec<String> {
+    d.status()
+        .ok()
+        .and_then(|s| {
+            Some(
+                s["tunnels"]
+                    .as_array()?
+                    .iter()
+                    .map(|t| t["health"].as_str().unwrap_or("").to_string())
+                    .collect(),
+            )
+        })
+        .unwrap_or_default()
+}
+
+/// One trial: the time from the cut to the first stream packet through the backup.
+fn trial(edge: &Edge, bin: &Path, endpoint: &GreTunEndpoint, rate: &str) -> Result<Duration, String> {
+    endpoint.restore(Some(1));
+    let mut d = Daemon::start(bin, &edge.node, &failover_config(rate)).map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    while !status_health(&d).iter().all(|h| h == "healthy") || started.elapsed() < Duration::from_millis(300) {
+        if started.elapsed() > Duration::from_secs(30) {
+            return Err("tunnels not healthy".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sender = {
+        let _in = edge.inet.enter().map_err(|e| e.to_string())?;
+        UdpSocket::bind("198.51.100.100:40000").map_err(|e| e.to_string())?
+    };
+    let to = SocketAddr::from((edge.sites[0].server, 9000));
+    let sending = Arc::new(AtomicBool::new(true));
+    let flag = sending.clone();
+    let stream = std::thread::spawn(move || {
+        let t = Instant::now();
+        while flag.load(Ordering::Relaxed) && t.elapsed() < Duration::from_secs(60) {
+            let _ = sender.send_to(b"stream", to);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    endpoint.flows(true);
+    endpoint.cut(Some(1));
+    let cut = Instant::now();
+    let result = loop {
+        if endpoint.flows(false).get(&40000) == Some(&Some(2)) {
+            break Ok(cut.elapsed());
+        }
+        if cut.elapsed() > Duration::from_secs(60) {
+            break Err("no failover within 60 s".to_string());
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    };
+    sending.store(false, Ordering::Relaxed);
+    let _ = stream.join();
+    let _ = d.down();
+    result
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of /proc/PID/stat (1-based),
+    // 12 and 13 after the command name.
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let bin = std::env::current_exe()?.with_file_name("moat");
+    if !bin.exists() {
+        return Err(format!(
+            "{} is missing: build it first (cargo build --release -p moat)",
+            bin.display()
+        )
+        .into());
+    }
+    let edge = Edge::new("fobench")?;
+    let site = &edge.sites[0];
+    let keys: Vec<Option<u32>> = (1..=10_000).map(Some).collect();
+    let endpoint = GreTunEndpoint::start_multi(
+        &site.ns,
+        "tun0",
+        site.server,
+        1472,
+        ENDPOINT,
+        site.gateway,
+        &keys,
+        Some(2),
+    )?;
+
+    println!("failover: from the cut of the primary tunnel to the first packet through the backup");
+    let rates: &[(&str, u32)] = if quick {
+        &[("high", 2)]
+    } else {
+        &[("high", 20), ("mid", 20), ("low", 20)]
+    };
+    for &(rate, trials) in rates {
+        let mut times = Vec::new();
+        for _ in 0..trials {
+            match trial(&edge, &bin, &endpoint, rate) {
+                Ok(t) => times.push(t),
+                Err(e) => println!("  {rate}: a trial failed: {e}"),
+            }
+        }
+        times.sort();
+        if let (Some(max), false) = (times.last(), times.is_empty()) {
+            let median = times[times.len() / 2];
+            println!(
+                "  {rate:<4} ({} trials): median {:.0} ms, min {:.0} ms, max {:.0} ms",
+                times.len(),
+                median.as_secs_f64() * 1e3,
+                times[0].as_secs_f64() * 1e3,
+                max.as_secs_f64() * 1e3
+            );
+        }
+    }
+    endpoint.restore(Some(1));
+
+    let per = if quick { 10 } else { 100 };
+    let tunnels = 100 * per;
+    let mut d = Daemon::start(&bin, &edge.node, &load_config(per))?;
+    std::thread::sleep(Duration::from_secs(3));
+    let pid = d.pid().ok_or("daemon not running")?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let probes_before = endpoint.counters.decapsulated.load(Ordering::Relaxed);
+    let (t0, c0) = (Instant::now(), cpu_ticks(pid));
+    std::thread::sleep(Duration::from_secs(10));
+    let (secs, ticks) = (t0.elapsed().as_secs_f64(), cpu_ticks(pid) - c0);
+    let probes = endpoint.counters.decapsulated.load(Ordering::Relaxed) - probes_before;
+    let healthy = status_health(&d).iter().filter(|h| *h == "healthy").count();
+    println!(
+        "probe load: {tunnels} tunnels at the mid rate: daemon CPU {:.1}% of one core over {secs:.0} s, \
+         {:.0} probes/s answered, {healthy} of {tunnels} tunnels healthy",
+        ticks as f64 / hz / secs * 100.0,
+        probes as f64 / secs
+    );
+    let _ = d.down();
+    Ok(())
+}
