@@ -141,6 +141,8 @@ pub enum ChangeReason {
     Enabled,
     /// Health checks were switched off (the tunnel is healthy from now on).
     Disabled,
+    /// The state was kept across a restart of the daemon.
+    Resumed,
     /// This many probes in a row were lost.
     LostInARow(u32),
     /// `failed` of `total` counted probes in the window failed.
@@ -155,6 +157,7 @@ impl fmt::Display for ChangeReason {
             ChangeReason::Added => f.write_str("tunnel added"),
             ChangeReason::Enabled => f.write_str("health checks enabled"),
             ChangeReason::Disabled => f.write_str("health checks disabled"),
+            ChangeReason::Resumed => f.write_str("kept across a daemon restart"),
             ChangeReason::LostInARow(n) => write!(f, "{n} probes failed in a row"),
             ChangeReason::WindowLoss { failed, total } => {
                 let pct = f64::from(failed) * 100.0 / f64::from(total.max(1));
@@ -243,6 +246,18 @@ impl TunnelHealth {
             smoothed_rtt: None,
             window: Window::new(now),
         }
+    }
+
+    /// A tunnel whose state is carried over from a previous run (a daemon
+    /// restart): the data plane keeps the steering it had until probes
+    /// give new verdicts, which then follow the usual rules from `state`.
+    pub fn resumed(now: Instant, enabled: bool, state: HealthState) -> Self {
+        let mut t = TunnelHealth::new(now, enabled);
+        if enabled {
+            t.state = state;
+            t.reason = ChangeReason::Resumed;
+        }
+        t
     }
 
     pub fn state(&self) -> HealthState {

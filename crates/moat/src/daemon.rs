@@ -96,6 +96,8 @@ struct State {
     last_differences: usize,
     /// Tunnel health (route penalties), kept by the probe thread.
     health: Arc<Mutex<health::Table>>,
+    /// Where unhealthy states are saved for a restarted daemon (beside the socket).
+    health_file: PathBuf,
 }
 
 /// Loads and validates a file: the config or every diagnostic as text.
@@ -377,8 +379,15 @@ impl State {
         }
     }
 
-    /// Applies the route penalties of the tunnels' current health.
+    /// Applies the route penalties of the tunnels' current health, and
+    /// saves the states for a restarted daemon.
     fn steer(&mut self) {
+        let saved = self.health.lock().unwrap_or_else(|p| p.into_inner()).export();
+        if let Ok(text) = serde_json::to_string(&saved) {
+            if let Err(e) = std::fs::write(&self.health_file, text) {
+                warn!("saving health states to {}: {e}", self.health_file.display());
+            }
+        }
         let (config, hops) = (self.config.clone(), self.next_hops.clone());
         match self.apply(&config, &hops) {
             Ok(summary) => info!(generation = self.generation, "health steering applied: {summary}"),
@@ -742,7 +751,24 @@ async fn serve(opts: Options, config: Config) -> Result<()> {
     }
     let (health_tx, mut health_events) = mpsc::unbounded_channel::<()>();
     let health = health::Health::start(&config, health_tx).context("starting health checks")?;
+    let health_file = health_file(&opts.socket);
+    if opened == Opened::Adopted {
+        // Keep the steering the data plane has until new verdicts.
+        if let Ok(saved) = std::fs::read_to_string(&health_file)
+            .map_err(|_| ())
+            .and_then(|t| serde_json::from_str::<BTreeMap<String, String>>(&t).map_err(|_| ()))
+        {
+            health
+                .table
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .resume(&saved, Instant::now());
+        }
+    } else {
+        let _ = std::fs::remove_file(&health_file);
+    }
     let mut state = State {
+        health_file,
         health: health.table.clone(),
         config_path: opts.config.clone(),
         pins,
@@ -872,6 +898,14 @@ async fn serve(opts: Options, config: Config) -> Result<()> {
     Ok(())
 }
 
+/// The file beside the control socket where tunnel health is saved.
+pub fn health_file(socket: &Path) -> PathBuf {
+    let name = socket
+        .file_name()
+        .map_or("moat".into(), |n| n.to_string_lossy().into_owned());
+    socket.with_file_name(format!("{name}.health"))
+}
+
 /// Runs `f` on the state in the blocking pool. A panic there is logged
 /// and the daemon goes on (the data plane is not touched by it).
 async fn blocking(state: &Arc<Mutex<State>>, f: impl FnOnce(&mut State) + Send + 'static) {
@@ -951,6 +985,7 @@ fn execute(st: &mut State, command: Command) -> Response {
                     };
                 }
             }
+            let _ = std::fs::remove_file(&st.health_file);
             match Dataplane::remove_pinned(&st.pins) {
                 Ok(_) => Response {
                     ok: true,

@@ -18,8 +18,8 @@ use std::{
 
 use moat_config::{Config, Direction, ProbeKind};
 use moat_health::{
-    probe::gre_decap, probe::gre_encap, HealthSnapshot, Outcome, Outstanding, ProbeSpec, ProbeStyle, ReceiveCounts,
-    Received as Classified, Schedule, TunnelHealth,
+    probe::gre_decap, probe::gre_encap, HealthSnapshot, HealthState, Outcome, Outstanding, ProbeSpec, ProbeStyle,
+    ReceiveCounts, Received as Classified, Schedule, TunnelHealth,
 };
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{info, warn};
@@ -63,6 +63,28 @@ impl Table {
             .get(&(customer.to_string(), tunnel.to_string()))
             .and_then(|id| self.tunnels.get(id))
             .map_or(0, |t| t.health.penalty())
+    }
+
+    /// Tunnels that are not healthy, by identity (for the next daemon).
+    pub fn export(&self) -> BTreeMap<String, String> {
+        self.tunnels
+            .values()
+            .filter(|t| t.health.state() != HealthState::Healthy)
+            .map(|t| (identity_key(t.identity), t.health.state().to_string()))
+            .collect()
+    }
+
+    /// Takes over states a previous daemon saved (see [`Table::export`]).
+    pub fn resume(&mut self, saved: &BTreeMap<String, String>, now: Instant) {
+        for t in self.tunnels.values_mut() {
+            let state = match saved.get(&identity_key(t.identity)).map(String::as_str) {
+                Some("degraded") => HealthState::Degraded,
+                Some("down") => HealthState::Down,
+                _ => continue,
+            };
+            t.health = TunnelHealth::resumed(now, t.health.is_enabled(), state);
+            info!(customer = %t.customer, tunnel = %t.name, %state, "health kept across the restart");
+        }
     }
 
     /// A snapshot of one tunnel's health.
@@ -241,6 +263,10 @@ impl Drop for Health {
             let _ = t.join();
         }
     }
+}
+
+fn identity_key((local, remote, key): Identity) -> String {
+    format!("{local} {remote} {}", key.map_or("-".to_string(), |k| k.to_string()))
 }
 
 /// Parses a packet from the GRE socket: (identity, inner packet).

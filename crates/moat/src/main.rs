@@ -178,6 +178,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
             let pins = moat_dataplane::PinDir::new(&pin_dir);
             let detached = moat_dataplane::Dataplane::remove_pinned(&pins)?;
+            let _ = std::fs::remove_file(daemon::health_file(&socket));
             println!(
                 "down: detached from {}; removed {}",
                 if detached.is_empty() {

@@ -159,7 +159,7 @@ fn failover_to_the_backup_tunnel_and_back() {
         Some(2),
     )
     .expect("site endpoint");
-    let d = Daemon::start(Path::new(BIN), &edge.node, &config()).expect("moat run");
+    let mut d = Daemon::start(Path::new(BIN), &edge.node, &config()).expect("moat run");
 
     // Both tunnels answer their probes.
     wait_for(&d, "both tunnels probed healthy", Duration::from_secs(10), || {
@@ -239,6 +239,20 @@ fn failover_to_the_backup_tunnel_and_back() {
     let out = d.cli(&["reload"]).expect("moat reload");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(tunnel(&d, "acme-1")["health"], "down", "health survives a reload");
+
+    // A restart keeps the steering until new verdicts: the dead primary
+    // stays down (nothing rewritten), the stream stays on the backup.
+    d.restart().expect("restart");
+    let t1 = tunnel(&d, "acme-1");
+    assert_eq!(t1["health"], "down", "{t1}");
+    assert_eq!(t1["probes"]["reason"], "kept across a daemon restart", "{t1}");
+    let log = d.log();
+    let after = &log[log.rfind("adopted the running data plane").expect("adopted")..];
+    let applied = after.lines().find(|l| l.contains("INFO applied ")).expect("apply line");
+    assert!(applied.contains(": 0 added, 0 changed, 0 removed in"), "{applied}");
+    let b2 = tx(&d, "acme-2");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(tx(&d, "acme-2") > b2 + 100, "the stream stays on the backup");
     std::thread::sleep(Duration::from_millis(500));
     let (b1, b2) = (tx(&d, "acme-1"), tx(&d, "acme-2"));
     std::thread::sleep(Duration::from_millis(500));
