@@ -103,6 +103,18 @@ impl Edge {
         GreTunEndpoint::start(&s.ns, "tun0", s.server, 1500 - overhead, ENDPOINT, s.gateway, key)
     }
 
+    /// Starts site `i`'s endpoint for several tunnels told apart by `keys`,
+    /// answering through `return_key` (see [`GreTunEndpoint::start_multi`]).
+    pub fn start_site_multi(
+        &self,
+        i: usize,
+        keys: &[Option<u32>],
+        return_key: Option<u32>,
+    ) -> std::io::Result<GreTunEndpoint> {
+        let s = &self.sites[i];
+        GreTunEndpoint::start_multi(&s.ns, "tun0", s.server, 1472, ENDPOINT, s.gateway, keys, return_key)
+    }
+
     /// The node section of a config for this topology.
     pub fn node_yaml(name: &str) -> String {
         format!(

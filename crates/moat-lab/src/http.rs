@@ -81,3 +81,20 @@ pub fn get_many(ns: &NetNs, server: Ipv4Addr, count: u32) -> u32 {
     };
     (0..count).filter(|i| get(server, *i).is_ok()).count() as u32
 }
+
+/// The daemon's Prometheus text, fetched from 127.0.0.1:9477 inside `ns`.
+pub fn scrape_metrics(ns: &NetNs) -> io::Result<String> {
+    let _in = ns.enter()?;
+    let mut c = TcpStream::connect("127.0.0.1:9477")?;
+    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    let mut out = String::new();
+    c.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+/// The value of the sample `name_and_labels` in Prometheus text, if present.
+pub fn metric(text: &str, name_and_labels: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+}

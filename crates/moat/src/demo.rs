@@ -21,7 +21,6 @@ use moat_lab::{
     gre::{self, RawGre},
     http,
     packet::{self, L4},
-    site::GreTunEndpoint,
 };
 
 /// The bundled configuration.
@@ -81,18 +80,9 @@ pub fn run(requests: u32) -> Result<()> {
 
 fn scenes(edge: &Edge, daemon: &mut Daemon, requests: u32) -> Result<()> {
     let keys = [Some(42), Some(7)];
-    let acme_site = &edge.sites[0];
-    let acme = GreTunEndpoint::start_multi(
-        &acme_site.ns,
-        "tun0",
-        acme_site.server,
-        1472,
-        ENDPOINT,
-        acme_site.gateway,
-        &[keys[0], Some(43)],
-        keys[0],
-    )
-    .context("acme's GRE endpoint")?;
+    let acme = edge
+        .start_site_multi(0, &[keys[0], Some(43)], keys[0])
+        .context("acme's GRE endpoint")?;
     let _globex = edge.start_site(1, keys[1]).context("globex's GRE endpoint")?;
     let stop = Arc::new(AtomicBool::new(false));
     let servers = [

@@ -6,8 +6,7 @@
 
 use std::{
     collections::BTreeSet,
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream, UdpSocket},
+    net::{SocketAddr, UdpSocket},
     path::Path,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -16,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use moat_lab::{daemon::Daemon, edge::Edge, http, netns::NetNs};
+use moat_lab::{daemon::Daemon, edge::Edge, http};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_moat");
@@ -34,21 +33,8 @@ fn customers(s: &Value) -> BTreeSet<String> {
         .collect()
 }
 
-fn metrics(node: &NetNs) -> String {
-    let _in = node.enter().expect("enter node");
-    let mut c = TcpStream::connect("127.0.0.1:9477").expect("metrics endpoint");
-    c.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .expect("request");
-    let mut out = String::new();
-    c.read_to_string(&mut out).expect("response");
-    out
-}
-
 fn metric(text: &str, name_and_labels: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name_and_labels} in\n{text}"))
+    http::metric(text, name_and_labels).unwrap_or_else(|| panic!("no metric {name_and_labels} in\n{text}"))
 }
 
 #[test]
@@ -125,7 +111,7 @@ fn daemon_end_to_end() {
     assert_eq!(http::get_many(&edge.inet, edge.sites[1].server, 10), 10, "{}", d.log());
 
     // Metrics: generation, reasons, per-customer and per-tunnel counters.
-    let m = metrics(&edge.node);
+    let m = http::scrape_metrics(&edge.node).expect("metrics");
     assert_eq!(metric(&m, "moat_config_generation"), 2);
     assert_eq!(metric(&m, "moat_last_reload_success"), 1);
     assert!(metric(&m, "moat_reason_packets_total{reason=\"forward_encap\"}") >= 35);

@@ -18,6 +18,7 @@ use std::{
 use moat_lab::{
     daemon::Daemon,
     edge::{Edge, ENDPOINT},
+    http,
     site::GreTunEndpoint,
 };
 use serde_json::Value;
@@ -126,39 +127,13 @@ fn forge_replies(edge: &Edge, count: u32) -> u64 {
     sent
 }
 
-fn metrics(edge: &Edge) -> String {
-    use std::io::{Read, Write};
-    let _in = edge.node.enter().expect("enter node");
-    let mut c = std::net::TcpStream::connect("127.0.0.1:9477").expect("metrics");
-    c.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .expect("request");
-    let mut out = String::new();
-    c.read_to_string(&mut out).expect("response");
-    out
-}
-
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn failover_to_the_backup_tunnel_and_back() {
     let edge = Edge::new("health").expect("topology");
     let site = &edge.sites[0];
-    let endpoint = GreTunEndpoint::start_multi(
-        &site.ns,
-        "tun0",
-        site.server,
-        1472,
-        ENDPOINT,
-        site.gateway,
-        &[Some(1), Some(2)],
-        Some(2),
-    )
-    .expect("site endpoint");
+    let endpoint = edge
+        .start_site_multi(0, &[Some(1), Some(2)], Some(2))
+        .expect("site endpoint");
     let mut d = Daemon::start(Path::new(BIN), &edge.node, &config()).expect("moat run");
 
     // Both tunnels answer their probes.
@@ -227,10 +202,10 @@ fn failover_to_the_backup_tunnel_and_back() {
     let forged = forge_replies(&edge, 2_000);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(tunnel(&d, "acme-1")["health"], "down", "forged answers must not count");
-    let m = metrics(&edge);
+    let m = http::scrape_metrics(&edge.node).expect("metrics");
     let rejected: u64 = ["unknown", "stale", "duplicate", "wrong_tunnel", "malformed"]
         .iter()
-        .map(|k| metric(&m, &format!("moat_probe_replies_total{{kind=\"{k}\"}}")))
+        .filter_map(|k| http::metric(&m, &format!("moat_probe_replies_total{{kind=\"{k}\"}}")))
         .sum();
     assert!(
         rejected >= forged / 2,
@@ -299,17 +274,9 @@ fn failover_to_the_backup_tunnel_and_back() {
 fn weighted_split_and_a_failed_tunnel_moves_only_its_flows() {
     let edge = Edge::new("weights").expect("topology");
     let site = &edge.sites[0];
-    let endpoint = GreTunEndpoint::start_multi(
-        &site.ns,
-        "tun0",
-        site.server,
-        1472,
-        ENDPOINT,
-        site.gateway,
-        &[Some(1), Some(2)],
-        Some(2),
-    )
-    .expect("site endpoint");
+    let endpoint = edge
+        .start_site_multi(0, &[Some(1), Some(2)], Some(2))
+        .expect("site endpoint");
     let config = config()
         .replace(
             "tunnel: acme-1, priority: 100 }",

@@ -28,11 +28,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use moat_lab::{
-    daemon::Daemon,
-    edge::{Edge, ENDPOINT},
-    site::GreTunEndpoint,
-};
+use moat_lab::{daemon::Daemon, edge::Edge, site::GreTunEndpoint};
 
 fn failover_config(rate: &str) -> String {
     let mut s = Edge::node_yaml("edge-failover");
@@ -148,18 +144,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .into());
     }
     let edge = Edge::new("fobench")?;
-    let site = &edge.sites[0];
     let keys: Vec<Option<u32>> = (1..=10_000).map(Some).collect();
-    let endpoint = GreTunEndpoint::start_multi(
-        &site.ns,
-        "tun0",
-        site.server,
-        1472,
-        ENDPOINT,
-        site.gateway,
-        &keys,
-        Some(2),
-    )?;
+    let endpoint = edge.start_site_multi(0, &keys, Some(2))?;
 
     println!("failover: from the cut of the primary tunnel to the first packet through the backup");
     let rates: &[(&str, u32)] = if quick {
