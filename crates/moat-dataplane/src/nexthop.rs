@@ -94,18 +94,24 @@ impl Resolver {
         })
     }
 
-    /// Sends one request and collects the replies (all parts of a dump).
-    fn request(&mut self, msg: RouteNetlinkMessage, dump: bool) -> Result<Vec<RouteNetlinkMessage>, Error> {
+    /// Sends one request with the next sequence number and `flags`.
+    fn send(&mut self, msg: RouteNetlinkMessage, flags: u16) -> Result<(), Error> {
         self.seq = self.seq.wrapping_add(1);
-        self.last_errno = None;
         let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | if dump { NLM_F_DUMP } else { 0 };
+        header.flags = NLM_F_REQUEST | flags;
         header.sequence_number = self.seq;
         let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(msg));
         packet.finalize();
         let mut buf = vec![0u8; packet.buffer_len()];
         packet.serialize(&mut buf);
         self.socket.send(&buf, 0).map_err(|e| nl_err("send", e))?;
+        Ok(())
+    }
+
+    /// Sends one request and collects the replies (all parts of a dump).
+    fn request(&mut self, msg: RouteNetlinkMessage, dump: bool) -> Result<Vec<RouteNetlinkMessage>, Error> {
+        self.last_errno = None;
+        self.send(msg, if dump { NLM_F_DUMP } else { 0 })?;
         let mut out = Vec::new();
         loop {
             let mut rx: Vec<u8> = Vec::with_capacity(1 << 16);
@@ -329,15 +335,7 @@ impl Resolver {
 
     /// Sends one request that the kernel acknowledges; its error is ours.
     fn request_ack(&mut self, msg: RouteNetlinkMessage, flags: u16) -> Result<(), Error> {
-        self.seq = self.seq.wrapping_add(1);
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
-        header.sequence_number = self.seq;
-        let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(msg));
-        packet.finalize();
-        let mut buf = vec![0u8; packet.buffer_len()];
-        packet.serialize(&mut buf);
-        self.socket.send(&buf, 0).map_err(|e| nl_err("send", e))?;
+        self.send(msg, NLM_F_ACK | flags)?;
         loop {
             let mut rx: Vec<u8> = Vec::with_capacity(1 << 16);
             self.socket.recv(&mut rx, 0).map_err(|e| nl_err("recv", e))?;
