@@ -31,7 +31,9 @@
 //! ICMP packet received; see [`Outstanding::classify`] for the order of the
 //! checks.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
@@ -286,14 +288,23 @@ struct Stream {
 /// Memory is bounded: per tunnel at most `max_in_flight` probes in flight
 /// (issuing one more pushes the oldest out as lost) and as many resolved ones
 /// remembered to tell stale and duplicate answers.
+///
+/// Timeouts cost nothing per tunnel: every probe issued also joins one queue
+/// in order of sending (so in order of timeout, the timeout being the same
+/// for all), and [`Outstanding::expire`] only looks at the head of that
+/// queue. Entries of probes answered meanwhile are dropped when they reach
+/// the head.
 #[derive(Debug)]
 pub struct Outstanding {
-    streams: HashMap<TunnelId, Stream>,
+    streams: FxHashMap<TunnelId, Stream>,
     timeout: Duration,
     max_in_flight: usize,
     rng: StdRng,
     counts: ReceiveCounts,
     pushed_out: Vec<Lost>,
+    /// (sent, tunnel, seq) of every probe issued and not yet past its
+    /// timeout, oldest first.
+    by_sending: VecDeque<(Instant, TunnelId, u32)>,
 }
 
 impl Outstanding {
@@ -301,12 +312,13 @@ impl Outstanding {
     /// (at least 1) per tunnel.
     pub fn new(timeout: Duration, max_in_flight: usize) -> Self {
         Outstanding {
-            streams: HashMap::new(),
+            streams: FxHashMap::default(),
             timeout,
             max_in_flight: max_in_flight.max(1),
             rng: StdRng::from_entropy(),
             counts: ReceiveCounts::default(),
             pushed_out: Vec::new(),
+            by_sending: VecDeque::new(),
         }
     }
 
@@ -364,37 +376,58 @@ impl Outstanding {
             sent: now,
             trigger,
         });
+        // Callers issue with a clock that does not go back; should one, the
+        // entry still goes where its time puts it.
+        let at = if self.by_sending.back().is_none_or(|b| b.0 <= now) {
+            self.by_sending.len()
+        } else {
+            self.by_sending.partition_point(|b| b.0 <= now)
+        };
+        self.by_sending.insert(at, (now, tunnel, seq));
         Some(build_probe(&stream.spec, &ProbePayload { tunnel, seq, token }))
     }
 
     /// The probes lost by `now`: timed out, or pushed out by newer ones.
     pub fn expire(&mut self, now: Instant) -> Vec<Lost> {
         let mut lost = std::mem::take(&mut self.pushed_out);
-        for (&tunnel, stream) in self.streams.iter_mut() {
-            while let Some(p) = stream.in_flight.front().copied() {
-                if now.saturating_duration_since(p.sent) < self.timeout {
-                    break;
-                }
-                stream.in_flight.pop_front();
-                remember(&mut stream.resolved, self.max_in_flight, p.seq, p.token, false);
-                lost.push(Lost {
-                    tunnel,
-                    seq: p.seq,
-                    trigger: p.trigger,
-                    sent: p.sent,
-                });
+        while let Some(&(sent, tunnel, seq)) = self.by_sending.front() {
+            if now.saturating_duration_since(sent) < self.timeout {
+                break;
             }
+            self.by_sending.pop_front();
+            // Still in flight unless answered, pushed out or forgotten since.
+            let Some(stream) = self.streams.get_mut(&tunnel) else {
+                continue;
+            };
+            let Some(i) = stream.in_flight.iter().position(|p| p.seq == seq && p.sent == sent) else {
+                continue;
+            };
+            let p = stream.in_flight.remove(i).expect("index from position");
+            remember(&mut stream.resolved, self.max_in_flight, p.seq, p.token, false);
+            lost.push(Lost {
+                tunnel,
+                seq: p.seq,
+                trigger: p.trigger,
+                sent: p.sent,
+            });
         }
         lost
     }
 
-    /// When the oldest probe in flight times out, if any is in flight.
-    pub fn next_expiry(&self) -> Option<Instant> {
-        self.streams
-            .values()
-            .filter_map(|s| s.in_flight.front())
-            .map(|p| p.sent + self.timeout)
-            .min()
+    /// When the oldest probe issued times out (it may have been answered
+    /// meanwhile), if any is pending.
+    pub fn next_expiry(&mut self) -> Option<Instant> {
+        while let Some(&(sent, tunnel, seq)) = self.by_sending.front() {
+            let pending = self
+                .streams
+                .get(&tunnel)
+                .is_some_and(|s| s.in_flight.iter().any(|p| p.seq == seq && p.sent == sent));
+            if pending {
+                return Some(sent + self.timeout);
+            }
+            self.by_sending.pop_front();
+        }
+        None
     }
 
     /// Probes of `tunnel` in flight.
@@ -848,5 +881,54 @@ mod tests {
         assert_eq!(o.issue(7, t0, Trigger::Scheduled), None);
         assert_eq!(o.classify(t0, &a, None), Received::Rejected(Rejection::Unknown));
         assert!(o.expire(t0 + Duration::from_secs(5)).is_empty());
+    }
+
+    #[test]
+    fn expiry_follows_sending_order_and_skips_resolved_probes() {
+        let mut o = Outstanding::new(Duration::from_secs(1), 8);
+        let t0 = Instant::now();
+        for id in 1..=100 {
+            o.set_tunnel(id, spec(ProbeStyle::Reply));
+        }
+        // Tunnel i sends at t0 + i ms; even tunnels get their answer.
+        let mut probes = Vec::new();
+        for id in 1..=100u32 {
+            probes.push((
+                id,
+                o.issue(id, t0 + ms(u64::from(id)), Trigger::Scheduled)
+                    .expect("tracked"),
+            ));
+        }
+        for (id, p) in &probes {
+            if id % 2 == 0 {
+                assert!(matches!(o.classify(t0 + ms(200), p, None), Received::Match(_)));
+            }
+        }
+        // A probe issued with an earlier clock still times out on time.
+        let late = o.issue(3, t0 + ms(10), Trigger::Extra).expect("tracked");
+        assert!(o.remove_tunnel(99));
+        assert_eq!(o.next_expiry(), Some(t0 + ms(1001)));
+        let lost = o.expire(t0 + ms(1010));
+        let ids: Vec<(u32, Instant)> = lost.iter().map(|l| (l.tunnel, l.sent)).collect();
+        assert_eq!(
+            ids,
+            vec![
+                (1, t0 + ms(1)),
+                (3, t0 + ms(3)),
+                (5, t0 + ms(5)),
+                (7, t0 + ms(7)),
+                (9, t0 + ms(9)),
+                (3, t0 + ms(10))
+            ]
+        );
+        assert_eq!(
+            o.classify(t0 + ms(1020), &late, None),
+            Received::Rejected(Rejection::Stale)
+        );
+        let rest = o.expire(t0 + ms(5000));
+        let expected: Vec<u32> = (11..=97).step_by(2).collect();
+        assert_eq!(rest.iter().map(|l| l.tunnel).collect::<Vec<_>>(), expected);
+        assert_eq!(o.next_expiry(), None);
+        assert!(o.expire(t0 + ms(9000)).is_empty());
     }
 }

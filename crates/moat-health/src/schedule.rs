@@ -20,8 +20,10 @@
 //! and the heap is rebuilt when they outnumber the live ones.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, VecDeque};
 use std::time::{Duration, Instant};
+
+use rustc_hash::FxHashMap;
 
 use crate::{Trigger, TunnelId};
 
@@ -31,6 +33,12 @@ pub const INTERVAL_LOW: Duration = Duration::from_secs(10);
 pub const INTERVAL_MID: Duration = Duration::from_secs(1);
 /// Probe interval of rate `high`.
 pub const INTERVAL_HIGH: Duration = Duration::from_millis(100);
+
+/// A tunnel started with [`Schedule::start`] gets its first probe within
+/// this (or its interval, if shorter), at its phase of this span: a new
+/// daemon probes every tunnel at once without sending all first probes
+/// together.
+pub const START_SPREAD: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Copy, Debug)]
 struct Entry {
@@ -45,7 +53,7 @@ struct Entry {
 #[derive(Debug)]
 pub struct Schedule {
     epoch: Instant,
-    tunnels: HashMap<TunnelId, Entry>,
+    tunnels: FxHashMap<TunnelId, Entry>,
     heap: BinaryHeap<Reverse<(u64, u64, TunnelId)>>,
     extra: VecDeque<TunnelId>,
     next_generation: u64,
@@ -56,7 +64,7 @@ impl Schedule {
     pub fn new(epoch: Instant) -> Self {
         Schedule {
             epoch,
-            tunnels: HashMap::new(),
+            tunnels: FxHashMap::default(),
             heap: BinaryHeap::new(),
             extra: VecDeque::new(),
             next_generation: 0,
@@ -101,6 +109,26 @@ impl Schedule {
         self.compact();
     }
 
+    /// Schedules a new tunnel whose first probe should come soon: at its
+    /// phase of `min(interval, START_SPREAD)` after `now` (spread like the
+    /// grid), then on its grid, the next grid point being at least half an
+    /// interval after the first probe. A tunnel already scheduled is only
+    /// rescheduled as by [`Schedule::add`].
+    pub fn start(&mut self, id: TunnelId, interval: Duration, now: Instant) {
+        if self.contains(id) {
+            return self.add(id, interval, now);
+        }
+        self.add(id, interval, now);
+        let now = self.nanos(now);
+        let Some(e) = self.tunnels.get_mut(&id) else {
+            return;
+        };
+        let spread = e.interval.min(START_SPREAD.as_nanos() as u64);
+        let first = now + phase_of(id, spread);
+        e.due = first;
+        self.heap.push(Reverse((first, e.generation, id)));
+    }
+
     /// Changes a tunnel's interval; its next probe moves to its next grid
     /// point (of the new interval) at or after `now`. False when the tunnel
     /// is not scheduled.
@@ -142,11 +170,14 @@ impl Schedule {
             let Some(e) = self.tunnels.get_mut(&id).filter(|e| e.generation == generation) else {
                 continue;
             };
-            out.push((id, Trigger::Scheduled));
-            let mut next = due + e.interval;
-            if next <= now {
-                next = next_grid_point(e.phase, e.interval, now + 1);
+            if e.due != due {
+                // Superseded by an earlier entry (a started tunnel's first probe).
+                continue;
             }
+            out.push((id, Trigger::Scheduled));
+            // The next grid point at least half an interval on and after
+            // `now`: `due + interval` when on the grid and on time.
+            let next = next_grid_point(e.phase, e.interval, (due + e.interval / 2).max(now + 1));
             e.due = next;
             self.heap.push(Reverse((next, generation, id)));
         }
@@ -160,7 +191,11 @@ impl Schedule {
             return Some(self.epoch);
         }
         while let Some(&Reverse((due, generation, id))) = self.heap.peek() {
-            if self.tunnels.get(&id).is_some_and(|e| e.generation == generation) {
+            if self
+                .tunnels
+                .get(&id)
+                .is_some_and(|e| e.generation == generation && e.due == due)
+            {
                 return Some(self.epoch + Duration::from_nanos(due));
             }
             self.heap.pop();
@@ -206,6 +241,7 @@ fn next_grid_point(phase: u64, interval: u64, t: u64) -> u64 {
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
+    use std::collections::HashMap;
 
     fn us(n: u64) -> Duration {
         Duration::from_micros(n)
@@ -344,6 +380,51 @@ mod tests {
         assert_eq!(probes.len(), 10);
         assert!(probes.windows(2).all(|w| w[1].0 - w[0].0 == 100_000), "{probes:?}");
         assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn started_tunnels_are_probed_within_a_second_spread_out_then_on_their_grid() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(t0);
+        let t1 = t0 + Duration::from_millis(1234);
+        for id in 0..10_000 {
+            s.start(id, INTERVAL_LOW, t1);
+        }
+        let probes = run(&mut s, t1, Duration::from_secs(25), us(500));
+        // All first probes within the first second, about 100 per 10 ms.
+        let (min, max) = max_per_slice(&probes, 10_000, 100);
+        assert!(
+            (90..=110).contains(&min) && (90..=110).contains(&max),
+            "min {min} max {max}"
+        );
+        let mut seen: HashMap<TunnelId, Vec<u64>> = HashMap::new();
+        for &(t, id, trig) in &probes {
+            assert_eq!(trig, Trigger::Scheduled);
+            seen.entry(id).or_default().push(t);
+        }
+        assert_eq!(seen.len(), 10_000);
+        for (id, times) in seen {
+            assert!(times[0] <= 1_000_000, "tunnel {id}: {times:?}");
+            // The second probe 5..15 s after the first, the rest 10 s apart.
+            assert!(
+                (5_000_000..=15_000_000).contains(&(times[1] - times[0])),
+                "tunnel {id}: {times:?}"
+            );
+            assert!(
+                times[1..].windows(2).all(|w| w[1] - w[0] == 10_000_000),
+                "tunnel {id}: {times:?}"
+            );
+            assert!((2..=4).contains(&times.len()), "tunnel {id}: {times:?}");
+        }
+        // At the high rate: the first probe within the interval.
+        let mut s = Schedule::new(t0);
+        s.start(1, INTERVAL_HIGH, t1);
+        s.start(1, INTERVAL_HIGH, t1); // again: no change
+        let probes = run(&mut s, t1, Duration::from_millis(999), us(100));
+        assert!(probes[0].0 < 100_000, "{probes:?}");
+        assert!((50_000..=150_000).contains(&(probes[1].0 - probes[0].0)), "{probes:?}");
+        assert!(probes[1..].windows(2).all(|w| w[1].0 - w[0].0 == 100_000), "{probes:?}");
+        assert!((9..=11).contains(&probes.len()), "{probes:?}");
     }
 
     #[test]

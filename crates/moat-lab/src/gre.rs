@@ -24,6 +24,20 @@ impl RawGre {
         }
         // SAFETY: the kernel returned a new descriptor we now own.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // Room for bursts: a packet built from an XDP frame takes a whole
+        // page of receive buffer.
+        let bytes: libc::c_int = 8 << 20;
+        // SAFETY: setsockopt(2) with a c_int option of the stated size; a
+        // refusal (not root) leaves the default, which is fine.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&bytes as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
         Ok(RawGre { fd })
     }
 

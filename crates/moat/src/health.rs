@@ -21,10 +21,11 @@ use moat_health::{
     probe::gre_decap, probe::gre_encap, HealthSnapshot, HealthState, Outcome, Outstanding, ProbeSpec, ProbeStyle,
     ReceiveCounts, Received as Classified, Schedule, TunnelHealth,
 };
+use rustc_hash::FxHashMap;
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{info, warn};
 
-use crate::probe_io::{ProbeIo, Received};
+use crate::probe_io::{ProbeIo, Source};
 
 /// (local, remote, key): what identifies a tunnel on the wire.
 type Identity = (Ipv4Addr, Ipv4Addr, Option<u32>);
@@ -47,8 +48,8 @@ struct Tunnel {
 /// The health of every configured tunnel, shared by the probe thread and
 /// the daemon.
 pub struct Table {
-    tunnels: BTreeMap<u32, Tunnel>,
-    by_identity: HashMap<Identity, u32>,
+    tunnels: FxHashMap<u32, Tunnel>,
+    by_identity: FxHashMap<Identity, u32>,
     by_name: HashMap<(String, String), u32>,
     next_id: u32,
     schedule: Schedule,
@@ -100,7 +101,7 @@ impl Table {
     /// Makes the table follow `config`: new tunnels start healthy, tunnels
     /// whose identity is unchanged keep their health, others go.
     pub fn configure(&mut self, config: &Config, now: Instant) {
-        let mut keep: HashMap<Identity, u32> = HashMap::new();
+        let mut keep: FxHashMap<Identity, u32> = FxHashMap::default();
         let mut by_name = HashMap::new();
         let mut locals = Vec::new();
         for c in &config.customers {
@@ -158,9 +159,9 @@ impl Table {
                     }
                 }
                 if hc.enabled && !self.schedule.contains(id) {
-                    self.schedule.add(id, interval, now);
-                    // A new or restarted check probes at once.
-                    self.schedule.probe_now(id, 1);
+                    // A new or restarted check probes at once (within its
+                    // interval or a second, spread over that span).
+                    self.schedule.start(id, interval, now);
                 } else if !hc.enabled {
                     self.schedule.remove(id);
                 }
@@ -232,8 +233,8 @@ impl Health {
             .any(|t| t.health_check.enabled && t.health_check.rate.interval() < Duration::from_secs(1));
         let timeout = if high { HIGH_RATE_TIMEOUT } else { MAX_TIMEOUT };
         let mut table = Table {
-            tunnels: BTreeMap::new(),
-            by_identity: HashMap::new(),
+            tunnels: FxHashMap::default(),
+            by_identity: FxHashMap::default(),
             by_name: HashMap::new(),
             next_id: 0,
             schedule: Schedule::new(now),
@@ -286,14 +287,20 @@ fn open_gre(packet: &[u8]) -> Option<(Identity, &[u8])> {
 /// its timeout.
 const TICK: Duration = Duration::from_millis(5);
 
+/// Probes of one tick from one local address: (remote, GRE packet) and
+/// the tunnel of each.
+type Batch = (Vec<(Ipv4Addr, Vec<u8>)>, Vec<u32>);
+
 fn run(table: &Mutex<Table>, stop: &AtomicBool, io: &mut ProbeIo, changed: &UnboundedSender<()>) {
     let mut next_tick = Instant::now();
+    let mut batches: BTreeMap<Ipv4Addr, Batch> = BTreeMap::new();
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         let mut any_change = false;
         if now >= next_tick {
             let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
-            for local in t.locals.clone() {
+            let t = &mut *t;
+            for &local in &t.locals {
                 if let Err(e) = io.add_local(local) {
                     warn!(%local, "health probes: {e}");
                 }
@@ -305,39 +312,49 @@ fn run(table: &Mutex<Table>, stop: &AtomicBool, io: &mut ProbeIo, changed: &Unbo
                 let Some(inner) = t.outstanding.issue(id, now, trigger) else {
                     continue;
                 };
-                let gre = gre_encap(identity.2, &inner);
-                match io.send(identity.0, identity.1, &gre) {
+                let batch = batches.entry(identity.0).or_default();
+                batch.0.push((identity.1, gre_encap(identity.2, &inner)));
+                batch.1.push(id);
+            }
+            for (&local, (packets, ids)) in batches.iter_mut() {
+                io.send_many(local, packets, |i, result| match result {
                     Ok(()) => {
-                        if let Some(x) = t.tunnels.get_mut(&id) {
+                        if let Some(x) = t.tunnels.get_mut(&ids[i]) {
                             x.health.on_probe_sent(now);
                         }
                     }
-                    Err(e) => warn!(remote = %identity.1, "sending a health probe: {e}"),
-                }
+                    Err(e) => warn!(remote = %packets[i].0, "sending a health probe: {e}"),
+                });
+                packets.clear();
+                ids.clear();
             }
             for lost in t.outstanding.expire(now) {
                 any_change |= t.result(lost.tunnel, now, lost.trigger, Outcome::Lost);
             }
             next_tick = now + TICK;
         }
-        let packets = io
-            .receive(next_tick.saturating_duration_since(Instant::now()))
-            .unwrap_or_default();
-        if !packets.is_empty() {
-            let now = Instant::now();
-            let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
-            for p in &packets {
-                let (inner, arrived_on) = match p {
-                    Received::Gre(pkt) => match open_gre(pkt) {
-                        Some((identity, inner)) => (inner, t.by_identity.get(&identity).copied()),
-                        None => continue,
-                    },
-                    Received::Icmp(pkt) => (pkt.as_slice(), None),
-                };
-                if let Classified::Match(m) = t.outstanding.classify(now, inner, arrived_on) {
-                    any_change |= t.result(m.tunnel, now, m.trigger, Outcome::Success { rtt: m.rtt });
-                }
+        // Answers are matched as they are read; the table is locked only
+        // once some arrived, never during the wait.
+        let wait = next_tick.saturating_duration_since(Instant::now());
+        let mut locked: Option<(std::sync::MutexGuard<'_, Table>, Instant)> = None;
+        let received = io.receive(wait, |source, packet| {
+            let (t, now) =
+                locked.get_or_insert_with(|| (table.lock().unwrap_or_else(|p| p.into_inner()), Instant::now()));
+            let (inner, arrived_on) = match source {
+                Source::Gre => match open_gre(packet) {
+                    Some((identity, inner)) => (inner, t.by_identity.get(&identity).copied()),
+                    None => return,
+                },
+                Source::Icmp => (packet, None),
+            };
+            if let Classified::Match(m) = t.outstanding.classify(*now, inner, arrived_on) {
+                any_change |= t.result(m.tunnel, *now, m.trigger, Outcome::Success { rtt: m.rtt });
             }
+        });
+        drop(locked);
+        if let Err(e) = received {
+            warn!("receiving health probe answers: {e}");
+            std::thread::sleep(TICK);
         }
         if any_change {
             let _ = changed.send(());

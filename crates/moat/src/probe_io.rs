@@ -26,8 +26,31 @@ fn raw_socket(protocol: libc::c_int) -> io::Result<OwnedFd> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: the kernel returned a new descriptor we now own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Room for a tick's answers from thousands of tunnels: an answer that
+    // came through an XDP program may take a whole page of buffer. As root
+    // the limit is ours to set; otherwise the system's maximum applies.
+    let bytes: libc::c_int = RECEIVE_BUFFER;
+    for option in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: setsockopt(2) with a c_int option of the stated size.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&bytes as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            break;
+        }
+    }
+    Ok(fd)
 }
+
+/// Receive buffer asked for each probe socket.
+const RECEIVE_BUFFER: libc::c_int = 8 << 20;
 
 fn sockaddr(addr: Ipv4Addr) -> libc::sockaddr_in {
     libc::sockaddr_in {
@@ -44,7 +67,7 @@ fn sockaddr(addr: Ipv4Addr) -> libc::sockaddr_in {
 pub struct ProbeIo {
     gre: BTreeMap<Ipv4Addr, OwnedFd>,
     icmp: OwnedFd,
-    buf: Vec<u8>,
+    batch: Batch,
 }
 
 impl ProbeIo {
@@ -53,7 +76,7 @@ impl ProbeIo {
         let mut io = ProbeIo {
             gre: BTreeMap::new(),
             icmp: raw_socket(libc::IPPROTO_ICMP)?,
-            buf: vec![0u8; 65536],
+            batch: Batch::new(),
         };
         for local in locals {
             io.add_local(local)?;
@@ -86,28 +109,24 @@ impl ProbeIo {
         Ok(())
     }
 
-    /// Sends GRE (header + inner packet) from `local` to `remote`.
-    pub fn send(&self, local: Ipv4Addr, remote: Ipv4Addr, gre: &[u8]) -> io::Result<()> {
-        let fd = self
-            .gre
-            .get(&local)
-            .ok_or_else(|| io::Error::other(format!("no GRE socket for {local}")))?;
-        let addr = sockaddr(remote);
-        // SAFETY: sendto(2) with a valid buffer and sockaddr_in.
-        let n = unsafe {
-            libc::sendto(
-                fd.as_raw_fd(),
-                gre.as_ptr().cast(),
-                gre.len(),
-                0,
-                (&addr as *const libc::sockaddr_in).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
+    /// Sends GRE packets (header + inner packet) from `local`, each to its
+    /// remote, with as few system calls as the kernel takes (sendmmsg);
+    /// `sent(i, result)` is told the fate of `packets[i]`.
+    pub fn send_many(
+        &self,
+        local: Ipv4Addr,
+        packets: &[(Ipv4Addr, Vec<u8>)],
+        mut sent: impl FnMut(usize, io::Result<()>),
+    ) {
+        let Some(fd) = self.gre.get(&local) else {
+            for i in 0..packets.len() {
+                sent(i, Err(io::Error::other(format!("no GRE socket for {local}"))));
+            }
+            return;
         };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        let mut addrs: Vec<libc::sockaddr_in> = packets.iter().map(|(remote, _)| sockaddr(*remote)).collect();
+        let bufs: Vec<&[u8]> = packets.iter().map(|(_, gre)| gre.as_slice()).collect();
+        send_all(fd.as_raw_fd(), &mut addrs, &bufs, sent);
     }
 
     fn fds(&self) -> Vec<RawFd> {
@@ -118,9 +137,11 @@ impl ProbeIo {
             .collect()
     }
 
-    /// Waits up to `timeout` for packets and returns every whole IPv4
-    /// packet received (outer header included), tagged GRE or plain ICMP.
-    pub fn receive(&mut self, timeout: Duration) -> io::Result<Vec<Received>> {
+    /// Waits up to `timeout` for packets and hands every whole IPv4 packet
+    /// received (outer header included) to `each`, tagged GRE or plain
+    /// ICMP. Packets are read in batches (recvmmsg); longer ones than a
+    /// probe answer can be are cut short, which their parsing rejects.
+    pub fn receive(&mut self, timeout: Duration, mut each: impl FnMut(Source, &[u8])) -> io::Result<()> {
         let fds = self.fds();
         let mut polls: Vec<libc::pollfd> = fds
             .iter()
@@ -138,36 +159,141 @@ impl ProbeIo {
         if n < 0 {
             let e = io::Error::last_os_error();
             return if e.kind() == io::ErrorKind::Interrupted {
-                Ok(Vec::new())
+                Ok(())
             } else {
                 Err(e)
             };
         }
-        let mut out = Vec::new();
         let icmp = self.icmp.as_raw_fd();
-        let buf = &mut self.buf;
         for p in polls.iter().filter(|p| p.revents & libc::POLLIN != 0) {
+            let source = if p.fd == icmp { Source::Icmp } else { Source::Gre };
             // Drain what is queued (bounded per wakeup).
-            for _ in 0..256 {
-                // SAFETY: recv(2) into our own buffer.
-                let n = unsafe { libc::recv(p.fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-                if n <= 0 {
+            for _ in 0..16 {
+                let got = self.batch.receive(p.fd);
+                for packet in self.batch.packets(got) {
+                    each(source, packet);
+                }
+                if got < BATCH {
                     break;
                 }
-                let data = buf[..n as usize].to_vec();
-                out.push(if p.fd == icmp {
-                    Received::Icmp(data)
-                } else {
-                    Received::Gre(data)
-                });
             }
         }
-        Ok(out)
+        Ok(())
     }
 }
 
-/// A packet from one of the probe sockets: the whole IPv4 packet.
-pub enum Received {
-    Gre(Vec<u8>),
-    Icmp(Vec<u8>),
+/// Sends `bufs[i]` to `addrs[i]` on `fd` with sendmmsg, as few calls as
+/// the kernel takes; a message the kernel refuses is reported and skipped.
+fn send_all<A>(fd: RawFd, addrs: &mut [A], bufs: &[&[u8]], mut sent: impl FnMut(usize, io::Result<()>)) {
+    let mut iovs: Vec<libc::iovec> = bufs
+        .iter()
+        .map(|b| libc::iovec {
+            iov_base: b.as_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        })
+        .collect();
+    // SAFETY: an all-zero mmsghdr is valid (null pointers, zero lengths).
+    let mut msgs: Vec<libc::mmsghdr> = (0..bufs.len()).map(|_| unsafe { std::mem::zeroed() }).collect();
+    for ((m, addr), iov) in msgs.iter_mut().zip(addrs.iter_mut()).zip(iovs.iter_mut()) {
+        m.msg_hdr.msg_name = (addr as *mut A).cast();
+        m.msg_hdr.msg_namelen = std::mem::size_of::<A>() as libc::socklen_t;
+        m.msg_hdr.msg_iov = iov;
+        m.msg_hdr.msg_iovlen = 1;
+    }
+    let mut i = 0;
+    while i < msgs.len() {
+        let rest = &mut msgs[i..];
+        let count = rest.len().min(1024) as libc::c_uint;
+        // SAFETY: sendmmsg(2) over our own headers, which point into `addrs`,
+        // `iovs` and `bufs`, all alive for the call.
+        let n = unsafe { libc::sendmmsg(fd, rest.as_mut_ptr(), count, 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            // The first message failed: report it and go on with the next.
+            sent(i, Err(e));
+            i += 1;
+        } else {
+            for k in i..i + n as usize {
+                sent(k, Ok(()));
+            }
+            i += n as usize;
+        }
+    }
+}
+
+/// Packets read per recvmmsg call.
+const BATCH: usize = 64;
+/// Room per packet: a probe answer, tunnelled, is about 100 bytes.
+const SLOT: usize = 2048;
+
+/// Buffers for reading up to [`BATCH`] packets with one system call.
+struct Batch {
+    buf: Vec<u8>,
+    lens: [usize; BATCH],
+}
+
+impl Batch {
+    fn new() -> Batch {
+        Batch {
+            buf: vec![0u8; BATCH * SLOT],
+            lens: [0; BATCH],
+        }
+    }
+
+    /// Reads what is queued on `fd`, up to [`BATCH`] packets, without
+    /// waiting; returns how many.
+    fn receive(&mut self, fd: RawFd) -> usize {
+        let base = self.buf.as_mut_ptr();
+        let mut iovs: Vec<libc::iovec> = (0..BATCH)
+            .map(|i| libc::iovec {
+                // SAFETY: slot i lies inside `buf` (BATCH * SLOT bytes).
+                iov_base: unsafe { base.add(i * SLOT) }.cast(),
+                iov_len: SLOT,
+            })
+            .collect();
+        // SAFETY: an all-zero mmsghdr is valid (null pointers, zero lengths).
+        let mut msgs: Vec<libc::mmsghdr> = (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
+        for (m, iov) in msgs.iter_mut().zip(iovs.iter_mut()) {
+            m.msg_hdr.msg_iov = iov;
+            m.msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: recvmmsg(2) into our own buffers through our own headers.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                msgs.as_mut_ptr(),
+                BATCH as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if n <= 0 {
+            return 0;
+        }
+        let n = n as usize;
+        for (len, m) in self.lens.iter_mut().zip(&msgs[..n]) {
+            *len = (m.msg_len as usize).min(SLOT);
+        }
+        n
+    }
+
+    /// The first `n` packets read.
+    fn packets(&self, n: usize) -> impl Iterator<Item = &[u8]> {
+        self.lens[..n]
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| &self.buf[i * SLOT..i * SLOT + len])
+    }
+}
+
+/// Which socket a packet came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The raw GRE socket: the whole packet with its outer header.
+    Gre,
+    /// The raw ICMP socket: an IPv4 packet carrying ICMP.
+    Icmp,
 }

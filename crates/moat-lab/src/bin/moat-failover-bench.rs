@@ -15,7 +15,8 @@
 //! (`cargo build --release -p moat`). Traffic stays inside the namespaces
 //! created here; everything is removed at the end.
 //!
-//! Usage: moat-failover-bench [--quick]   (--quick: 2 trials at the high rate, 1,000 tunnels)
+//! Usage: moat-failover-bench [--quick] [--load-only]
+//!   --quick: 2 trials at the high rate, 1,000 tunnels; --load-only: only the probe load
 
 use std::{
     fmt::Write as _,
@@ -123,18 +124,30 @@ fn trial(edge: &Edge, bin: &Path, endpoint: &GreTunEndpoint, rate: &str) -> Resu
     result
 }
 
-fn cpu_ticks(pid: u32) -> u64 {
+/// (user, system) CPU ticks of a process.
+fn cpu_ticks(pid: u32) -> (u64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit(')').next().unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();
     // utime and stime are fields 14 and 15 of /proc/PID/stat (1-based),
     // 12 and 13 after the command name.
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+    let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    (field(11), field(12))
+}
+
+/// Kernel threads whose name starts with `prefix`.
+fn napi_threads(prefix: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with(prefix)))
+        .collect()
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let quick = std::env::args().any(|a| a == "--quick");
+    let load_only = std::env::args().any(|a| a == "--load-only");
     let bin = std::env::current_exe()?.with_file_name("moat");
     if !bin.exists() {
         return Err(format!(
@@ -150,6 +163,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("failover: from the cut of the primary tunnel to the first packet through the backup");
     let rates: &[(&str, u32)] = if quick {
         &[("high", 2)]
+    } else if load_only {
+        &[]
     } else {
         &[("high", 20), ("mid", 20), ("low", 20)]
     };
@@ -175,25 +190,60 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     endpoint.restore(Some(1));
 
+    // With veth, a receiver's kernel work runs in the sender's context
+    // unless the receiving device polls in its own thread: the site's
+    // receive work for the probes (the customer router's in real life)
+    // would be charged to the daemon, and the node's receive work for the
+    // answers to the responder. Both devices poll in threads, so the
+    // daemon's figure is its own work and the node's receive work is
+    // measured apart (its NAPI thread). veth hands a TSO-capable sender's
+    // packets to the site device's NAPI only with UDP GRO forwarding on;
+    // the node's device has NAPI once the data plane's program is attached.
+    let threaded = |ns: &moat_lab::netns::NetNs, dev: &str| {
+        ns.exec("sh", &["-c", &format!("echo 1 > /sys/class/net/{dev}/threaded")])
+    };
+    edge.sites[0]
+        .ns
+        .exec("ethtool", &["-K", "s0", "rx-udp-gro-forwarding", "on"])?;
+    threaded(&edge.sites[0].ns, "s0")?;
     let per = if quick { 10 } else { 100 };
     let tunnels = 100 * per;
     let mut d = Daemon::start(&bin, &edge.node, &load_config(per))?;
+    threaded(&edge.node, "n-site1")?;
     std::thread::sleep(Duration::from_secs(3));
     let pid = d.pid().ok_or("daemon not running")?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let probes_before = endpoint.counters.decapsulated.load(Ordering::Relaxed);
-    let (t0, c0) = (Instant::now(), cpu_ticks(pid));
+    let node_napi = napi_threads("napi/n-site1-");
+    let napi_ticks = || node_napi.iter().map(|&p| cpu_ticks(p).0 + cpu_ticks(p).1).sum::<u64>();
+    let (t0, (u0, s0), n0) = (Instant::now(), cpu_ticks(pid), napi_ticks());
     std::thread::sleep(Duration::from_secs(10));
-    let (secs, ticks) = (t0.elapsed().as_secs_f64(), cpu_ticks(pid) - c0);
+    let (u1, s1) = cpu_ticks(pid);
+    let node_receive = napi_ticks() - n0;
+    let (secs, user, system) = (t0.elapsed().as_secs_f64(), u1 - u0, s1 - s0);
+    let ticks = user + system;
     let probes = endpoint.counters.decapsulated.load(Ordering::Relaxed) - probes_before;
     let healthy = status_health(&d).iter().filter(|h| *h == "healthy").count();
     println!(
-        "probe load: {tunnels} tunnels at the mid rate: daemon CPU {:.1}% of one core over {secs:.0} s, \
-         {:.0} probes/s answered, {healthy} of {tunnels} tunnels healthy",
+        "probe load: {tunnels} tunnels at the mid rate: daemon CPU {:.1}% of one core over {secs:.0} s \
+         (user {:.1}%, system {:.1}%), {:.0} probes/s answered, {healthy} of {tunnels} tunnels healthy; \
+         the node's receive work (XDP and IP for every packet on the site link, answers included, \
+         {} NAPI thread(s)) {:.1}% more",
         ticks as f64 / hz / secs * 100.0,
-        probes as f64 / secs
+        user as f64 / hz / secs * 100.0,
+        system as f64 / hz / secs * 100.0,
+        probes as f64 / secs,
+        node_napi.len(),
+        node_receive as f64 / hz / secs * 100.0
     );
+    if std::env::var_os("MOAT_BENCH_LOG").is_some() {
+        let log = d.log();
+        for line in log.lines().filter(|l| !l.contains("tunnel health changed")).take(40) {
+            eprintln!("{line}");
+        }
+        eprintln!("{} health changes", log.matches("tunnel health changed").count());
+    }
     let _ = d.down();
     Ok(())
 }
