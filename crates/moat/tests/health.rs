@@ -343,3 +343,107 @@ fn weighted_split_and_a_failed_tunnel_moves_only_its_flows() {
     assert!(stayed as f64 >= 0.99 * was2 as f64, "{stayed} of {was2}");
     assert!(moved as f64 >= 0.99 * on1 as f64, "{moved} of {on1}");
 }
+
+fn styles_config() -> String {
+    let mut s = Edge::node_yaml("edge-styles");
+    s.push_str(
+        "customers:
+  - name: acme
+    prefixes: [203.0.113.0/25]
+    tunnels:
+      - name: request-uni
+        remote: 192.0.2.10
+        key: 11
+        mtu: 1472
+        health_check: { type: request, rate: high }
+      - name: reply-bi
+        remote: 192.0.2.10
+        key: 12
+        mtu: 1472
+        interface_address: 169.254.10.0/31
+        health_check: { direction: bidirectional, rate: high }
+    routes:
+      - { prefix: 203.0.113.0/25, tunnel: request-uni }
+  - name: globex
+    prefixes: [203.0.113.128/25]
+    tunnels:
+      - name: request-bi
+        remote: 192.0.2.26
+        key: 13
+        mtu: 1472
+        interface_address: 169.254.10.2/31
+        health_check: { type: request, direction: bidirectional, rate: high }
+    routes:
+      - { prefix: 203.0.113.128/25, tunnel: request-bi }
+",
+    );
+    s
+}
+
+/// Request-style probes (the site's kernel answers an echo request) and
+/// bidirectional ones (the answer comes back inside the tunnel, to our
+/// interface address): each keeps its tunnel healthy, and each tunnel
+/// goes down when its GRE is cut, alone, and recovers when restored.
+#[test]
+fn request_style_and_bidirectional_probes() {
+    let edge = Edge::new("styles").expect("topology");
+    // Site 1 answers bidirectional probes through key 12, site 2 through 13;
+    // request-style unidirectional answers go back over the internet.
+    let site1 = edge
+        .start_site_multi(0, &[Some(11), Some(12)], Some(12))
+        .expect("site 1 endpoint");
+    let site2 = edge
+        .start_site_multi(1, &[Some(13)], Some(13))
+        .expect("site 2 endpoint");
+    let d = Daemon::start(Path::new(BIN), &edge.node, &styles_config()).expect("moat run");
+    let names = ["request-uni", "reply-bi", "request-bi"];
+    let healthy_with = |n: u64| {
+        names.iter().all(|name| {
+            let t = tunnel(&d, name);
+            t["health"] == "healthy" && t["probes"]["succeeded"].as_u64().unwrap_or(0) >= n
+        })
+    };
+    wait_for(&d, "every tunnel probed healthy", Duration::from_secs(10), || {
+        healthy_with(10)
+    });
+    for name in names {
+        let t = tunnel(&d, name);
+        assert_eq!(t["probes"]["failed"], 0, "{name}: {t}");
+        let rtt = t["probes"]["rtt_ms"].as_f64().expect("rtt");
+        assert!(rtt > 0.0 && rtt < 250.0, "{name}: rtt {rtt} ms");
+    }
+    // Bidirectional answers came back encapsulated by the sites.
+    let (e1, e2) = (
+        site1.counters.encapsulated.load(Ordering::Relaxed),
+        site2.counters.encapsulated.load(Ordering::Relaxed),
+    );
+    assert!(e1 >= 10 && e2 >= 10, "answers sent back into the tunnels: {e1}, {e2}");
+    let replies = http::scrape_metrics(&edge.node).expect("metrics");
+    let matched = http::metric(&replies, "moat_probe_replies_total{kind=\"matched\"}").expect("matched");
+    let refused: u64 = ["malformed", "unknown", "wrong_tunnel", "stale", "duplicate"]
+        .iter()
+        .filter_map(|k| http::metric(&replies, &format!("moat_probe_replies_total{{kind=\"{k}\"}}")))
+        .sum();
+    assert!(matched >= 30, "matched answers: {matched}");
+    assert_eq!(refused, 0, "answers refused:\n{replies}");
+
+    // Each cut takes down its tunnel only; restoring brings it back.
+    for (name, key, site) in [
+        ("request-uni", 11, &site1),
+        ("reply-bi", 12, &site1),
+        ("request-bi", 13, &site2),
+    ] {
+        site.cut(Some(key));
+        wait_for(&d, &format!("{name} down"), Duration::from_secs(3), || {
+            tunnel(&d, name)["health"] == "down"
+        });
+        for other in names.iter().filter(|n| **n != name) {
+            assert_eq!(tunnel(&d, other)["health"], "healthy", "{other} while {name} is cut");
+        }
+        site.restore(Some(key));
+        // Down -> degraded after 3 answers, -> healthy after 30 more (100 ms apart).
+        wait_for(&d, &format!("{name} healthy again"), Duration::from_secs(10), || {
+            tunnel(&d, name)["health"] == "healthy"
+        });
+    }
+}
