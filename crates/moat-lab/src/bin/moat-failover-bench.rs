@@ -1,7 +1,8 @@
 //! Failover benchmark: `moat run` on the edge topology (moat_lab::edge)
 //! with a customer site behind a primary (priority 100) and a backup
 //! (priority 200) tunnel, both probed at one rate. Each trial starts a
-//! fresh daemon (every tunnel healthy), sends a stream of 1,000 packets/s
+//! fresh daemon, waits until both tunnels have answered a probe, waits a
+//! random part of the probe interval, sends a stream of 1,000 packets/s
 //! to the site, cuts the primary at the site (its GRE, probes included,
 //! is dropped) and measures the time from the cut to the first stream
 //! packet the site receives through the backup. Prints median and max per
@@ -30,6 +31,7 @@ use std::{
 };
 
 use moat_lab::{daemon::Daemon, edge::Edge, site::GreTunEndpoint};
+use rand::Rng;
 
 fn failover_config(rate: &str) -> String {
     let mut s = Edge::node_yaml("edge-failover");
@@ -80,17 +82,40 @@ fn status_health(d: &Daemon) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The fewest answered probes of any tunnel.
+fn min_succeeded(d: &Daemon) -> u64 {
+    d.status()
+        .ok()
+        .and_then(|s| {
+            s["tunnels"]
+                .as_array()?
+                .iter()
+                .map(|t| t["probes"]["succeeded"].as_u64().unwrap_or(0))
+                .min()
+        })
+        .unwrap_or(0)
+}
+
 /// One trial: the time from the cut to the first stream packet through the backup.
 fn trial(edge: &Edge, bin: &Path, endpoint: &GreTunEndpoint, rate: &str) -> Result<Duration, String> {
     endpoint.restore(Some(1));
     let mut d = Daemon::start(bin, &edge.node, &failover_config(rate)).map_err(|e| e.to_string())?;
+    // Steady state: both tunnels answered at least once and are healthy;
+    // then the cut comes at a random point of the probe interval (the
+    // stream starts 200 ms before it).
     let started = Instant::now();
-    while !status_health(&d).iter().all(|h| h == "healthy") || started.elapsed() < Duration::from_millis(300) {
+    while !status_health(&d).iter().all(|h| h == "healthy") || min_succeeded(&d) < 1 {
         if started.elapsed() > Duration::from_secs(30) {
             return Err("tunnels not healthy".into());
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    let interval = match rate {
+        "high" => 100,
+        "mid" => 1_000,
+        _ => 10_000,
+    };
+    std::thread::sleep(Duration::from_millis(rand::thread_rng().gen_range(0..interval)));
     let sender = {
         let _in = edge.inet.enter().map_err(|e| e.to_string())?;
         UdpSocket::bind("198.51.100.100:40000").map_err(|e| e.to_string())?
