@@ -13,12 +13,12 @@
 //!    rejected before anything is applied.
 //!
 //! Conventions chosen where the contract is silent:
-//! - **Expressions** (mitigation and firewall rules) are not parsed yet; the
-//!   expression language comes with scrubbing. Until then they are accepted
-//!   and a single warning per file says how many rules are not enforced,
-//!   positioned at the first rule. Two cheap checks are made already: an
-//!   expression must not be empty, and every `$name` in it must name a
-//!   defined list (`unknown list $x in ...`).
+//! - **Expressions** (mitigation and firewall rules) are parsed and checked
+//!   by [`expr`]: syntax, fields, operators and values for each field's
+//!   type, and every `$list` defined; an error points at the column inside
+//!   the expression. The data plane does not enforce them yet (that comes
+//!   with scrubbing): a single warning per file says how many rules are
+//!   checked but not enforced, positioned at the first rule.
 //! - **`interface_address`** is an IPv4 /31 or /30 written as its network
 //!   (host bits clear). Ours is the first address and the customer's the
 //!   other: in a /31 the lower and the upper address; in a /30 the first
@@ -33,6 +33,7 @@
 //! - The summary line always uses plural nouns (`1 customers`) so that
 //!   scripts can match it with one pattern.
 
+pub mod expr;
 mod model;
 mod raw;
 mod spec;

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use ipnet::{IpNet, Ipv4Net};
 
+use crate::expr::Expr;
+
 /// A validated configuration (config file version 1).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -156,8 +158,10 @@ pub struct Route {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MitigationRule {
     pub name: String,
-    /// Kept as written: the expression language is not compiled yet.
+    /// As written.
     pub expression: String,
+    /// As parsed and checked.
+    pub condition: Expr,
     pub action: MitigationAction,
 }
 
@@ -180,8 +184,10 @@ pub enum Per {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FirewallRule {
     pub name: String,
-    /// Kept as written: the expression language is not compiled yet.
+    /// As written.
     pub expression: String,
+    /// As parsed and checked.
+    pub condition: Expr,
     pub action: FirewallAction,
 }
 

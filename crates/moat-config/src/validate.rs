@@ -11,6 +11,7 @@ use moat_common::limits::{
 };
 use serde_saphyr::{Location, Spanned};
 
+use crate::expr::{self, Expr};
 use crate::model::*;
 use crate::raw::*;
 use crate::{Diagnostic, Loaded, Pos, Severity};
@@ -147,8 +148,8 @@ fn rules_warning(raw: &RawConfig, config: &Config) -> Option<(Pos, String)> {
     Some((
         first.unwrap_or(Pos { line: 1, col: 1 }),
         format!(
-            "{mitigation} mitigation rules and {firewall} firewall rules are accepted but not yet enforced \
-             (expression checking and enforcement come with scrubbing)"
+            "{mitigation} mitigation rules and {firewall} firewall rules are checked but not yet enforced \
+             by the data plane (enforcement comes with scrubbing)"
         ),
     ))
 }
@@ -436,35 +437,30 @@ impl Ctx<'_> {
         lists
     }
 
-    /// Checks that every `$name` in an expression names a defined list;
-    /// the error points at the `$` when the expression is written on one
-    /// line without escapes, else at the expression.
-    fn expression(&mut self, e: &S<String>, lists: &BTreeMap<String, Vec<IpNet>>, rule: &dyn Fn() -> String) {
+    /// Parses and checks a rule's expression (see [`crate::expr`]). An
+    /// error points at the column inside the expression when it is written
+    /// on one line without escapes, else at the expression.
+    fn expression(
+        &mut self,
+        e: &S<String>,
+        lists: &BTreeMap<String, Vec<IpNet>>,
+        rule: &dyn Fn() -> String,
+    ) -> Option<Expr> {
         if e.value.trim().is_empty() {
             self.err(&e.referenced, format!("{}: expression is empty", rule()));
-            return;
+            return None;
         }
-        let chars: Vec<char> = e.value.chars().collect();
-        let mut i = 0;
-        while i < chars.len() {
-            if chars[i] != '$' {
-                i += 1;
-                continue;
+        match expr::parse(&e.value, &|name| lists.contains_key(name)) {
+            Ok(x) => Some(x),
+            Err(problem) => {
+                let mut at = pos(&e.referenced);
+                if let Some(offset) = self.offset_in_source(e) {
+                    let chars = e.value.get(..problem.offset).map_or(0, |s| s.chars().count());
+                    at.col += offset + chars;
+                }
+                self.errors.push((at, format!("{}: {}", rule(), problem.message)));
+                None
             }
-            let start = i;
-            i += 1;
-            while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '_') {
-                i += 1;
-            }
-            let name: String = chars[start + 1..i].iter().collect();
-            if name.is_empty() || lists.contains_key(&name) {
-                continue;
-            }
-            let mut at = pos(&e.referenced);
-            if let Some(offset) = self.offset_in_source(e) {
-                at.col += offset + start;
-            }
-            self.errors.push((at, format!("unknown list ${} in {}", name, rule())));
         }
     }
 
@@ -496,7 +492,7 @@ impl Ctx<'_> {
             let name = &r.name.value;
             self.rule_name(&r.name, &mut seen, &|| "mitigation rule".to_string());
             let ctx = || format!("mitigation rule '{name}'");
-            self.expression(&r.expression, lists, &ctx);
+            let condition = self.expression(&r.expression, lists, &ctx);
             let action = self.choice(
                 &r.action,
                 &[("drop", Act::Drop), ("pass", Act::Pass), ("rate_limit", Act::RateLimit)],
@@ -547,6 +543,8 @@ impl Ctx<'_> {
             out.push(MitigationRule {
                 name: name.clone(),
                 expression: r.expression.value.clone(),
+                // As for firewall rules: never used when in error.
+                condition: condition.unwrap_or(Expr::And(Vec::new())),
                 action: action.unwrap_or(MitigationAction::Pass),
             });
         }
@@ -731,7 +729,7 @@ impl Ctx<'_> {
                     format!("customer '{cname}': firewall rule")
                 });
                 let rule = || format!("firewall rule '{}' of customer '{cname}'", r.name.value);
-                self.expression(&r.expression, lists, &rule);
+                let condition = self.expression(&r.expression, lists, &rule);
                 let action = self.choice(
                     &r.action,
                     &[("allow", FirewallAction::Allow), ("block", FirewallAction::Block)],
@@ -740,6 +738,9 @@ impl Ctx<'_> {
                 firewall.push(FirewallRule {
                     name: r.name.value.clone(),
                     expression: r.expression.value.clone(),
+                    // An expression in error has been reported: this
+                    // configuration is refused and the value never used.
+                    condition: condition.unwrap_or(Expr::And(Vec::new())),
                     action: action.unwrap_or(FirewallAction::Allow),
                 });
             }
