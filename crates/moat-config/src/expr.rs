@@ -611,3 +611,153 @@ impl fmt::Display for Expr {
         }
     }
 }
+
+// ---- reference evaluation -------------------------------------------------
+
+/// The fields of one packet as the expression language sees them: the
+/// reference the data plane's classifier is tested against. A transport
+/// header is present only when the packet carries it whole (a fragment
+/// after the first carries none).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Packet {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// IPv4 protocol or IPv6 next header.
+    pub proto: u8,
+    /// IPv4 TTL or IPv6 hop limit.
+    pub ttl: u8,
+    /// IPv4 total length or IPv6 payload length + 40.
+    pub len: u16,
+    /// Any fragment (first or later).
+    pub frag: bool,
+    pub transport: Transport,
+}
+
+/// The transport header the expression language reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    None,
+    Tcp { src: u16, dst: u16, flags: u8 },
+    Udp { src: u16, dst: u16 },
+    Icmp { kind: u8, code: u8 },
+}
+
+/// TCP flag bits as in the header's flags byte.
+pub mod tcp_flag {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const PSH: u8 = 0x08;
+    pub const ACK: u8 = 0x10;
+    pub const URG: u8 = 0x20;
+}
+
+impl Packet {
+    /// The field's value, `None` when the packet lacks it. Flags are 0 or 1.
+    pub fn get(&self, field: Field) -> Option<FieldValue> {
+        use Transport::{Icmp, Tcp, Udp};
+        let int = |v: u64| Some(FieldValue::Int(v));
+        let flag = |bit: u8| match self.transport {
+            Tcp { flags, .. } => int(u64::from(flags & bit != 0)),
+            _ => None,
+        };
+        match field {
+            Field::IpSrc => Some(FieldValue::Addr(self.src)),
+            Field::IpDst => Some(FieldValue::Addr(self.dst)),
+            Field::IpProto => int(self.proto.into()),
+            Field::IpTtl => int(self.ttl.into()),
+            Field::IpLen => int(self.len.into()),
+            Field::IpFrag => int(self.frag.into()),
+            Field::IpVersion => int(if self.src.is_ipv4() { 4 } else { 6 }),
+            Field::TcpSrcPort => match self.transport {
+                Tcp { src, .. } => int(src.into()),
+                _ => None,
+            },
+            Field::TcpDstPort => match self.transport {
+                Tcp { dst, .. } => int(dst.into()),
+                _ => None,
+            },
+            Field::TcpFlags => match self.transport {
+                Tcp { flags, .. } => int(flags.into()),
+                _ => None,
+            },
+            Field::TcpFlagSyn => flag(tcp_flag::SYN),
+            Field::TcpFlagAck => flag(tcp_flag::ACK),
+            Field::TcpFlagRst => flag(tcp_flag::RST),
+            Field::TcpFlagFin => flag(tcp_flag::FIN),
+            Field::TcpFlagPsh => flag(tcp_flag::PSH),
+            Field::TcpFlagUrg => flag(tcp_flag::URG),
+            Field::UdpSrcPort => match self.transport {
+                Udp { src, .. } => int(src.into()),
+                _ => None,
+            },
+            Field::UdpDstPort => match self.transport {
+                Udp { dst, .. } => int(dst.into()),
+                _ => None,
+            },
+            Field::IcmpType => match self.transport {
+                Icmp { kind, .. } => int(kind.into()),
+                _ => None,
+            },
+            Field::IcmpCode => match self.transport {
+                Icmp { code, .. } => int(code.into()),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// A field's value in one packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FieldValue {
+    Int(u64),
+    Addr(IpAddr),
+}
+
+fn contains(net: &IpNet, v: FieldValue) -> bool {
+    matches!(v, FieldValue::Addr(a) if net.contains(&a))
+}
+
+impl Expr {
+    /// Whether `packet` matches, by the language's definition: a condition
+    /// on a field the packet lacks is false. `list(name)` gives the
+    /// prefixes of a list (the parser accepted only defined ones).
+    pub fn matches(&self, packet: &Packet, list: &dyn Fn(&str) -> Vec<IpNet>) -> bool {
+        match self {
+            Expr::Or(v) => v.iter().any(|e| e.matches(packet, list)),
+            Expr::And(v) => v.iter().all(|e| e.matches(packet, list)),
+            Expr::Not(e) => !e.matches(packet, list),
+            Expr::Flag(f) => packet.get(*f) == Some(FieldValue::Int(1)),
+            Expr::Compare(f, op, value) => {
+                let Some(v) = packet.get(*f) else {
+                    return false;
+                };
+                match (value, v) {
+                    (Value::Int(want), FieldValue::Int(have)) => match op {
+                        Op::Eq => have == *want,
+                        Op::Ne => have != *want,
+                        Op::Lt => have < *want,
+                        Op::Le => have <= *want,
+                        Op::Gt => have > *want,
+                        Op::Ge => have >= *want,
+                    },
+                    (Value::Net(net), v) => match op {
+                        Op::Ne => !contains(net, v),
+                        _ => contains(net, v),
+                    },
+                    (Value::Int(_), FieldValue::Addr(_)) => false,
+                }
+            }
+            Expr::In(f, members) => packet.get(*f).is_some_and(|v| {
+                members.iter().any(|m| match (m, v) {
+                    (Member::Ints(r), FieldValue::Int(x)) => r.contains(&x),
+                    (Member::Net(n), v) => contains(n, v),
+                    _ => false,
+                })
+            }),
+            Expr::InList(f, name) => packet
+                .get(*f)
+                .is_some_and(|v| list(name).iter().any(|n| contains(n, v))),
+        }
+    }
+}

@@ -238,3 +238,98 @@ fn printing_then_parsing_gives_the_expression_back() {
         assert_eq!(back, e, "{text}");
     }
 }
+
+mod evaluation {
+    use super::*;
+    use moat_config::expr::{tcp_flag, Packet, Transport};
+
+    fn tcp(src: &str, dport: u16, flags: u8) -> Packet {
+        Packet {
+            src: src.parse().unwrap(),
+            dst: "203.0.113.5".parse().unwrap(),
+            proto: 6,
+            ttl: 64,
+            len: 60,
+            frag: false,
+            transport: Transport::Tcp {
+                src: 40000,
+                dst: dport,
+                flags,
+            },
+        }
+    }
+
+    fn udp(sport: u16, dport: u16) -> Packet {
+        Packet {
+            proto: 17,
+            transport: Transport::Udp { src: sport, dst: dport },
+            ..tcp("198.51.100.7", 0, 0)
+        }
+    }
+
+    fn list(name: &str) -> Vec<ipnet::IpNet> {
+        match name {
+            "admins" => vec!["192.0.2.0/28".parse().unwrap(), "2001:db8::/64".parse().unwrap()],
+            _ => vec![],
+        }
+    }
+
+    fn check(text: &str, p: &Packet) -> bool {
+        parse(text, &lists)
+            .unwrap_or_else(|e| panic!("{text}: {e}"))
+            .matches(p, &list)
+    }
+
+    #[test]
+    fn conditions_on_present_and_missing_fields() {
+        let rdp = tcp("198.51.100.7", 3389, tcp_flag::SYN);
+        let admin_rdp = tcp("192.0.2.3", 3389, tcp_flag::SYN);
+        let dns = udp(53, 33000);
+        let rule = "tcp.dstport == 3389 and not ip.src in $admins";
+        assert!(check(rule, &rdp));
+        assert!(!check(rule, &admin_rdp));
+        assert!(!check(rule, &dns));
+        // A field the packet lacks makes its condition false, `!=` included;
+        // `not` of such a condition is true.
+        assert!(!check("tcp.dstport != 22", &dns));
+        assert!(check("not tcp.dstport == 22", &dns));
+        assert!(!check("tcp.flags.syn", &dns));
+        assert!(check("not tcp.flags.syn", &dns));
+        assert!(check("tcp.flags.syn and not tcp.flags.ack", &rdp));
+        assert!(check("tcp.flags == 0x02", &rdp));
+        assert!(check("udp.srcport in {19 53 123}", &dns));
+        assert!(!check("udp.srcport in {19 123 1000..2000}", &dns));
+        assert!(check("udp.dstport in {1000..40000}", &dns));
+        assert!(check("ip.dst == 203.0.113.0/24 and ip.proto == 17", &dns));
+        assert!(check("ip.src != 10.0.0.0/8", &dns));
+        assert!(!check("ip.src == 2001:db8::/32", &dns));
+        assert!(check(
+            "ip.version == 4 and ip.ttl >= 64 and ip.ttl <= 64 and ip.len < 61",
+            &dns
+        ));
+        assert!(!check("ip.frag", &dns));
+        let v6 = Packet {
+            src: "2001:db8::5".parse().unwrap(),
+            dst: "2001:db8:1::1".parse().unwrap(),
+            ..tcp("198.51.100.7", 22, tcp_flag::ACK)
+        };
+        assert!(check("ip.src in $admins and ip.version == 6", &v6));
+        assert!(check("ip.src != 10.0.0.0/8", &v6));
+        // A later fragment carries no transport header.
+        let later = Packet {
+            frag: true,
+            transport: Transport::None,
+            ..udp(53, 53)
+        };
+        assert!(check("ip.frag and not udp.srcport == 53", &later));
+        let ping = Packet {
+            proto: 1,
+            transport: Transport::Icmp { kind: 8, code: 0 },
+            ..udp(0, 0)
+        };
+        assert!(check(
+            "icmp.type == 8 and icmp.code == 0 and not udp.srcport == 0",
+            &ping
+        ));
+    }
+}
