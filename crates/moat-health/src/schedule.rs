@@ -15,12 +15,14 @@
 //! burst). Extra probes ([`Schedule::probe_now`]) come before scheduled ones
 //! and do not move the grid.
 //!
-//! A binary heap keyed by due time holds one live entry per tunnel; entries
-//! made obsolete by removal or an interval change stay until they surface,
-//! and the heap is rebuilt when they outnumber the live ones.
+//! A timing wheel of 1 ms slots spanning 16.4 s holds one live entry per
+//! tunnel: scheduling and taking a due probe cost the same however many
+//! tunnels there are (a heap costs a logarithm of cache misses each).
+//! Entries made obsolete by removal or an interval change stay until their
+//! slot comes round, and the wheel is rebuilt when they outnumber the live
+//! ones.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
@@ -54,7 +56,7 @@ struct Entry {
 pub struct Schedule {
     epoch: Instant,
     tunnels: FxHashMap<TunnelId, Entry>,
-    heap: BinaryHeap<Reverse<(u64, u64, TunnelId)>>,
+    wheel: Wheel,
     extra: VecDeque<TunnelId>,
     next_generation: u64,
 }
@@ -65,7 +67,7 @@ impl Schedule {
         Schedule {
             epoch,
             tunnels: FxHashMap::default(),
-            heap: BinaryHeap::new(),
+            wheel: Wheel::new(),
             extra: VecDeque::new(),
             next_generation: 0,
         }
@@ -105,7 +107,7 @@ impl Schedule {
                 generation,
             },
         );
-        self.heap.push(Reverse((due, generation, id)));
+        self.wheel.push(due, generation, id);
         self.compact();
     }
 
@@ -126,7 +128,7 @@ impl Schedule {
         let spread = e.interval.min(START_SPREAD.as_nanos() as u64);
         let first = now + phase_of(id, spread);
         e.due = first;
-        self.heap.push(Reverse((first, e.generation, id)));
+        self.wheel.push(first, e.generation, id);
     }
 
     /// Changes a tunnel's interval; its next probe moves to its next grid
@@ -162,11 +164,7 @@ impl Schedule {
     pub fn due(&mut self, now: Instant) -> Vec<(TunnelId, Trigger)> {
         let mut out: Vec<_> = self.extra.drain(..).map(|id| (id, Trigger::Extra)).collect();
         let now = self.nanos(now);
-        while let Some(&Reverse((due, generation, id))) = self.heap.peek() {
-            if due > now {
-                break;
-            }
-            self.heap.pop();
+        for (due, generation, id) in self.wheel.take_due(now) {
             let Some(e) = self.tunnels.get_mut(&id).filter(|e| e.generation == generation) else {
                 continue;
             };
@@ -179,28 +177,22 @@ impl Schedule {
             // `now`: `due + interval` when on the grid and on time.
             let next = next_grid_point(e.phase, e.interval, (due + e.interval / 2).max(now + 1));
             e.due = next;
-            self.heap.push(Reverse((next, generation, id)));
+            self.wheel.push(next, generation, id);
         }
         out
     }
 
     /// When the next probe is due (in the past when extra probes wait), for
-    /// the daemon's sleep.
-    pub fn next_due(&mut self) -> Option<Instant> {
+    /// a caller's sleep. Walks every entry: not for a per-tick loop.
+    pub fn next_due(&self) -> Option<Instant> {
         if !self.extra.is_empty() {
             return Some(self.epoch);
         }
-        while let Some(&Reverse((due, generation, id))) = self.heap.peek() {
-            if self
-                .tunnels
-                .get(&id)
-                .is_some_and(|e| e.generation == generation && e.due == due)
-            {
-                return Some(self.epoch + Duration::from_nanos(due));
-            }
-            self.heap.pop();
-        }
-        None
+        self.tunnels
+            .values()
+            .map(|e| e.due)
+            .min()
+            .map(|due| self.epoch + Duration::from_nanos(due))
     }
 
     fn nanos(&self, t: Instant) -> u64 {
@@ -209,15 +201,76 @@ impl Schedule {
             .min(u128::from(u64::MAX)) as u64
     }
 
-    /// Rebuilds the heap from the live entries when obsolete ones dominate.
+    /// Rebuilds the wheel from the live entries when obsolete ones dominate.
     fn compact(&mut self) {
-        if self.heap.len() > 2 * self.tunnels.len() + 1024 {
-            self.heap = self
-                .tunnels
-                .iter()
-                .map(|(&id, e)| Reverse((e.due, e.generation, id)))
-                .collect();
+        if self.wheel.len > 2 * self.tunnels.len() + 1024 {
+            self.wheel.clear();
+            for (&id, e) in &self.tunnels {
+                self.wheel.push(e.due, e.generation, id);
+            }
         }
+    }
+}
+
+/// Width of a wheel slot, nanoseconds.
+const SLOT_NS: u64 = 1_000_000;
+/// Slots in the wheel (a power of two): 16.4 s, more than the longest
+/// interval. Entries further out wait in their slot for a later turn.
+const SLOTS: u64 = 1 << 14;
+
+/// A timing wheel of (due, generation, tunnel) entries.
+#[derive(Debug)]
+struct Wheel {
+    slots: Vec<Vec<(u64, u64, TunnelId)>>,
+    /// Every entry due before this time has been taken.
+    done: u64,
+    len: usize,
+}
+
+impl Wheel {
+    fn new() -> Wheel {
+        Wheel {
+            slots: (0..SLOTS).map(|_| Vec::new()).collect(),
+            done: 0,
+            len: 0,
+        }
+    }
+
+    fn clear(&mut self) {
+        self.slots.iter_mut().for_each(Vec::clear);
+        self.len = 0;
+    }
+
+    fn push(&mut self, due: u64, generation: u64, id: TunnelId) {
+        // Overdue entries go where the next take looks first.
+        let at = due.max(self.done);
+        self.slots[((at / SLOT_NS) % SLOTS) as usize].push((due, generation, id));
+        self.len += 1;
+    }
+
+    /// The entries due at or before `now`, earliest first.
+    fn take_due(&mut self, now: u64) -> Vec<(u64, u64, TunnelId)> {
+        let mut out = Vec::new();
+        if now < self.done {
+            return out;
+        }
+        let (first, last) = (self.done / SLOT_NS, now / SLOT_NS);
+        for slot in first..=last.min(first + SLOTS - 1) {
+            let entries = &mut self.slots[(slot % SLOTS) as usize];
+            let before = out.len();
+            entries.retain(|&e| {
+                if e.0 <= now {
+                    out.push(e);
+                    false
+                } else {
+                    true
+                }
+            });
+            self.len -= out.len() - before;
+        }
+        self.done = now + 1;
+        out.sort_unstable();
+        out
     }
 }
 
@@ -428,7 +481,7 @@ mod tests {
     }
 
     #[test]
-    fn churn_keeps_the_heap_bounded() {
+    fn churn_keeps_the_wheel_bounded() {
         let t0 = Instant::now();
         let mut s = Schedule::new(t0);
         for round in 0..100u32 {
@@ -441,7 +494,7 @@ mod tests {
                 s.add(id, interval, t0);
             }
         }
-        assert!(s.heap.len() <= 2 * s.len() + 1024, "heap {}", s.heap.len());
+        assert!(s.wheel.len <= 2 * s.len() + 1024, "wheel {}", s.wheel.len);
         let probes = run(&mut s, t0, Duration::from_secs(10), Duration::from_millis(1));
         for id in 0..100 {
             let n = probes.iter().filter(|p| p.1 == id).count();

@@ -13,7 +13,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use moat_config::{Config, Direction, ProbeKind};
@@ -295,51 +295,26 @@ fn run(table: &Mutex<Table>, stop: &AtomicBool, io: &mut ProbeIo, changed: &Unbo
     let mut next_tick = Instant::now();
     let mut batches: BTreeMap<Ipv4Addr, Batch> = BTreeMap::new();
     while !stop.load(Ordering::Relaxed) {
-        let now = Instant::now();
-        let mut any_change = false;
-        if now >= next_tick {
-            let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
-            let t = &mut *t;
-            for &local in &t.locals {
-                if let Err(e) = io.add_local(local) {
-                    warn!(%local, "health probes: {e}");
-                }
-            }
-            for (id, trigger) in t.schedule.due(now) {
-                let Some(identity) = t.tunnels.get(&id).map(|x| x.identity) else {
-                    continue;
-                };
-                let Some(inner) = t.outstanding.issue(id, now, trigger) else {
-                    continue;
-                };
-                let batch = batches.entry(identity.0).or_default();
-                batch.0.push((identity.1, gre_encap(identity.2, &inner)));
-                batch.1.push(id);
-            }
-            for (&local, (packets, ids)) in batches.iter_mut() {
-                io.send_many(local, packets, |i, result| match result {
-                    Ok(()) => {
-                        if let Some(x) = t.tunnels.get_mut(&ids[i]) {
-                            x.health.on_probe_sent(now);
-                        }
-                    }
-                    Err(e) => warn!(remote = %packets[i].0, "sending a health probe: {e}"),
-                });
-                packets.clear();
-                ids.clear();
-            }
-            for lost in t.outstanding.expire(now) {
-                any_change |= t.result(lost.tunnel, now, lost.trigger, Outcome::Lost);
-            }
-            next_tick = now + TICK;
-        }
-        // Answers are matched as they are read; the table is locked only
-        // once some arrived, never during the wait.
+        // The thread wakes once per tick, whatever the traffic: answers wait
+        // in the socket buffers and are matched by their arrival time.
         let wait = next_tick.saturating_duration_since(Instant::now());
-        let mut locked: Option<(std::sync::MutexGuard<'_, Table>, Instant)> = None;
-        let received = io.receive(wait, |source, packet| {
-            let (t, now) =
-                locked.get_or_insert_with(|| (table.lock().unwrap_or_else(|p| p.into_inner()), Instant::now()));
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        next_tick = now + TICK;
+        let mut any_change = false;
+        let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
+        let t = &mut *t;
+
+        // Answers first, so that one that arrived in time is not taken for lost.
+        io.drain(|source, packet, arrived| {
+            // The arrival as an Instant (now, if the kernel gave no time).
+            let at = arrived
+                .and_then(|a| wall.duration_since(a).ok())
+                .and_then(|ago| now.checked_sub(ago))
+                .unwrap_or(now);
             let (inner, arrived_on) = match source {
                 Source::Gre => match open_gre(packet) {
                     Some((identity, inner)) => (inner, t.by_identity.get(&identity).copied()),
@@ -347,14 +322,41 @@ fn run(table: &Mutex<Table>, stop: &AtomicBool, io: &mut ProbeIo, changed: &Unbo
                 },
                 Source::Icmp => (packet, None),
             };
-            if let Classified::Match(m) = t.outstanding.classify(*now, inner, arrived_on) {
-                any_change |= t.result(m.tunnel, *now, m.trigger, Outcome::Success { rtt: m.rtt });
+            if let Classified::Match(m) = t.outstanding.classify(at, inner, arrived_on) {
+                any_change |= t.result(m.tunnel, at, m.trigger, Outcome::Success { rtt: m.rtt });
             }
         });
-        drop(locked);
-        if let Err(e) = received {
-            warn!("receiving health probe answers: {e}");
-            std::thread::sleep(TICK);
+        for lost in t.outstanding.expire(now) {
+            any_change |= t.result(lost.tunnel, now, lost.trigger, Outcome::Lost);
+        }
+
+        for &local in &t.locals {
+            if let Err(e) = io.add_local(local) {
+                warn!(%local, "health probes: {e}");
+            }
+        }
+        for (id, trigger) in t.schedule.due(now) {
+            let Some(identity) = t.tunnels.get(&id).map(|x| x.identity) else {
+                continue;
+            };
+            let Some(inner) = t.outstanding.issue(id, now, trigger) else {
+                continue;
+            };
+            let batch = batches.entry(identity.0).or_default();
+            batch.0.push((identity.1, gre_encap(identity.2, &inner)));
+            batch.1.push(id);
+        }
+        for (&local, (packets, ids)) in batches.iter_mut() {
+            io.send_many(local, packets, |i, result| match result {
+                Ok(()) => {
+                    if let Some(x) = t.tunnels.get_mut(&ids[i]) {
+                        x.health.on_probe_sent(now);
+                    }
+                }
+                Err(e) => warn!(remote = %packets[i].0, "sending a health probe: {e}"),
+            });
+            packets.clear();
+            ids.clear();
         }
         if any_change {
             let _ = changed.send(());

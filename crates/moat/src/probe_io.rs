@@ -10,7 +10,7 @@ use std::{
     io,
     net::Ipv4Addr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 fn raw_socket(protocol: libc::c_int) -> io::Result<OwnedFd> {
@@ -27,26 +27,33 @@ fn raw_socket(protocol: libc::c_int) -> io::Result<OwnedFd> {
     }
     // SAFETY: the kernel returned a new descriptor we now own.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Every packet carries the time it arrived: answers are read at the next
+    // tick, their round trip measured to their arrival.
+    set_int(&fd, libc::SO_TIMESTAMPNS, 1)?;
     // Room for a tick's answers from thousands of tunnels: an answer that
     // came through an XDP program may take a whole page of buffer. As root
     // the limit is ours to set; otherwise the system's maximum applies.
-    let bytes: libc::c_int = RECEIVE_BUFFER;
-    for option in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
-        // SAFETY: setsockopt(2) with a c_int option of the stated size.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                option,
-                (&bytes as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc == 0 {
-            break;
-        }
+    if set_int(&fd, libc::SO_RCVBUFFORCE, RECEIVE_BUFFER).is_err() {
+        let _ = set_int(&fd, libc::SO_RCVBUF, RECEIVE_BUFFER);
     }
     Ok(fd)
+}
+
+fn set_int(fd: &OwnedFd, option: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: setsockopt(2) with a c_int option of the stated size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Receive buffer asked for each probe socket.
@@ -129,56 +136,31 @@ impl ProbeIo {
         send_all(fd.as_raw_fd(), &mut addrs, &bufs, sent);
     }
 
-    fn fds(&self) -> Vec<RawFd> {
-        self.gre
+    /// Hands every packet queued on the probe sockets to `each`, without
+    /// waiting: the whole IPv4 packet (outer header included), which socket
+    /// it came from, and when it arrived (the kernel's receive time, `None`
+    /// if the kernel gave none). Packets are read in batches (recvmmsg);
+    /// longer ones than a probe answer can be are cut short, which their
+    /// parsing rejects.
+    pub fn drain(&mut self, mut each: impl FnMut(Source, &[u8], Option<SystemTime>)) {
+        let sockets: Vec<(RawFd, Source)> = self
+            .gre
             .values()
-            .map(AsRawFd::as_raw_fd)
-            .chain([self.icmp.as_raw_fd()])
-            .collect()
-    }
-
-    /// Waits up to `timeout` for packets and hands every whole IPv4 packet
-    /// received (outer header included) to `each`, tagged GRE or plain
-    /// ICMP. Packets are read in batches (recvmmsg); longer ones than a
-    /// probe answer can be are cut short, which their parsing rejects.
-    pub fn receive(&mut self, timeout: Duration, mut each: impl FnMut(Source, &[u8])) -> io::Result<()> {
-        let fds = self.fds();
-        let mut polls: Vec<libc::pollfd> = fds
-            .iter()
-            .map(|&fd| libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            })
+            .map(|fd| (fd.as_raw_fd(), Source::Gre))
+            .chain([(self.icmp.as_raw_fd(), Source::Icmp)])
             .collect();
-        // Rounded up: a wait shorter than a millisecond must not become a
-        // busy poll.
-        let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
-        // SAFETY: poll(2) over our own vector of pollfds.
-        let n = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, ms) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::Interrupted {
-                Ok(())
-            } else {
-                Err(e)
-            };
-        }
-        let icmp = self.icmp.as_raw_fd();
-        for p in polls.iter().filter(|p| p.revents & libc::POLLIN != 0) {
-            let source = if p.fd == icmp { Source::Icmp } else { Source::Gre };
-            // Drain what is queued (bounded per wakeup).
-            for _ in 0..16 {
-                let got = self.batch.receive(p.fd);
-                for packet in self.batch.packets(got) {
-                    each(source, packet);
+        for (fd, source) in sockets {
+            // Bounded per call: a flood cannot hold the thread.
+            for _ in 0..64 {
+                let got = self.batch.receive(fd);
+                for (packet, at) in self.batch.packets(got) {
+                    each(source, packet, at);
                 }
                 if got < BATCH {
                     break;
                 }
             }
         }
-        Ok(())
     }
 }
 
@@ -229,17 +211,25 @@ const BATCH: usize = 64;
 /// Room per packet: a probe answer, tunnelled, is about 100 bytes.
 const SLOT: usize = 2048;
 
+/// Room per packet for control messages (a receive timestamp).
+const CONTROL: usize = 64;
+
 /// Buffers for reading up to [`BATCH`] packets with one system call.
 struct Batch {
     buf: Vec<u8>,
+    control: Vec<u64>,
     lens: [usize; BATCH],
+    times: [Option<SystemTime>; BATCH],
 }
 
 impl Batch {
     fn new() -> Batch {
         Batch {
             buf: vec![0u8; BATCH * SLOT],
+            // u64 words: control messages must be aligned.
+            control: vec![0u64; BATCH * CONTROL / 8],
             lens: [0; BATCH],
+            times: [None; BATCH],
         }
     }
 
@@ -247,6 +237,7 @@ impl Batch {
     /// waiting; returns how many.
     fn receive(&mut self, fd: RawFd) -> usize {
         let base = self.buf.as_mut_ptr();
+        let control = self.control.as_mut_ptr().cast::<u8>();
         let mut iovs: Vec<libc::iovec> = (0..BATCH)
             .map(|i| libc::iovec {
                 // SAFETY: slot i lies inside `buf` (BATCH * SLOT bytes).
@@ -256,9 +247,12 @@ impl Batch {
             .collect();
         // SAFETY: an all-zero mmsghdr is valid (null pointers, zero lengths).
         let mut msgs: Vec<libc::mmsghdr> = (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
-        for (m, iov) in msgs.iter_mut().zip(iovs.iter_mut()) {
+        for (i, (m, iov)) in msgs.iter_mut().zip(iovs.iter_mut()).enumerate() {
             m.msg_hdr.msg_iov = iov;
             m.msg_hdr.msg_iovlen = 1;
+            // SAFETY: control slot i lies inside `control` (BATCH * CONTROL bytes).
+            m.msg_hdr.msg_control = unsafe { control.add(i * CONTROL) }.cast();
+            m.msg_hdr.msg_controllen = CONTROL;
         }
         // SAFETY: recvmmsg(2) into our own buffers through our own headers.
         let n = unsafe {
@@ -274,19 +268,35 @@ impl Batch {
             return 0;
         }
         let n = n as usize;
-        for (len, m) in self.lens.iter_mut().zip(&msgs[..n]) {
-            *len = (m.msg_len as usize).min(SLOT);
+        for (i, m) in msgs[..n].iter().enumerate() {
+            self.lens[i] = (m.msg_len as usize).min(SLOT);
+            self.times[i] = arrival(&m.msg_hdr);
         }
         n
     }
 
-    /// The first `n` packets read.
-    fn packets(&self, n: usize) -> impl Iterator<Item = &[u8]> {
-        self.lens[..n]
-            .iter()
-            .enumerate()
-            .map(|(i, &len)| &self.buf[i * SLOT..i * SLOT + len])
+    /// The first `n` packets read, with their arrival times.
+    fn packets(&self, n: usize) -> impl Iterator<Item = (&[u8], Option<SystemTime>)> {
+        (0..n).map(|i| (&self.buf[i * SLOT..i * SLOT + self.lens[i]], self.times[i]))
     }
+}
+
+/// The SCM_TIMESTAMPNS control message of a received message, if any.
+fn arrival(h: &libc::msghdr) -> Option<SystemTime> {
+    // SAFETY: the kernel filled `h`'s control buffer (msg_controllen
+    // bytes); the CMSG macros walk it within those bounds.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(h);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPNS {
+                let ts = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::timespec>());
+                let since = Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32);
+                return Some(SystemTime::UNIX_EPOCH + since);
+            }
+            c = libc::CMSG_NXTHDR(h, c);
+        }
+    }
+    None
 }
 
 /// Which socket a packet came from.
