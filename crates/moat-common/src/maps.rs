@@ -202,6 +202,34 @@ pub struct TunnelStats {
 }
 const _: () = assert!(core::mem::size_of::<TunnelStats>() == 32);
 
+/// Built-in protections, bits of the one value of the `PROTECTIONS` array
+/// (applied to traffic for protected prefixes, before routing).
+pub mod protect {
+    /// Drop TCP with SYN+FIN, SYN+RST, no flags, or all six flags set.
+    pub const INVALID_TCP_FLAGS: u32 = 1;
+    /// Drop packets whose source address equals their destination.
+    pub const LAND: u32 = 2;
+    /// Drop TCP and UDP with source or destination port 0.
+    pub const ZERO_PORTS: u32 = 4;
+    pub const ALL: u32 = INVALID_TCP_FLAGS | LAND | ZERO_PORTS;
+
+    /// TCP flag bits (the header's flags byte).
+    pub const TCP_FIN: u8 = 0x01;
+    pub const TCP_SYN: u8 = 0x02;
+    pub const TCP_RST: u8 = 0x04;
+    /// FIN, SYN, RST, PSH, ACK, URG.
+    pub const TCP_SIX: u8 = 0x3f;
+
+    /// Whether a TCP flags byte is an impossible combination.
+    pub const fn invalid_tcp_flags(flags: u8) -> bool {
+        let f = flags & TCP_SIX;
+        f == 0
+            || f == TCP_SIX
+            || f & (TCP_SYN | TCP_FIN) == (TCP_SYN | TCP_FIN)
+            || f & (TCP_SYN | TCP_RST) == (TCP_SYN | TCP_RST)
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: every type below is #[repr(C)], made only of integers and byte

@@ -91,4 +91,11 @@ reasons! {
     DropDecapMtu = 20 => "drop_decap_mtu", Drop;
     /// A helper failed (head adjustment, map inconsistency); should never count.
     DropInternal = 21 => "drop_internal", Drop;
+    /// Built-in protection: TCP with an impossible flag combination (SYN+FIN,
+    /// SYN+RST, no flags, or FIN+SYN+RST+PSH+ACK+URG all set).
+    DropInvalidTcpFlags = 22 => "drop_invalid_tcp_flags", Drop;
+    /// Built-in protection: source address equal to the destination (land).
+    DropLand = 23 => "drop_land", Drop;
+    /// Built-in protection: TCP or UDP with source or destination port 0.
+    DropZeroPort = 24 => "drop_zero_port", Drop;
 }

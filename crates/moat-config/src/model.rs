@@ -16,6 +16,8 @@ pub struct Config {
     pub lists: BTreeMap<String, Vec<IpNet>>,
     /// Operator-wide rules, in file order.
     pub mitigation: Vec<MitigationRule>,
+    /// Built-in protections (`mitigation.protections`), each on by default.
+    pub protections: Protections,
     pub customers: Vec<Customer>,
 }
 
@@ -163,6 +165,46 @@ pub struct MitigationRule {
     /// As parsed and checked.
     pub condition: Expr,
     pub action: MitigationAction,
+}
+
+/// The data plane's built-in protections for traffic to protected
+/// prefixes, checked before routing; every drop is counted by reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Protections {
+    /// TCP with SYN+FIN, SYN+RST, no flags, or all six flags set.
+    pub invalid_tcp_flags: bool,
+    /// Source address equal to the destination.
+    pub land: bool,
+    /// TCP or UDP with source or destination port 0.
+    pub zero_ports: bool,
+}
+
+impl Default for Protections {
+    fn default() -> Self {
+        Protections {
+            invalid_tcp_flags: true,
+            land: true,
+            zero_ports: true,
+        }
+    }
+}
+
+impl Protections {
+    /// As the data plane's `PROTECTIONS` bits.
+    pub fn bits(&self) -> u32 {
+        use moat_common::protect::*;
+        let mut b = 0;
+        if self.invalid_tcp_flags {
+            b |= INVALID_TCP_FLAGS;
+        }
+        if self.land {
+            b |= LAND;
+        }
+        if self.zero_ports {
+            b |= ZERO_PORTS;
+        }
+        b
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -52,6 +52,20 @@ pub(crate) struct RawInterface {
 pub(crate) struct RawMitigation {
     #[serde(default)]
     pub rules: SList<RawMitigationRule>,
+    #[serde(default)]
+    pub protections: Option<S<RawProtections>>,
+}
+
+/// Built-in protections, each on unless set to false.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawProtections {
+    #[serde(default)]
+    pub invalid_tcp_flags: Option<bool>,
+    #[serde(default)]
+    pub land: Option<bool>,
+    #[serde(default)]
+    pub zero_ports: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -72,6 +72,7 @@ impl Config {
         Spec {
             node_addresses,
             customers,
+            protections: self.protections.bits(),
         }
     }
 }

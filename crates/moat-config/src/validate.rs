@@ -321,10 +321,20 @@ impl Ctx<'_> {
         let lists = self.lists(raw);
         let mitigation = self.mitigation(raw, &lists);
         let customers = self.customers(raw, &node, &lists);
+        let defaults = Protections::default();
+        let protections = match raw.mitigation.as_ref().and_then(|m| m.value.protections.as_ref()) {
+            Some(p) => Protections {
+                invalid_tcp_flags: p.value.invalid_tcp_flags.unwrap_or(defaults.invalid_tcp_flags),
+                land: p.value.land.unwrap_or(defaults.land),
+                zero_ports: p.value.zero_ports.unwrap_or(defaults.zero_ports),
+            },
+            None => defaults,
+        };
         Config {
             node,
             lists,
             mitigation,
+            protections,
             customers,
         }
     }

@@ -219,5 +219,25 @@ fn dump(c: &Contents) -> String {
         }
         writeln!(out, "  {} {}", Ipv4Addr::from(*a), names.join(",")).unwrap();
     }
+    let p = c.protections;
+    let on: Vec<&str> = [
+        (moat_common::protect::INVALID_TCP_FLAGS, "invalid-tcp-flags"),
+        (moat_common::protect::LAND, "land"),
+        (moat_common::protect::ZERO_PORTS, "zero-ports"),
+    ]
+    .iter()
+    .filter(|(bit, _)| p & bit != 0)
+    .map(|(_, n)| *n)
+    .collect();
+    writeln!(
+        out,
+        "protections: {}",
+        if on.is_empty() {
+            "none".to_string()
+        } else {
+            on.join(",")
+        }
+    )
+    .unwrap();
     out
 }

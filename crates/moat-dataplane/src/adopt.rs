@@ -116,6 +116,7 @@ impl Dataplane {
                 .filter(|(_, f)| *f & LOCAL_NODE_ADDRESS != 0)
                 .map(|(a, _)| *a)
                 .collect(),
+            protections: flat.protections,
             ..Compiled::default()
         };
         let mut pieces = crate::compile::Pieces::default();

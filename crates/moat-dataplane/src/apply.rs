@@ -414,6 +414,7 @@ impl Dataplane {
                 .collect(),
             decap: read_hash(&m.decap, "DECAP")?,
             local_addrs: read_hash(&m.local_addrs, "LOCAL_ADDRS")?,
+            protections: m.protections.get(&0, 0).map_err(Error::map("PROTECTIONS"))?,
             ..Entries::default()
         };
         let mut tunnel_ids: BTreeSet<u32> = out.decap.iter().map(|(_, d)| d.tunnel).collect();
@@ -577,6 +578,15 @@ impl Dataplane {
             hash_insert(&mut m.local_addrs, "LOCAL_ADDRS"),
         )?;
 
+        // Built-in protections: one value, written before the destinations
+        // it applies to.
+        if want.protections != have.protections {
+            m.protections
+                .set(0, want.protections, 0)
+                .map_err(Error::map("PROTECTIONS"))?;
+            report.changed += 1;
+        }
+
         // 5. Destinations: the LPM entries (the record), then the multibit
         // table, changed in its idle buffer and made live with one store
         // (or, beyond its capacity, the LPM tables serve).
@@ -677,10 +687,12 @@ pub(crate) fn ecmp_indexes(raw: &[(u32, u32)]) -> BTreeMap<u32, u32> {
 fn changed_pieces(prev: &Compiled, want: &Compiled) -> (Entries, Entries) {
     let mut have = Entries {
         local_addrs: prev.local_addrs().into_iter().collect(),
+        protections: prev.protections,
         ..Entries::default()
     };
     let mut next = Entries {
         local_addrs: want.local_addrs().into_iter().collect(),
+        protections: want.protections,
         ..Entries::default()
     };
     for (sa, sb) in prev.pieces.shards().iter().zip(want.pieces.shards()) {

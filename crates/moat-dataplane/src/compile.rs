@@ -60,6 +60,8 @@ pub struct Contents {
     pub tunnels: BTreeMap<u32, Tunnel>,
     pub decap: BTreeMap<DecapKey, DecapValue>,
     pub local_addrs: BTreeMap<[u8; 4], u32>,
+    /// The `PROTECTIONS` value.
+    pub protections: u32,
     /// Customer id -> name.
     pub customers: BTreeMap<u32, String>,
     /// Tunnel id -> (customer name, tunnel name).
@@ -100,6 +102,7 @@ pub(crate) struct Entries {
     pub tunnels: Vec<(u32, Tunnel)>,
     pub decap: Vec<(DecapKey, DecapValue)>,
     pub local_addrs: Vec<([u8; 4], u32)>,
+    pub protections: u32,
 }
 
 impl Entries {
@@ -127,6 +130,7 @@ impl Entries {
             tunnels: self.tunnels.into_iter().collect(),
             decap: self.decap.into_iter().collect(),
             local_addrs: self.local_addrs.into_iter().collect(),
+            protections: self.protections,
             ..Contents::default()
         }
     }
@@ -418,6 +422,7 @@ pub struct Compiled {
     /// The pieces in the order of the spec they were compiled from.
     pub(crate) hint: Arc<Hint>,
     pub(crate) node_addresses: BTreeSet<[u8; 4]>,
+    pub(crate) protections: u32,
     /// Tunnel endpoint -> number of tunnels using it.
     pub(crate) endpoints: BTreeMap<[u8; 4], u32>,
     pub(crate) used: Used,
@@ -471,6 +476,7 @@ impl Compiled {
     pub(crate) fn entries(&self) -> Entries {
         let mut out = Entries {
             local_addrs: self.local_addrs().into_iter().collect(),
+            protections: self.protections,
             ..Entries::default()
         };
         for p in self.pieces.values() {
@@ -493,6 +499,7 @@ impl Compiled {
     pub fn contents(&self) -> Contents {
         let mut out = Contents {
             local_addrs: self.local_addrs(),
+            protections: self.protections,
             ..Contents::default()
         };
         for p in self.pieces.values() {
@@ -815,13 +822,18 @@ pub fn compile(
         }
     }
     let node_addresses: BTreeSet<[u8; 4]> = spec.node_addresses.iter().map(|a| a.octets()).collect();
-    if fresh_pieces.is_empty() && found == prev.pieces.len() && node_addresses == prev.node_addresses {
+    if fresh_pieces.is_empty()
+        && found == prev.pieces.len()
+        && node_addresses == prev.node_addresses
+        && spec.protections == prev.protections
+    {
         // Nothing changed: the same state (pieces shared as a whole).
         return Ok(prev.clone());
     }
 
     let mut out = Compiled {
         node_addresses,
+        protections: spec.protections,
         endpoints: prev.endpoints.clone(),
         used: prev.used.clone(),
         totals: prev.totals,
@@ -1163,6 +1175,7 @@ mod tests {
     #[test]
     fn prefixes_inherit_the_longest_covering_route() {
         let spec = Spec {
+            protections: 0,
             node_addresses: vec![],
             customers: vec![CustomerSpec {
                 name: "acme".into(),
@@ -1193,6 +1206,7 @@ mod tests {
         let mut t1 = tunnel("a", [192, 0, 2, 10]);
         t1.penalty = 1_000_000;
         let spec = Spec {
+            protections: 0,
             node_addresses: vec![],
             customers: vec![CustomerSpec {
                 name: "acme".into(),
@@ -1246,6 +1260,7 @@ mod tests {
     #[test]
     fn duplicate_tunnel_identity_is_an_error() {
         let spec = Spec {
+            protections: 0,
             node_addresses: vec![],
             customers: vec![CustomerSpec {
                 name: "acme".into(),

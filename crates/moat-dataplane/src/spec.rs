@@ -12,6 +12,8 @@ pub struct Spec {
     /// still encapsulated, e.g. our side of tunnel interface addresses.
     pub node_addresses: Vec<Ipv4Addr>,
     pub customers: Vec<CustomerSpec>,
+    /// Built-in protections in force (`moat_common::protect` bits; 0: none).
+    pub protections: u32,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]

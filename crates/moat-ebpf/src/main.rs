@@ -109,7 +109,9 @@ mod program {
             None => return Ok((xdp_action::XDP_PASS, Reason::PassNotProtected)),
         };
         let frame_len = pkt.frame_len as u64;
-        let out = if dest.route_set == NO_ROUTE_SET {
+        let out = if let Err(reason) = protect(&pkt) {
+            Err(reason)
+        } else if dest.route_set == NO_ROUTE_SET {
             Err(Reason::DropNoRoute)
         } else {
             encap::encapsulate(ctx, &pkt, dest.route_set)
@@ -122,6 +124,36 @@ mod program {
             }
         }
         out
+    }
+
+    /// The built-in protections in force, for traffic to a protected prefix.
+    #[inline(always)]
+    fn protect(pkt: &Packet) -> Result<(), Reason> {
+        use moat_common::protect::*;
+        let on = maps::PROTECTIONS.get(0).copied().unwrap_or(0);
+        if on == 0 {
+            return Ok(());
+        }
+        if on & LAND != 0 && pkt.src == pkt.dst {
+            return Err(Reason::DropLand);
+        }
+        if on & INVALID_TCP_FLAGS != 0
+            && pkt.proto == parse::IPPROTO_TCP
+            && !pkt.frag
+            && invalid_tcp_flags(pkt.tcp_flags)
+        {
+            return Err(Reason::DropInvalidTcpFlags);
+        }
+        if on & ZERO_PORTS != 0 {
+            if let Some(p) = pkt.ports {
+                // Network-order port bytes: source in the first two, destination in the last two.
+                let b = p.to_ne_bytes();
+                if (b[0] == 0 && b[1] == 0) || (b[2] == 0 && b[3] == 0) {
+                    return Err(Reason::DropZeroPort);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Destination lookup in the multibit table (inlined array loads, no

@@ -92,6 +92,10 @@ pub static DECAP: HashMap<DecapKey, DecapValue> = HashMap::with_max_entries(MAX_
 #[map]
 pub static LOCAL_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
 
+/// The built-in protections in force (`moat_common::protect` bits).
+#[map]
+pub static PROTECTIONS: Array<u32> = Array::with_max_entries(1, 0);
+
 #[map]
 pub static REASON_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
 #[map]

@@ -71,6 +71,8 @@ pub struct Packet {
     pub l4: usize,
     /// Source and destination port bytes as on the wire, for unfragmented TCP/UDP.
     pub ports: Option<u32>,
+    /// TCP flags byte of unfragmented TCP (else 0).
+    pub tcp_flags: u8,
     /// Offset of the IPv4 TTL / IPv6 hop limit byte.
     pub ttl_off: usize,
     pub frame_len: usize,
@@ -217,6 +219,7 @@ pub fn parse_ip(ctx: &XdpContext, family: Family, l3: usize, limit: usize) -> Re
     };
     let ip_end = l3 + ip_len;
     let mut ports = None;
+    let mut tcp_flags = 0;
     if !frag {
         let need = match proto {
             IPPROTO_TCP => 20,
@@ -231,6 +234,11 @@ pub fn parse_ip(ctx: &XdpContext, family: Family, l3: usize, limit: usize) -> Re
         if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
             ports = Some(load::<u32>(ctx, l4).ok_or(Reason::DropTruncatedL4)?);
         }
+        if proto == IPPROTO_TCP {
+            // Data offset and flags: the flags are the second byte.
+            let word = load::<u16>(ctx, l4 + 12).ok_or(Reason::DropTruncatedL4)?;
+            tcp_flags = word.to_ne_bytes()[1];
+        }
     }
     Ok(Packet {
         family,
@@ -240,6 +248,7 @@ pub fn parse_ip(ctx: &XdpContext, family: Family, l3: usize, limit: usize) -> Re
         frag,
         l4,
         ports,
+        tcp_flags,
         ttl_off,
         frame_len,
         src,

@@ -48,6 +48,7 @@ pub fn route(prefix: &str, tunnel: &str, priority: u32, weight: u16) -> RouteSpe
 /// (XDP_TX), and a v6 /48 without any route.
 pub fn standard_spec() -> Spec {
     Spec {
+        protections: moat_common::protect::ALL,
         node_addresses: vec![Ipv4Addr::new(169, 254, 10, 0)],
         customers: vec![
             CustomerSpec {

@@ -76,6 +76,8 @@ struct Ip {
     frag: bool,
     l4: usize,
     ports: Option<[u8; 4]>,
+    /// Flags byte of unfragmented TCP (else 0).
+    tcp_flags: u8,
     ttl_pos: usize,
     src: IpAddr,
     dst: IpAddr,
@@ -170,6 +172,7 @@ fn parse_ip(b: &[u8], v6: bool, l3: usize, limit: usize) -> Result<Ip, Reason> {
         dst = IpAddr::V6(Ipv6Addr::from(d));
     }
     let mut ports = None;
+    let mut tcp_flags = 0;
     if !frag {
         let need = match proto {
             6 => 20,
@@ -184,6 +187,9 @@ fn parse_ip(b: &[u8], v6: bool, l3: usize, limit: usize) -> Result<Ip, Reason> {
         if proto == 6 || proto == 17 {
             ports = Some([b[l4], b[l4 + 1], b[l4 + 2], b[l4 + 3]]);
         }
+        if proto == 6 {
+            tcp_flags = b[l4 + 13];
+        }
     }
     Ok(Ip {
         v6,
@@ -193,6 +199,7 @@ fn parse_ip(b: &[u8], v6: bool, l3: usize, limit: usize) -> Result<Ip, Reason> {
         frag,
         l4,
         ports,
+        tcp_flags,
         ttl_pos,
         src,
         dst,
@@ -355,6 +362,26 @@ impl Model<'_> {
         else {
             return self.pass(b, Reason::PassNotProtected);
         };
+        // Built-in protections, as configured; written from their
+        // definitions in the contract, not from the data plane's code.
+        let on = self.spec.protections;
+        if on & moat_common::protect::LAND != 0 && ip.src == ip.dst {
+            return self.drop(b, Reason::DropLand);
+        }
+        if on & moat_common::protect::INVALID_TCP_FLAGS != 0 && ip.proto == 6 && !ip.frag {
+            let f = ip.tcp_flags & 0x3f;
+            let (fin, syn, rst) = (f & 1 != 0, f & 2 != 0, f & 4 != 0);
+            if f == 0 || f == 0x3f || (syn && fin) || (syn && rst) {
+                return self.drop(b, Reason::DropInvalidTcpFlags);
+            }
+        }
+        if on & moat_common::protect::ZERO_PORTS != 0 {
+            if let Some(p) = ip.ports {
+                if p[..2] == [0, 0] || p[2..] == [0, 0] {
+                    return self.drop(b, Reason::DropZeroPort);
+                }
+            }
+        }
         let c = &self.spec.customers[ci];
         let Some(longest) = c
             .routes

@@ -65,6 +65,13 @@ pub enum L4 {
         dport: u16,
         syn: bool,
     },
+    /// TCP with any flags byte (FIN 0x01, SYN 0x02, RST 0x04, PSH 0x08,
+    /// ACK 0x10, URG 0x20).
+    TcpFlags {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+    },
     /// ICMP / ICMPv6 echo request.
     Echo {
         id: u16,
@@ -86,6 +93,15 @@ fn v6(a: IpAddr) -> [u8; 16] {
     }
 }
 
+enum TcpSet {
+    Fin,
+    Syn,
+    Rst,
+    Psh,
+    Ack,
+    Urg,
+}
+
 /// An IP packet (no L2) with correct checksums.
 pub fn ip(src: IpAddr, dst: IpAddr, ttl: u8, l4: L4, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -100,6 +116,29 @@ pub fn ip(src: IpAddr, dst: IpAddr, ttl: u8, l4: L4, payload: &[u8]) -> Vec<u8> 
                     } else {
                         t.ack(1).write(&mut out, payload)
                     }
+                }
+                L4::TcpFlags { sport, dport, flags } => {
+                    let mut t = $b.tcp(sport, dport, 1000, 65000);
+                    for (bit, set) in [
+                        (0x01, TcpSet::Fin),
+                        (0x02, TcpSet::Syn),
+                        (0x04, TcpSet::Rst),
+                        (0x08, TcpSet::Psh),
+                        (0x10, TcpSet::Ack),
+                        (0x20, TcpSet::Urg),
+                    ] {
+                        if flags & bit != 0 {
+                            t = match set {
+                                TcpSet::Fin => t.fin(),
+                                TcpSet::Syn => t.syn(),
+                                TcpSet::Rst => t.rst(),
+                                TcpSet::Psh => t.psh(),
+                                TcpSet::Ack => t.ack(1),
+                                TcpSet::Urg => t.urg(1),
+                            };
+                        }
+                    }
+                    t.write(&mut out, payload)
                 }
                 L4::Echo { id, seq } => match src {
                     IpAddr::V4(_) => $b.icmpv4_echo_request(id, seq).write(&mut out, payload),

@@ -100,6 +100,8 @@ pub fn spec(rng: &mut StdRng) -> Spec {
     Spec {
         node_addresses: vec![Ipv4Addr::new(169, 254, 10, 0)],
         customers,
+        // Any combination of the built-in protections.
+        protections: rng.gen_range(0..=moat_common::protect::ALL),
     }
 }
 

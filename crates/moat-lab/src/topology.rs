@@ -113,6 +113,7 @@ impl Transit {
     pub fn spec(key: Option<u32>) -> Spec {
         Spec {
             node_addresses: vec![],
+            protections: moat_common::protect::ALL,
             customers: vec![CustomerSpec {
                 name: "acme".into(),
                 prefixes: vec!["203.0.113.0/24".parse().expect("prefix")],

@@ -550,3 +550,71 @@ fn lookups_fall_back_to_the_lpm_tables_beyond_the_multibit_capacity() {
     run(&f, &hit, XDP_PASS, Reason::PassNotProtected);
     encap_case(&f, &v6, Frame::default(), XDP_REDIRECT, [192, 0, 2, 11], Some(42), 1);
 }
+
+#[test]
+fn built_in_protections_drop_and_count_each_attack_and_can_be_turned_off() {
+    use moat_common::protect;
+    let mut f = Fixture::new("cases-protect");
+    let tcp = |sport, dport, flags| L4::TcpFlags { sport, dport, flags };
+    let to = |l4: L4, src: &str| packet::eth(Frame::default(), &packet::ip(a4(src), a4("203.0.113.5"), 64, l4, &[]));
+    // (frame, the protection that drops it, its reason)
+    let attacks = [
+        (
+            to(tcp(1000, 80, 0x03), "192.0.2.99"),
+            protect::INVALID_TCP_FLAGS,
+            Reason::DropInvalidTcpFlags,
+        ), // SYN+FIN
+        (
+            to(tcp(1000, 80, 0x06), "192.0.2.99"),
+            protect::INVALID_TCP_FLAGS,
+            Reason::DropInvalidTcpFlags,
+        ), // SYN+RST
+        (
+            to(tcp(1000, 80, 0x00), "192.0.2.99"),
+            protect::INVALID_TCP_FLAGS,
+            Reason::DropInvalidTcpFlags,
+        ), // null
+        (
+            to(tcp(1000, 80, 0x3f), "192.0.2.99"),
+            protect::INVALID_TCP_FLAGS,
+            Reason::DropInvalidTcpFlags,
+        ), // all six
+        (to(udp(53, 1000), "203.0.113.5"), protect::LAND, Reason::DropLand),
+        (to(tcp(1000, 80, 0x02), "203.0.113.5"), protect::LAND, Reason::DropLand),
+        (to(udp(0, 53), "192.0.2.99"), protect::ZERO_PORTS, Reason::DropZeroPort),
+        (to(udp(53, 0), "192.0.2.99"), protect::ZERO_PORTS, Reason::DropZeroPort),
+        (
+            to(tcp(1000, 0, 0x02), "192.0.2.99"),
+            protect::ZERO_PORTS,
+            Reason::DropZeroPort,
+        ),
+    ];
+    for (frame, _, reason) in &attacks {
+        run(&f, frame, XDP_DROP, *reason);
+    }
+    // Valid flag combinations pass the protection (and are encapsulated).
+    for flags in [0x02, 0x12, 0x10, 0x18, 0x11, 0x14, 0x04, 0x01, 0x19] {
+        let ok = packet::ip(a4("192.0.2.99"), a4("203.0.113.5"), 64, tcp(1000, 80, flags), &[]);
+        encap_case(&f, &ok, Frame::default(), XDP_REDIRECT, [192, 0, 2, 10], None, 0);
+    }
+    // Each protection turned off alone lets its attacks through (to the
+    // tunnel) and still drops the others'.
+    for off in [protect::INVALID_TCP_FLAGS, protect::LAND, protect::ZERO_PORTS] {
+        let mut spec = moat_lab::fixture::standard_spec();
+        spec.protections = protect::ALL & !off;
+        f.apply(spec);
+        for (frame, which, reason) in &attacks {
+            if *which == off {
+                run(&f, frame, XDP_REDIRECT, Reason::ForwardEncap);
+            } else {
+                run(&f, frame, XDP_DROP, *reason);
+            }
+        }
+    }
+    let mut spec = moat_lab::fixture::standard_spec();
+    spec.protections = 0;
+    f.apply(spec);
+    for (frame, _, _) in &attacks {
+        run(&f, frame, XDP_REDIRECT, Reason::ForwardEncap);
+    }
+}

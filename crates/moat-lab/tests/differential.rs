@@ -25,10 +25,17 @@ const CONFIGS: usize = 4;
 const PACKETS: usize = 25_000;
 
 fn random_l4(rng: &mut StdRng) -> L4 {
-    match rng.gen_range(0..3) {
+    // Now and then a port 0, for the built-in protection.
+    let port = |rng: &mut StdRng| if rng.gen_ratio(1, 20) { 0 } else { rng.gen() };
+    match rng.gen_range(0..4) {
+        3 => L4::TcpFlags {
+            sport: port(rng),
+            dport: port(rng),
+            flags: rng.gen::<u8>() & 0x3f,
+        },
         0 => L4::Udp {
-            sport: rng.gen(),
-            dport: rng.gen(),
+            sport: port(rng),
+            dport: port(rng),
         },
         1 => L4::Tcp {
             sport: rng.gen(),

@@ -191,6 +191,12 @@ pub fn differences(have: &Contents, want: &Contents) -> Vec<String> {
     cmp(&mut out, "local address", &have.local_addrs, &want.local_addrs, |k| {
         Ipv4Addr::from(*k).to_string()
     });
+    if have.protections != want.protections {
+        out.push(format!(
+            "built-in protections: the maps hold {:#x}, desired {:#x}",
+            have.protections, want.protections
+        ));
+    }
     out
 }
 
