@@ -5,6 +5,7 @@
 //! Network-order fields are byte arrays.
 #![cfg_attr(not(test), no_std)]
 
+pub mod flood;
 pub mod flowhash;
 pub mod limits;
 pub mod maps;

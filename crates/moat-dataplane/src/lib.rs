@@ -9,6 +9,7 @@ pub mod counters;
 pub mod dir;
 pub mod ecmp;
 pub mod error;
+pub mod flood;
 pub mod loader;
 mod mmap;
 pub mod nexthop;

@@ -6,6 +6,7 @@ pub mod baseline;
 pub mod daemon;
 pub mod edge;
 pub mod fixture;
+pub mod flood;
 pub mod gre;
 pub mod http;
 pub mod model;
