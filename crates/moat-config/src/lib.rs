@@ -33,7 +33,8 @@
 //! - The summary line always uses plural nouns (`1 customers`) so that
 //!   scripts can match it with one pattern.
 
-pub mod expr;
+/// The rule expression language (its own crate, shared with the data plane).
+pub use moat_expr as expr;
 mod model;
 mod raw;
 mod spec;

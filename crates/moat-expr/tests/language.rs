@@ -2,7 +2,7 @@
 //! canonical text each prints as) and invalid ones (with the offset and
 //! message of the error), and a round trip over random expressions.
 
-use moat_config::expr::{parse, Expr, Field, Kind, Member, Op, Value};
+use moat_expr::{parse, Expr, Field, Kind, Member, Op, Value};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 fn lists(name: &str) -> bool {
@@ -241,7 +241,7 @@ fn printing_then_parsing_gives_the_expression_back() {
 
 mod evaluation {
     use super::*;
-    use moat_config::expr::{tcp_flag, Packet, Transport};
+    use moat_expr::{tcp_flag, Packet, Transport};
 
     fn tcp(src: &str, dport: u16, flags: u8) -> Packet {
         Packet {
