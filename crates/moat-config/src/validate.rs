@@ -461,7 +461,14 @@ impl Ctx<'_> {
             return None;
         }
         match expr::parse(&e.value, &|name| lists.contains_key(name)) {
-            Ok(x) => Some(x),
+            Ok(x) => {
+                let list = |name: &str| lists.get(name).cloned().unwrap_or_default();
+                if let Err(too) = expr::normal::terms(&x, &list, expr::normal::MAX_TERMS) {
+                    self.err(&e.referenced, format!("{}: {too}", rule()));
+                    return None;
+                }
+                Some(x)
+            }
             Err(problem) => {
                 let mut at = pos(&e.referenced);
                 if let Some(offset) = self.offset_in_source(e) {

@@ -761,3 +761,5 @@ impl Expr {
         }
     }
 }
+
+pub mod normal;
