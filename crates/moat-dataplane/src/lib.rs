@@ -4,6 +4,7 @@
 
 pub mod adopt;
 pub mod apply;
+pub mod classify;
 pub mod compile;
 pub mod counters;
 pub mod dir;

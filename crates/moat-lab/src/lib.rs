@@ -13,5 +13,6 @@ pub mod model;
 pub mod netns;
 pub mod packet;
 pub mod random;
+pub mod rules;
 pub mod site;
 pub mod topology;
