@@ -202,6 +202,18 @@ pub struct TunnelStats {
 }
 const _: () = assert!(core::mem::size_of::<TunnelStats>() == 32);
 
+/// TCP flag bits as in the header's flags byte.
+pub mod tcp_flag {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const PSH: u8 = 0x08;
+    pub const ACK: u8 = 0x10;
+    pub const URG: u8 = 0x20;
+    /// FIN, SYN, RST, PSH, ACK, URG.
+    pub const SIX: u8 = 0x3f;
+}
+
 /// Built-in protections, bits of the one value of the `PROTECTIONS` array
 /// (applied to traffic for protected prefixes, before routing).
 pub mod protect {
@@ -213,20 +225,12 @@ pub mod protect {
     pub const ZERO_PORTS: u32 = 4;
     pub const ALL: u32 = INVALID_TCP_FLAGS | LAND | ZERO_PORTS;
 
-    /// TCP flag bits (the header's flags byte).
-    pub const TCP_FIN: u8 = 0x01;
-    pub const TCP_SYN: u8 = 0x02;
-    pub const TCP_RST: u8 = 0x04;
-    /// FIN, SYN, RST, PSH, ACK, URG.
-    pub const TCP_SIX: u8 = 0x3f;
+    use crate::tcp_flag::*;
 
     /// Whether a TCP flags byte is an impossible combination.
     pub const fn invalid_tcp_flags(flags: u8) -> bool {
-        let f = flags & TCP_SIX;
-        f == 0
-            || f == TCP_SIX
-            || f & (TCP_SYN | TCP_FIN) == (TCP_SYN | TCP_FIN)
-            || f & (TCP_SYN | TCP_RST) == (TCP_SYN | TCP_RST)
+        let f = flags & SIX;
+        f == 0 || f == SIX || f & (SYN | FIN) == (SYN | FIN) || f & (SYN | RST) == (SYN | RST)
     }
 }
 

@@ -8,6 +8,9 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
+mod runtime;
+
+#[cfg(target_arch = "bpf")]
 mod program {
     use aya_ebpf::{
         bindings::xdp_action,
@@ -85,17 +88,6 @@ mod program {
         }
         xdp_action::XDP_TX
     }
-
-    #[panic_handler]
-    fn panic(_info: &core::panic::PanicInfo) -> ! {
-        // The verifier rejects any path that could reach here; this exists
-        // only to satisfy no_std.
-        loop {}
-    }
-
-    #[unsafe(link_section = "license")]
-    #[unsafe(no_mangle)]
-    static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
 }
 
 #[cfg(not(target_arch = "bpf"))]

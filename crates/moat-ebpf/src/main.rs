@@ -20,6 +20,9 @@ mod parse;
 mod stats;
 
 #[cfg(target_arch = "bpf")]
+mod runtime;
+
+#[cfg(target_arch = "bpf")]
 mod program {
     use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
     use moat_common::{limits::NO_ROUTE_SET, Reason, LOCAL_TUNNEL_ENDPOINT};
@@ -210,17 +213,6 @@ mod program {
             }
         }
     }
-
-    #[panic_handler]
-    fn panic(_info: &core::panic::PanicInfo) -> ! {
-        // The verifier rejects any path that could reach here; this exists
-        // only to satisfy no_std.
-        loop {}
-    }
-
-    #[unsafe(link_section = "license")]
-    #[unsafe(no_mangle)]
-    static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
 }
 
 #[cfg(not(target_arch = "bpf"))]

@@ -643,14 +643,7 @@ pub enum Transport {
 }
 
 /// TCP flag bits as in the header's flags byte.
-pub mod tcp_flag {
-    pub const FIN: u8 = 0x01;
-    pub const SYN: u8 = 0x02;
-    pub const RST: u8 = 0x04;
-    pub const PSH: u8 = 0x08;
-    pub const ACK: u8 = 0x10;
-    pub const URG: u8 = 0x20;
-}
+pub use moat_common::tcp_flag;
 
 impl Packet {
     /// The field's value, `None` when the packet lacks it. Flags are 0 or 1.

@@ -6,7 +6,7 @@
 use std::{
     io,
     net::Ipv4Addr,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
     time::Duration,
 };
 
@@ -26,18 +26,7 @@ impl RawGre {
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         // Room for bursts: a packet built from an XDP frame takes a whole
         // page of receive buffer.
-        let bytes: libc::c_int = 8 << 20;
-        // SAFETY: setsockopt(2) with a c_int option of the stated size; a
-        // refusal (not root) leaves the default, which is fine.
-        unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUFFORCE,
-                (&bytes as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
+        crate::sock::force_receive_buffer(fd.as_fd(), 8 << 20);
         Ok(RawGre { fd })
     }
 

@@ -15,4 +15,5 @@ pub mod packet;
 pub mod random;
 pub mod rules;
 pub mod site;
+pub mod sock;
 pub mod topology;

@@ -9,7 +9,7 @@
 use std::{
     collections::BTreeSet,
     net::Ipv4Addr,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
     time::{Duration, Instant},
 };
 
@@ -47,17 +47,7 @@ impl Capture {
             )
         };
         assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
-        let size: libc::c_int = 64 << 20;
-        // SAFETY: setsockopt(2) with a c_int of the stated size.
-        unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUFFORCE,
-                (&size as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
+        moat_lab::sock::force_receive_buffer(fd.as_fd(), 64 << 20);
         Capture(fd)
     }
 
