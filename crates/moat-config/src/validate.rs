@@ -123,13 +123,9 @@ fn pos(loc: &Location) -> Pos {
 
 /// The warning about rules accepted but not enforced, at the first rule.
 fn rules_warning(raw: &RawConfig, config: &Config) -> Option<(Pos, String)> {
-    let rate_limited = config
-        .mitigation
-        .iter()
-        .filter(|r| matches!(r.action, MitigationAction::RateLimit { .. }))
-        .count();
+    let mitigation = config.mitigation.len();
     let firewall: usize = config.customers.iter().map(|c| c.firewall.len()).sum();
-    if rate_limited + firewall == 0 {
+    if mitigation + firewall == 0 {
         return None;
     }
     let mut first: Option<Pos> = None;
@@ -152,8 +148,8 @@ fn rules_warning(raw: &RawConfig, config: &Config) -> Option<(Pos, String)> {
     Some((
         first.unwrap_or(Pos { line: 1, col: 1 }),
         format!(
-            "{rate_limited} rate_limit mitigation rules (their limits) and {firewall} firewall rules are checked \
-             but not yet enforced by the data plane (drop and pass mitigation rules are)"
+            "{mitigation} mitigation rules and {firewall} firewall rules are checked but not yet enforced \
+             by the data plane (enforcement comes with scrubbing)"
         ),
     ))
 }
