@@ -22,12 +22,14 @@ use moat_lab::{
     packet::Frame,
 };
 
-/// Captures frames arriving on `dev` in the calling thread's namespace.
+/// Captures IPv4 frames arriving on `dev` in the calling thread's
+/// namespace (the kernel's own IPv6 neighbour and multicast chatter on a
+/// new link is not what the tests look at).
 struct Capture(OwnedFd);
 
 impl Capture {
     fn open(ifindex: u32) -> Capture {
-        let proto = (libc::ETH_P_ALL as u16).to_be();
+        let proto = (libc::ETH_P_IP as u16).to_be();
         // SAFETY: plain socket(2) call.
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(proto)) };
         assert!(fd >= 0, "packet socket: {}", std::io::Error::last_os_error());
@@ -65,9 +67,22 @@ impl Capture {
             if unsafe { libc::poll(&mut p, 1, 300) } <= 0 {
                 break;
             }
-            // SAFETY: recv(2) into our own buffer.
-            let len = unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if len > 0 {
+            // SAFETY: an all-zero sockaddr_ll is valid.
+            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            let mut from_len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+            // SAFETY: recvfrom(2) into our own buffer and address.
+            let len = unsafe {
+                libc::recvfrom(
+                    self.0.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                    (&mut from as *mut libc::sockaddr_ll).cast(),
+                    &mut from_len,
+                )
+            };
+            // Only arrivals: the sink's own transmissions are not the flood.
+            if len > 0 && from.sll_pkttype != libc::PACKET_OUTGOING as u8 {
                 out.push(buf[..len as usize].to_vec());
             }
         }
