@@ -10,6 +10,7 @@ pub mod flowhash;
 pub mod limits;
 pub mod maps;
 pub mod reason;
+pub mod rules;
 
 pub use maps::*;
 pub use reason::Reason;

@@ -98,4 +98,7 @@ reasons! {
     DropLand = 23 => "drop_land", Drop;
     /// Built-in protection: TCP or UDP with source or destination port 0.
     DropZeroPort = 24 => "drop_zero_port", Drop;
+    /// Matched an operator mitigation rule whose action is drop (counted per
+    /// rule as well).
+    DropMitigationRule = 25 => "drop_mitigation_rule", Drop;
 }

@@ -3,9 +3,9 @@
 
 use std::collections::HashSet;
 
-use moat_dataplane::{CustomerSpec, RouteSpec, Spec, TunnelSpec};
+use moat_dataplane::{CustomerSpec, RouteSpec, RuleAction, RuleSpec, Spec, TunnelSpec};
 
-use crate::model::Config;
+use crate::model::{Config, MitigationAction};
 
 impl Config {
     /// `ok: 2 customers, 3 prefixes, 4 tunnels, 5 routes` (prefixes are the
@@ -69,10 +69,28 @@ impl Config {
                     .collect(),
             })
             .collect();
+        let list = |name: &str| self.lists.get(name).cloned().unwrap_or_default();
+        let mitigation = self
+            .mitigation
+            .iter()
+            .map(|r| RuleSpec {
+                name: r.name.clone(),
+                condition: r.condition.clone(),
+                // Validation refused rules over the limit.
+                terms: crate::expr::normal::terms(&r.condition, &list, crate::expr::normal::MAX_TERMS)
+                    .unwrap_or_default(),
+                action: match r.action {
+                    MitigationAction::Drop => RuleAction::Drop,
+                    MitigationAction::Pass => RuleAction::Pass,
+                    MitigationAction::RateLimit { .. } => RuleAction::RateLimit,
+                },
+            })
+            .collect();
         Spec {
             node_addresses,
             customers,
             protections: self.protections.bits(),
+            mitigation,
         }
     }
 }

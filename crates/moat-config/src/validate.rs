@@ -123,9 +123,13 @@ fn pos(loc: &Location) -> Pos {
 
 /// The warning about rules accepted but not enforced, at the first rule.
 fn rules_warning(raw: &RawConfig, config: &Config) -> Option<(Pos, String)> {
-    let mitigation = config.mitigation.len();
+    let rate_limited = config
+        .mitigation
+        .iter()
+        .filter(|r| matches!(r.action, MitigationAction::RateLimit { .. }))
+        .count();
     let firewall: usize = config.customers.iter().map(|c| c.firewall.len()).sum();
-    if mitigation + firewall == 0 {
+    if rate_limited + firewall == 0 {
         return None;
     }
     let mut first: Option<Pos> = None;
@@ -148,8 +152,8 @@ fn rules_warning(raw: &RawConfig, config: &Config) -> Option<(Pos, String)> {
     Some((
         first.unwrap_or(Pos { line: 1, col: 1 }),
         format!(
-            "{mitigation} mitigation rules and {firewall} firewall rules are checked but not yet enforced \
-             by the data plane (enforcement comes with scrubbing)"
+            "{rate_limited} rate_limit mitigation rules (their limits) and {firewall} firewall rules are checked \
+             but not yet enforced by the data plane (drop and pass mitigation rules are)"
         ),
     ))
 }

@@ -344,7 +344,7 @@ enum Mode<'a> {
     Changes { all: &'a Compiled },
 }
 
-fn zero_per_cpu<V: Pod + Default>(
+pub(crate) fn zero_per_cpu<V: Pod + Default>(
     map: &mut PerCpuArray<MapData, V>,
     name: &'static str,
     index: u32,
@@ -463,6 +463,16 @@ impl Dataplane {
             }
             _ => self.apply_full(want),
         };
+        // Rules: rewritten when they changed, or when what the maps hold
+        // is not known (a full apply).
+        let result = result.and_then(|(mut report, state)| {
+            let known = prev.as_ref().map(|p| &p.rules);
+            if known != Some(&want.rules) {
+                self.write_rules(want.rules.as_deref())?;
+                report.changed += 1;
+            }
+            Ok((report, state))
+        });
         match result {
             Ok((report, state)) => {
                 let mut applied = want.clone();

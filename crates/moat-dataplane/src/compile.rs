@@ -423,6 +423,8 @@ pub struct Compiled {
     pub(crate) hint: Arc<Hint>,
     pub(crate) node_addresses: BTreeSet<[u8; 4]>,
     pub(crate) protections: u32,
+    /// The operator's mitigation rules, compiled.
+    pub(crate) rules: Option<Arc<crate::rules::RuleTables>>,
     /// Tunnel endpoint -> number of tunnels using it.
     pub(crate) endpoints: BTreeMap<[u8; 4], u32>,
     pub(crate) used: Used,
@@ -822,10 +824,15 @@ pub fn compile(
         }
     }
     let node_addresses: BTreeSet<[u8; 4]> = spec.node_addresses.iter().map(|a| a.octets()).collect();
+    let rules = match crate::rules::compile(&spec.mitigation)? {
+        Some(r) if prev.rules.as_deref() == Some(&*r) => prev.rules.clone(),
+        r => r,
+    };
     if fresh_pieces.is_empty()
         && found == prev.pieces.len()
         && node_addresses == prev.node_addresses
         && spec.protections == prev.protections
+        && rules == prev.rules
     {
         // Nothing changed: the same state (pieces shared as a whole).
         return Ok(prev.clone());
@@ -834,6 +841,7 @@ pub fn compile(
     let mut out = Compiled {
         node_addresses,
         protections: spec.protections,
+        rules,
         endpoints: prev.endpoints.clone(),
         used: prev.used.clone(),
         totals: prev.totals,
@@ -1176,6 +1184,7 @@ mod tests {
     fn prefixes_inherit_the_longest_covering_route() {
         let spec = Spec {
             protections: 0,
+            mitigation: vec![],
             node_addresses: vec![],
             customers: vec![CustomerSpec {
                 name: "acme".into(),
@@ -1207,6 +1216,7 @@ mod tests {
         t1.penalty = 1_000_000;
         let spec = Spec {
             protections: 0,
+            mitigation: vec![],
             node_addresses: vec![],
             customers: vec![CustomerSpec {
                 name: "acme".into(),
@@ -1261,6 +1271,7 @@ mod tests {
     fn duplicate_tunnel_identity_is_an_error() {
         let spec = Spec {
             protections: 0,
+            mitigation: vec![],
             node_addresses: vec![],
             customers: vec![CustomerSpec {
                 name: "acme".into(),

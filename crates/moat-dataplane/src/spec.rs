@@ -14,6 +14,28 @@ pub struct Spec {
     pub customers: Vec<CustomerSpec>,
     /// Built-in protections in force (`moat_common::protect` bits; 0: none).
     pub protections: u32,
+    /// Operator mitigation rules, in order: the first that matches decides.
+    pub mitigation: Vec<RuleSpec>,
+}
+
+/// What a matching mitigation rule does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RuleAction {
+    Drop,
+    /// No later rule applies; the packet goes on.
+    Pass,
+    /// Counted; the limit is not enforced yet (the packet goes on).
+    RateLimit,
+}
+
+/// One mitigation rule: its condition as checked, the condition's normal
+/// form (what the data plane compiles), and its action.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RuleSpec {
+    pub name: String,
+    pub condition: moat_expr::Expr,
+    pub terms: Vec<moat_expr::normal::Term>,
+    pub action: RuleAction,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]

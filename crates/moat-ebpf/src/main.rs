@@ -17,6 +17,8 @@ mod maps;
 #[cfg(target_arch = "bpf")]
 mod parse;
 #[cfg(target_arch = "bpf")]
+mod rules;
+#[cfg(target_arch = "bpf")]
 mod stats;
 
 #[cfg(target_arch = "bpf")]
@@ -30,7 +32,7 @@ mod program {
     use crate::{
         decap, encap, maps,
         parse::{self, Family, Packet},
-        stats,
+        rules, stats,
     };
 
     /// The result of processing: an XDP action and the reason it is counted under.
@@ -114,6 +116,8 @@ mod program {
         let frame_len = pkt.frame_len as u64;
         let out = if let Err(reason) = protect(&pkt) {
             Err(reason)
+        } else if let Err(reason) = mitigate(ctx, &pkt, frame_len) {
+            Err(reason)
         } else if dest.route_set == NO_ROUTE_SET {
             Err(Reason::DropNoRoute)
         } else {
@@ -127,6 +131,21 @@ mod program {
             }
         }
         out
+    }
+
+    /// The operator's mitigation rules: the first that matches decides (and
+    /// is counted); drop ends the packet, pass and rate limit (not enforced
+    /// yet) let it go on.
+    #[inline(always)]
+    fn mitigate(ctx: &XdpContext, pkt: &Packet, frame_len: u64) -> Result<(), Reason> {
+        let Some(info) = rules::mitigation(ctx, pkt) else {
+            return Ok(());
+        };
+        stats::count_rule(info & 0xffff, frame_len);
+        if info >> 16 == moat_common::rules::CLS_DROP {
+            return Err(Reason::DropMitigationRule);
+        }
+        Ok(())
     }
 
     /// The built-in protections in force, for traffic to a protected prefix.

@@ -102,3 +102,24 @@ pub static REASON_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Re
 pub static CUSTOMER_STATS: PerCpuArray<CustomerStats> = PerCpuArray::with_max_entries(MAX_CUSTOMERS, 0);
 #[map]
 pub static TUNNEL_STATS: PerCpuArray<TunnelStats> = PerCpuArray::with_max_entries(MAX_TUNNELS, 0);
+
+// Operator mitigation rules (moat_common::rules): two copies, one live.
+#[map]
+pub static CLS_ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
+#[map]
+pub static CLS_SLOT: Array<moat_common::rules::ClsSlot> = Array::with_max_entries(2 * moat_common::rules::CLS_SLOTS, 0);
+#[map]
+pub static CLS_KEY: Array<moat_common::rules::ClsKey> =
+    Array::with_max_entries(2 * moat_common::rules::CLS_SLOTS * moat_common::rules::CLS_SLOT_KEYS, 0);
+#[map]
+pub static CLS_BITMAP: Array<[u64; moat_common::rules::CLS_WORDS]> =
+    Array::with_max_entries(2 * moat_common::rules::CLS_BITMAPS, 0);
+#[map]
+pub static CLS_TERM: Array<u32> = Array::with_max_entries(2 * moat_common::rules::CLS_TERMS as u32, 0);
+/// Matches per mitigation rule (packets and bytes).
+#[map]
+pub static RULE_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(moat_common::rules::CLS_TERMS as u32, 0);
+/// Per-CPU room for the classifier: its running bitmap and the packet's
+/// value per slot (too large for the stack).
+#[map]
+pub static CLS_SCRATCH: PerCpuArray<crate::rules::Scratch> = PerCpuArray::with_max_entries(1, 0);

@@ -2,12 +2,21 @@
 
 use moat_common::{Counter, CustomerStats, Reason, TunnelStats};
 
-use crate::maps::{CUSTOMER_STATS, REASON_STATS, TUNNEL_STATS};
+use crate::maps::{CUSTOMER_STATS, REASON_STATS, RULE_STATS, TUNNEL_STATS};
 
 #[inline(always)]
 pub fn bump(c: &mut Counter, bytes: u64) {
     c.packets += 1;
     c.bytes += bytes;
+}
+
+/// Counts a match of mitigation rule `rule`.
+#[inline(always)]
+pub fn count_rule(rule: u32, bytes: u64) {
+    if let Some(c) = RULE_STATS.get_ptr_mut(rule) {
+        // SAFETY: per-CPU slot, only this CPU writes it while we run.
+        bump(unsafe { &mut *c }, bytes);
+    }
 }
 
 #[inline(always)]

@@ -49,6 +49,7 @@ pub fn route(prefix: &str, tunnel: &str, priority: u32, weight: u16) -> RouteSpe
 pub fn standard_spec() -> Spec {
     Spec {
         protections: moat_common::protect::ALL,
+        mitigation: vec![],
         node_addresses: vec![Ipv4Addr::new(169, 254, 10, 0)],
         customers: vec![
             CustomerSpec {

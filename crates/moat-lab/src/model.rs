@@ -328,6 +328,38 @@ impl Model<'_> {
         (endpoint, node)
     }
 
+    /// The packet as the expression language sees it.
+    fn fields(&self, b: &[u8], ip: &Ip) -> moat_expr::Packet {
+        use moat_expr::Transport;
+        let l4 = ip.l4;
+        let transport = match (ip.frag, ip.proto, ip.v6) {
+            (true, _, _) => Transport::None,
+            (_, 6, _) => Transport::Tcp {
+                src: u16::from_be_bytes([b[l4], b[l4 + 1]]),
+                dst: u16::from_be_bytes([b[l4 + 2], b[l4 + 3]]),
+                flags: ip.tcp_flags,
+            },
+            (_, 17, _) => Transport::Udp {
+                src: u16::from_be_bytes([b[l4], b[l4 + 1]]),
+                dst: u16::from_be_bytes([b[l4 + 2], b[l4 + 3]]),
+            },
+            (_, 1, false) | (_, 58, true) => Transport::Icmp {
+                kind: b[l4],
+                code: b[l4 + 1],
+            },
+            _ => Transport::None,
+        };
+        moat_expr::Packet {
+            src: ip.src,
+            dst: ip.dst,
+            proto: ip.proto,
+            ttl: b[ip.ttl_pos],
+            len: ip.ip_len as u16,
+            frag: ip.frag,
+            transport,
+        }
+    }
+
     /// The expected result for frame `b`; `None` if it depends on a FIB
     /// answer the test cannot predict.
     pub fn process(&self, b: &[u8]) -> Option<Expect> {
@@ -380,6 +412,20 @@ impl Model<'_> {
                 if p[..2] == [0, 0] || p[2..] == [0, 0] {
                     return self.drop(b, Reason::DropZeroPort);
                 }
+            }
+        }
+        // Operator mitigation rules: the first whose expression matches
+        // (by the language's reference evaluation) decides.
+        let fields = self.fields(b, &ip);
+        let no_lists = |_: &str| Vec::new();
+        if let Some(r) = self
+            .spec
+            .mitigation
+            .iter()
+            .find(|r| r.condition.matches(&fields, &no_lists))
+        {
+            if r.action == moat_dataplane::RuleAction::Drop {
+                return self.drop(b, Reason::DropMitigationRule);
             }
         }
         let c = &self.spec.customers[ci];

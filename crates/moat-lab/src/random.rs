@@ -102,7 +102,34 @@ pub fn spec(rng: &mut StdRng) -> Spec {
         customers,
         // Any combination of the built-in protections.
         protections: rng.gen_range(0..=moat_common::protect::ALL),
+        mitigation: random_rules(rng),
     }
+}
+
+/// Up to 30 mitigation rules from the shared random conditions (no lists:
+/// the data plane's specification carries none), drop or pass.
+fn random_rules(rng: &mut StdRng) -> Vec<moat_dataplane::RuleSpec> {
+    let mut out = Vec::new();
+    while out.len() < rng.gen_range(0..=30) {
+        let e = crate::rules::expr(rng, 2);
+        if format!("{e}").contains('$') {
+            continue;
+        }
+        let Ok(terms) = moat_expr::normal::terms(&e, &|_| Vec::new(), moat_expr::normal::MAX_TERMS) else {
+            continue;
+        };
+        out.push(moat_dataplane::RuleSpec {
+            name: format!("r{}", out.len()),
+            condition: e,
+            terms,
+            action: if rng.gen_bool(0.5) {
+                moat_dataplane::RuleAction::Drop
+            } else {
+                moat_dataplane::RuleAction::Pass
+            },
+        });
+    }
+    out
 }
 
 /// A random sub-prefix of `p`, up to `extra` bits longer.

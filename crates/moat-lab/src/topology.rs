@@ -114,6 +114,7 @@ impl Transit {
         Spec {
             node_addresses: vec![],
             protections: moat_common::protect::ALL,
+            mitigation: vec![],
             customers: vec![CustomerSpec {
                 name: "acme".into(),
                 prefixes: vec!["203.0.113.0/24".parse().expect("prefix")],

@@ -190,6 +190,7 @@ fn main() {
         node_addresses: vec![Ipv4Addr::new(192, 0, 2, 100)],
         customers: (0..customers).map(|c| g.customer(c)).collect(),
         protections: moat_common::protect::ALL,
+        mitigation: vec![],
     };
     let count = |f: fn(&CustomerSpec) -> usize| spec.customers.iter().map(f).sum::<usize>();
     println!(

@@ -1,0 +1,312 @@
+//! Operator mitigation rules: classification by per-field interval tables
+//! and term bitmaps (moat_common::rules). Per packet: for every slot that
+//! some rule constrains, one binary search for the interval holding the
+//! packet's value (or the "field absent" bitmap) and one 1,024-bit AND;
+//! the lowest bit left is the first matching term. The cost follows the
+//! fields the rules use, not how many rules there are.
+
+use aya_ebpf::{helpers::bpf_loop, programs::XdpContext};
+use moat_common::rules::*;
+
+use crate::{
+    maps::{CLS_ACTIVE, CLS_BITMAP, CLS_KEY, CLS_SCRATCH, CLS_SLOT, CLS_TERM},
+    parse::{self, Family, Packet},
+};
+
+type Bits = [u64; CLS_WORDS];
+
+/// A binary search in progress over slot `slot`'s intervals (the value
+/// sought is the slot's in the scratch): the answer lies in `[lo, hi)`.
+#[repr(C)]
+pub struct Search {
+    base: u32,
+    lo: u32,
+    hi: u32,
+    slot: u32,
+}
+
+/// One halving; 1 ends the loop.
+extern "C" fn search_step(_i: u32, _ctx: *mut core::ffi::c_void) -> i64 {
+    let Some(sc) = CLS_SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's scratch slot, used only while this program runs on it.
+    let sc = unsafe { &mut *sc };
+    // A power-of-two table and a mask: in bounds as the verifier sees it.
+    let [_, vh, vl] = sc.vals[(sc.search.slot & 31) as usize];
+    let s = &mut sc.search;
+    if s.hi <= s.lo + 1 || s.hi > CLS_SLOT_KEYS {
+        return 1;
+    }
+    let mid = (s.lo + s.hi) / 2;
+    let Some(k) = CLS_KEY.get(s.base + mid) else {
+        return 1;
+    };
+    if (k.hi, k.lo) <= (vh, vl) {
+        s.lo = mid;
+    } else {
+        s.hi = mid;
+    }
+    0
+}
+
+/// ANDs the bitmap for the packet's value in slot `s` of copy `c` (`(vh,
+/// vl)` when `present`, else "absent") into the scratch bitmap; 0 when
+/// nothing is left (no rule can match) or a table is out of bounds. A
+/// function of its own, so the verifier meets each call in one state.
+#[inline(always)]
+fn narrow(acc: &mut Bits, search: &mut Search, c: u32, s: u32, present: u64) -> u32 {
+    let value = if present != 0 { Some(()) } else { None };
+    let Some(slot) = CLS_SLOT.get(c * CLS_SLOTS + s) else {
+        return 0;
+    };
+    let len = slot.len;
+    if len == 0 {
+        return 1;
+    }
+    let id = match value {
+        None => slot.absent,
+        Some(_) => {
+            let base = (c * CLS_SLOTS + s) * CLS_SLOT_KEYS;
+            *search = Search {
+                base,
+                lo: 0,
+                hi: len.min(CLS_SLOT_KEYS),
+                slot: s,
+            };
+            // One callback, verified once, for the halvings (at most 12 for
+            // 2,048 intervals): as a plain loop its branches multiply the
+            // verifier's paths beyond its limit.
+            // SAFETY: bpf_loop with a callback of the helper's signature and
+            // no context (the state is in the scratch map).
+            unsafe { bpf_loop(12, search_step as *mut core::ffi::c_void, core::ptr::null_mut(), 0) };
+            // The callback changed the search through the map: read it anew.
+            let lo = unsafe { core::ptr::read_volatile(&search.lo) };
+            match CLS_KEY.get(base + lo.min(CLS_SLOT_KEYS - 1)) {
+                Some(k) => k.bitmap,
+                None => return 0,
+            }
+        }
+    };
+    if id >= CLS_BITMAPS {
+        return 0;
+    }
+    let Some(b) = CLS_BITMAP.get(c * CLS_BITMAPS + id) else {
+        return 0;
+    };
+    let mut any = 0;
+    for w in 0..CLS_WORDS {
+        acc[w] &= b[w];
+        any |= acc[w];
+    }
+    u32::from(any != 0)
+}
+
+/// Index of the lowest set bit of a non-zero word.
+#[inline(always)]
+fn lowest(x: u64) -> u32 {
+    let mut v = x & x.wrapping_neg();
+    let mut n = 0;
+    for (shift, mask) in [
+        (32, 0xffff_ffff_0000_0000u64),
+        (16, 0xffff_0000_ffff_0000),
+        (8, 0xff00_ff00_ff00_ff00),
+        (4, 0xf0f0_f0f0_f0f0_f0f0),
+        (2, 0xcccc_cccc_cccc_cccc),
+        (1, 0xaaaa_aaaa_aaaa_aaaa),
+    ] {
+        if v & mask != 0 {
+            n += shift;
+            v &= mask;
+        }
+    }
+    n
+}
+
+/// The values the rules can test, gathered from the parsed packet (plain
+/// numbers only: the classifier runs as a function of its own and must not
+/// be handed packet pointers).
+#[repr(C)]
+pub struct Fields {
+    /// 0-1: IPv4 source and destination (`lo` halves); IPv6: all 128 bits.
+    pub src: (u64, u64),
+    pub dst: (u64, u64),
+    pub proto: u64,
+    pub ttl: u64,
+    pub len: u64,
+    pub sport: u64,
+    pub dport: u64,
+    pub flags: u64,
+    pub itype: u64,
+    pub icode: u64,
+    pub v4: bool,
+    pub frag: bool,
+    pub tcp: bool,
+    pub udp: bool,
+    pub icmp: bool,
+}
+
+/// The first matching mitigation rule as `rule | action << 16`, if any.
+#[inline(always)]
+pub fn mitigation(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
+    let v4 = pkt.family == Family::V4;
+    let whole_l4 = !pkt.frag;
+    let tcp = whole_l4 && pkt.proto == parse::IPPROTO_TCP;
+    let udp = whole_l4 && pkt.proto == parse::IPPROTO_UDP;
+    let icmp = whole_l4 && ((v4 && pkt.proto == parse::IPPROTO_ICMP) || (!v4 && pkt.proto == parse::IPPROTO_ICMPV6));
+    // Port bytes as on the wire: source in the first two, destination in the last two.
+    let ports = pkt.ports.unwrap_or(0).to_ne_bytes();
+    let (itype, icode) = if icmp {
+        let t = parse::load::<[u8; 2]>(ctx, pkt.l4)?;
+        (u64::from(t[0]), u64::from(t[1]))
+    } else {
+        (0, 0)
+    };
+    let addr = |a: &[u32; 4]| {
+        let w = |i: usize| u64::from(u32::from_be(a[i]));
+        if v4 {
+            (0, w(0))
+        } else {
+            ((w(0) << 32) | w(1), (w(2) << 32) | w(3))
+        }
+    };
+    let f = Fields {
+        src: addr(&pkt.src),
+        dst: addr(&pkt.dst),
+        proto: u64::from(pkt.proto),
+        ttl: u64::from(parse::load::<[u8; 2]>(ctx, pkt.ttl_off)?[0]),
+        len: pkt.ip_len as u64,
+        sport: u64::from(u16::from_be_bytes([ports[0], ports[1]])),
+        dport: u64::from(u16::from_be_bytes([ports[2], ports[3]])),
+        flags: u64::from(pkt.tcp_flags),
+        itype,
+        icode,
+        v4,
+        frag: pkt.frag,
+        tcp,
+        udp,
+        icmp,
+    };
+    match classify(&f) {
+        0 => None,
+        info => Some(info - 1),
+    }
+}
+
+/// The classifier's per-CPU working memory.
+#[repr(C)]
+pub struct Scratch {
+    acc: Bits,
+    /// Per slot: (1 present / 0 absent / 2 not for this packet, high, low).
+    vals: [[u64; 3]; 32],
+    /// The copy in use and whether the search goes on (the loops' state:
+    /// kept here, not on the stack, which the callbacks' frames share).
+    c: u32,
+    ok: u32,
+    search: Search,
+}
+
+/// One slot of the classification; 1 ends the loop (nothing can match).
+extern "C" fn slot_step(i: u32, _ctx: *mut core::ffi::c_void) -> i64 {
+    let Some(sc) = CLS_SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's scratch slot, used only while this program runs on it.
+    let sc = unsafe { &mut *sc };
+    // A power-of-two table and a mask: in bounds as the verifier sees it.
+    let present = sc.vals[(i & 31) as usize][0];
+    if present == 2 {
+        return 0;
+    }
+    if narrow(&mut sc.acc, &mut sc.search, sc.c, i, present) == 0 {
+        sc.ok = 0;
+        return 1;
+    }
+    0
+}
+
+/// The classification proper, `1 + (rule | action << 16)` or 0 for no
+/// match. A function of its own (not inlined), and its per-slot work one
+/// bpf_loop callback: the verifier checks each once.
+#[inline(never)]
+fn classify(f: &Fields) -> u32 {
+    let Some(&c) = CLS_ACTIVE.get(0) else {
+        return 0;
+    };
+    if c > 1 {
+        return 0;
+    }
+    let Some(all) = CLS_BITMAP.get(c * CLS_BITMAPS) else {
+        return 0;
+    };
+    let Some(sc) = CLS_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's scratch slot, used only while this program runs on it.
+    let sc = unsafe { &mut *sc };
+    sc.acc = *all;
+    let int = |v: u64| [1, 0, v];
+    let none = [0, 0, 0];
+    let skip = [2, 0, 0];
+    let opt = |on: bool, v: u64| if on { int(v) } else { none };
+    let flag = |bit: u64| opt(f.tcp, u64::from(f.flags & bit != 0));
+    let v = &mut sc.vals;
+    let (a4, a6) = (
+        |x: (u64, u64)| if f.v4 { [1, x.0, x.1] } else { skip },
+        |x: (u64, u64)| {
+            if f.v4 {
+                skip
+            } else {
+                [1, x.0, x.1]
+            }
+        },
+    );
+    v[slot::IP_SRC as usize] = a4(f.src);
+    v[slot::IP_DST as usize] = a4(f.dst);
+    v[slot::IP_SRC6 as usize] = a6(f.src);
+    v[slot::IP_DST6 as usize] = a6(f.dst);
+    v[slot::IP_PROTO as usize] = int(f.proto);
+    v[slot::IP_TTL as usize] = int(f.ttl);
+    v[slot::IP_LEN as usize] = int(f.len);
+    v[slot::IP_FRAG as usize] = int(u64::from(f.frag));
+    v[slot::IP_VERSION as usize] = int(if f.v4 { 4 } else { 6 });
+    v[slot::TCP_SRCPORT as usize] = opt(f.tcp, f.sport);
+    v[slot::TCP_DSTPORT as usize] = opt(f.tcp, f.dport);
+    v[slot::TCP_FLAGS as usize] = opt(f.tcp, f.flags);
+    v[slot::TCP_FLAG_SYN as usize] = flag(0x02);
+    v[slot::TCP_FLAG_ACK as usize] = flag(0x10);
+    v[slot::TCP_FLAG_RST as usize] = flag(0x04);
+    v[slot::TCP_FLAG_FIN as usize] = flag(0x01);
+    v[slot::TCP_FLAG_PSH as usize] = flag(0x08);
+    v[slot::TCP_FLAG_URG as usize] = flag(0x20);
+    v[slot::UDP_SRCPORT as usize] = opt(f.udp, f.sport);
+    v[slot::UDP_DSTPORT as usize] = opt(f.udp, f.dport);
+    v[slot::ICMP_TYPE as usize] = opt(f.icmp, f.itype);
+    v[slot::ICMP_CODE as usize] = opt(f.icmp, f.icode);
+    for unused in v.iter_mut().skip(22) {
+        *unused = skip;
+    }
+    sc.c = c;
+    sc.ok = 1;
+    // SAFETY: bpf_loop with a callback of the helper's signature and no
+    // context (the state is in the scratch map).
+    unsafe { bpf_loop(CLS_SLOTS, slot_step as *mut core::ffi::c_void, core::ptr::null_mut(), 0) };
+    // The callbacks changed the scratch through the map: read it anew.
+    if unsafe { core::ptr::read_volatile(&sc.ok) } == 0 {
+        return 0;
+    }
+    let mut term = None;
+    for (w, word) in sc.acc.iter().enumerate() {
+        if *word != 0 {
+            term = Some(w as u32 * 64 + lowest(*word));
+            break;
+        }
+    }
+    let Some(term) = term else {
+        return 0;
+    };
+    match CLS_TERM.get(c * CLS_TERMS as u32 + term) {
+        Some(info) => info + 1,
+        None => 0,
+    }
+}
