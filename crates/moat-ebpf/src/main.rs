@@ -26,7 +26,12 @@ mod runtime;
 
 #[cfg(target_arch = "bpf")]
 mod program {
-    use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+    use aya_ebpf::{
+        bindings::xdp_action,
+        macros::{map, xdp},
+        maps::PerCpuArray,
+        programs::XdpContext,
+    };
     use moat_common::{limits::NO_ROUTE_SET, Reason, LOCAL_TUNNEL_ENDPOINT};
 
     use crate::{
@@ -74,11 +79,21 @@ mod program {
         bench_around(&ctx, false)
     }
 
+    /// The harness's copy of the packet's first 64 bytes, kept in a map
+    /// rather than on the stack, which the pipeline needs all of.
+    #[map]
+    static BENCH_SAVED: PerCpuArray<[u64; 8]> = PerCpuArray::with_max_entries(1, 0);
+
     #[inline(always)]
     fn bench_around(ctx: &XdpContext, pipeline: bool) -> u32 {
-        let Some(saved) = parse::load::<[u64; 8]>(ctx, 0) else {
+        let Some(slot) = BENCH_SAVED.get_ptr_mut(0) else {
             return xdp_action::XDP_ABORTED;
         };
+        let Some(head) = parse::load::<[u64; 8]>(ctx, 0) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        // SAFETY: the per-CPU slot is this program run's own.
+        unsafe { *slot = head };
         let before = core::hint::black_box(ctx.data_end() - ctx.data());
         let action = if pipeline { ingress(ctx) } else { xdp_action::XDP_DROP };
         let after = core::hint::black_box(ctx.data_end() - ctx.data());
@@ -88,8 +103,9 @@ mod program {
             return xdp_action::XDP_ABORTED;
         }
         match parse::ptr::<[u64; 8]>(ctx, 0) {
-            // SAFETY: `ptr` checked that 64 bytes lie inside the packet.
-            Some(p) => unsafe { *p = saved },
+            // SAFETY: `ptr` checked that 64 bytes lie inside the packet;
+            // the slot was filled above on this CPU.
+            Some(p) => unsafe { *p = *slot },
             None => return xdp_action::XDP_ABORTED,
         }
         action
