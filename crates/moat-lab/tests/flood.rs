@@ -82,7 +82,7 @@ impl Capture {
                 )
             };
             // Only arrivals: the sink's own transmissions are not the flood.
-            if len > 0 && from.sll_pkttype != libc::PACKET_OUTGOING as u8 {
+            if len > 0 && from.sll_pkttype != libc::PACKET_OUTGOING {
                 out.push(buf[..len as usize].to_vec());
             }
         }
