@@ -223,7 +223,19 @@ pub mod protect {
     pub const LAND: u32 = 2;
     /// Drop TCP and UDP with source or destination port 0.
     pub const ZERO_PORTS: u32 = 4;
-    pub const ALL: u32 = INVALID_TCP_FLAGS | LAND | ZERO_PORTS;
+    /// Drop UDP from a reflector source port (`REFLECT_PORTS`) unless an
+    /// operator pass rule or the customer's firewall allowed it.
+    pub const REFLECTION: u32 = 8;
+    pub const ALL: u32 = INVALID_TCP_FLAGS | LAND | ZERO_PORTS | REFLECTION;
+
+    /// Source ports of the well-known UDP reflection and amplification
+    /// vectors: chargen, DNS, NTP, NetBIOS, SNMP, CLDAP, SSDP, WS-Discovery,
+    /// memcached, and others commonly abused.
+    pub const REFLECTOR_PORTS: [u16; 17] = [
+        17, 19, 53, 69, 111, 123, 137, 161, 389, 1900, 3283, 3702, 5353, 5683, 10001, 11211, 37810,
+    ];
+    /// 64-bit words of the `REFLECT_PORTS` bitmap (one bit per port).
+    pub const PORT_WORDS: u32 = 65_536 / 64;
 
     use crate::tcp_flag::*;
 

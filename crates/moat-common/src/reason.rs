@@ -101,4 +101,10 @@ reasons! {
     /// Matched an operator mitigation rule whose action is drop (counted per
     /// rule as well).
     DropMitigationRule = 25 => "drop_mitigation_rule", Drop;
+    /// Over the token bucket of an operator rate_limit rule (counted per rule).
+    DropRateLimit = 26 => "drop_rate_limit", Drop;
+    /// Blocked by a rule of the customer's firewall (counted per rule).
+    DropFirewall = 27 => "drop_firewall", Drop;
+    /// UDP from a reflector source port nobody allowed (built-in protection).
+    DropReflection = 28 => "drop_reflection", Drop;
 }

@@ -1,20 +1,53 @@
-//! Operator mitigation rules in the data plane: a rule set compiled to
-//! per-field interval tables and term bitmaps (see moat-dataplane's
-//! classify.rs), held twice: userspace fills the idle copy and flips
-//! `CLS_ACTIVE` with one store, so a packet sees the old set or the new.
+//! Rule sets in the data plane: the operator's mitigation rules (set 0)
+//! and each customer's firewall (sets 1..), each compiled to per-field
+//! interval tables and term bitmaps (see moat-dataplane's classify.rs).
+//! Every set lives in shared pools (slot descriptors, intervals, bitmaps,
+//! terms), all held twice: userspace fills the idle copy and flips
+//! `CLS_ACTIVE` with one store, so a packet sees the old sets or the new.
 
-/// Terms (bits) a rule set may hold.
+/// Terms (bits) one rule set may hold.
 pub const CLS_TERMS: usize = 1024;
 /// 64-bit words of a term bitmap.
 pub const CLS_WORDS: usize = CLS_TERMS / 64;
-/// Lookup slots: one per field, plus the IPv6 halves of the two address fields.
+/// Value slots: one per field, plus the IPv6 halves of the two address fields.
 pub const CLS_SLOTS: u32 = 24;
-/// Intervals one slot may hold.
-pub const CLS_SLOT_KEYS: u32 = 2048;
-/// Distinct bitmaps per copy.
-pub const CLS_BITMAPS: u32 = 4096;
-/// `CLS_ACTIVE` when no rule is in force.
+/// Intervals one slot of one set may hold.
+pub const CLS_SLOT_KEYS: u32 = 4096;
+/// Halvings that find an interval among [`CLS_SLOT_KEYS`].
+pub const CLS_SEARCH_STEPS: u32 = 13;
+/// Rule sets per copy: the operator's, then one per customer firewall.
+pub const CLS_SETS: u32 = 4096;
+/// Pool sizes per copy.
+pub const CLS_SLOT_POOL: u32 = 16_384;
+pub const CLS_KEY_POOL: u32 = 65_536;
+pub const CLS_BITMAP_POOL: u32 = 16_384;
+pub const CLS_TERM_POOL: u32 = 65_536;
+/// Rules (each with its counter and rate-limit bucket) per copy.
+pub const CLS_RULE_POOL: u32 = 16_384;
+/// Per-address rate-limit buckets (LRU: a flood of spoofed sources evicts
+/// old buckets instead of exhausting memory).
+pub const RL_ADDR_ENTRIES: u32 = 131_072;
+/// `CLS_ACTIVE` when no rule set is in force.
 pub const CLS_NONE: u32 = 2;
+/// The operator's mitigation rules.
+pub const SET_MITIGATION: u32 = 0;
+/// `CUSTOMER_FW` for a customer without firewall rules.
+pub const SET_NONE: u32 = 0;
+
+/// One rule set of one copy: its slot descriptors, the bitmap of all its
+/// terms and its terms, as indexes into the copy's pools.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClsSet {
+    pub slot_base: u32,
+    pub nslots: u32,
+    pub all: u32,
+    pub term_base: u32,
+    /// 0: the set is empty (nothing to classify).
+    pub nterms: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<ClsSet>() == 24);
 
 /// Slot numbers: the fields of the expression language, then IPv6.
 pub mod slot {
@@ -43,19 +76,21 @@ pub mod slot {
     pub const IP_DST6: u32 = 21;
 }
 
-/// A slot of one copy: how many intervals it holds (0: no term constrains
-/// the field) and the bitmap for packets lacking the field.
+/// A value slot some term of a set constrains: which one, its intervals
+/// (`len` from `key_base` in the key pool, sorted) and the bitmap for
+/// packets lacking the field.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClsSlot {
+    pub slot: u32,
     pub len: u32,
     pub absent: u32,
+    pub key_base: u32,
 }
-const _: () = assert!(core::mem::size_of::<ClsSlot>() == 8);
+const _: () = assert!(core::mem::size_of::<ClsSlot>() == 16);
 
 /// An interval's start (a 128-bit value as two halves; integers and IPv4
-/// addresses in `lo`) and its bitmap. Slot `s` of copy `c` holds its
-/// intervals, sorted, from index `(c * CLS_SLOTS + s) * CLS_SLOT_KEYS`.
+/// addresses in `lo`) and its bitmap (an index into the bitmap pool).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClsKey {
@@ -66,12 +101,47 @@ pub struct ClsKey {
 }
 const _: () = assert!(core::mem::size_of::<ClsKey>() == 24);
 
-/// A term's rule and the rule's action: `rule | action << 16`.
+/// A matching term's rule: its counter (an index into `RULE_STATS`, whose
+/// copy-sized halves follow `CLS_ACTIVE`), its action and, for rate
+/// limits, the bucket's parameters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClsTerm {
+    pub stat: u32,
+    pub action: u32,
+    /// Nanoseconds of credit one packet takes (1e9 / pps).
+    pub interval_ns: u64,
+    /// How far ahead of now the bucket may run (the burst, in nanoseconds).
+    pub burst_ns: u64,
+    /// `RL_PER_*`.
+    pub per: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<ClsTerm>() == 32);
+
+/// Block (firewall) or drop (mitigation).
 pub const CLS_DROP: u32 = 1;
-/// Matched: no later rule applies; the packet goes on.
+/// Allow (firewall) or pass (mitigation): no later rule of the set applies.
 pub const CLS_PASS: u32 = 2;
-/// Matched a rate-limited rule (counted; not enforced yet).
+/// Mitigation: pass while the rule's token bucket has credit.
 pub const CLS_RATE_LIMIT: u32 = 3;
+
+/// One bucket for all the rule's packets.
+pub const RL_PER_RULE: u32 = 0;
+/// One bucket per destination address.
+pub const RL_PER_DST: u32 = 1;
+/// One bucket per source address.
+pub const RL_PER_SRC: u32 = 2;
+
+/// A per-address bucket: the rule's counter index (hence copy) and the
+/// address (IPv4 in the first word).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RlKey {
+    pub stat: u32,
+    pub addr: [u32; 4],
+}
+const _: () = assert!(core::mem::size_of::<RlKey>() == 20);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -80,4 +150,10 @@ mod pod {
     unsafe impl aya::Pod for super::ClsSlot {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ClsKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ClsSet {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ClsTerm {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RlKey {}
 }

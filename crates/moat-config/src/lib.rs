@@ -16,9 +16,7 @@
 //! - **Expressions** (mitigation and firewall rules) are parsed and checked
 //!   by [`expr`]: syntax, fields, operators and values for each field's
 //!   type, and every `$list` defined; an error points at the column inside
-//!   the expression. The data plane does not enforce them yet (that comes
-//!   with scrubbing): a single warning per file says how many rules are
-//!   checked but not enforced, positioned at the first rule.
+//!   the expression. The data plane enforces every rule.
 //! - **`interface_address`** is an IPv4 /31 or /30 written as its network
 //!   (host bits clear). Ours is the first address and the customer's the
 //!   other: in a /31 the lower and the upper address; in a /30 the first

@@ -177,6 +177,9 @@ pub struct Protections {
     pub land: bool,
     /// TCP or UDP with source or destination port 0.
     pub zero_ports: bool,
+    /// UDP from a well-known reflector source port (DNS, NTP, memcached,
+    /// ...) that no operator pass rule or customer allow rule matched.
+    pub reflection: bool,
 }
 
 impl Default for Protections {
@@ -185,6 +188,7 @@ impl Default for Protections {
             invalid_tcp_flags: true,
             land: true,
             zero_ports: true,
+            reflection: true,
         }
     }
 }
@@ -202,6 +206,9 @@ impl Protections {
         }
         if self.zero_ports {
             b |= ZERO_PORTS;
+        }
+        if self.reflection {
+            b |= REFLECTION;
         }
         b
     }

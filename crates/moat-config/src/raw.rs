@@ -66,6 +66,8 @@ pub(crate) struct RawProtections {
     pub land: Option<bool>,
     #[serde(default)]
     pub zero_ports: Option<bool>,
+    #[serde(default)]
+    pub reflection: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

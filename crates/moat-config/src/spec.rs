@@ -3,9 +3,9 @@
 
 use std::collections::HashSet;
 
-use moat_dataplane::{CustomerSpec, RouteSpec, RuleAction, RuleSpec, Spec, TunnelSpec};
+use moat_dataplane::{CustomerSpec, RateLimit, RatePer, RouteSpec, RuleAction, RuleSpec, Spec, TunnelSpec};
 
-use crate::model::{Config, MitigationAction};
+use crate::model::{Config, FirewallAction, MitigationAction, Per};
 
 impl Config {
     /// `ok: 2 customers, 3 prefixes, 4 tunnels, 5 routes` (prefixes are the
@@ -29,6 +29,11 @@ impl Config {
     /// priority of every route through that tunnel. Node addresses are our
     /// side of every tunnel's `interface_address`, each once, in file order.
     pub fn to_spec_with_penalties(&self, penalty: impl Fn(&str, &str) -> u32) -> Spec {
+        let list = |name: &str| self.lists.get(name).cloned().unwrap_or_default();
+        // Validation refused rules over the term limit.
+        let terms = |e: &crate::expr::Expr| {
+            crate::expr::normal::terms(e, &list, crate::expr::normal::MAX_TERMS).unwrap_or_default()
+        };
         let mut seen = HashSet::new();
         let node_addresses = self
             .customers
@@ -67,22 +72,39 @@ impl Config {
                         weight: r.weight,
                     })
                     .collect(),
+                firewall: c
+                    .firewall
+                    .iter()
+                    .map(|r| RuleSpec {
+                        name: r.name.clone(),
+                        condition: r.condition.clone(),
+                        terms: terms(&r.condition),
+                        action: match r.action {
+                            FirewallAction::Allow => RuleAction::Pass,
+                            FirewallAction::Block => RuleAction::Drop,
+                        },
+                    })
+                    .collect(),
             })
             .collect();
-        let list = |name: &str| self.lists.get(name).cloned().unwrap_or_default();
         let mitigation = self
             .mitigation
             .iter()
             .map(|r| RuleSpec {
                 name: r.name.clone(),
                 condition: r.condition.clone(),
-                // Validation refused rules over the limit.
-                terms: crate::expr::normal::terms(&r.condition, &list, crate::expr::normal::MAX_TERMS)
-                    .unwrap_or_default(),
+                terms: terms(&r.condition),
                 action: match r.action {
                     MitigationAction::Drop => RuleAction::Drop,
                     MitigationAction::Pass => RuleAction::Pass,
-                    MitigationAction::RateLimit { .. } => RuleAction::RateLimit,
+                    MitigationAction::RateLimit { pps, per } => RuleAction::RateLimit(RateLimit {
+                        pps: u64::from(pps),
+                        per: match per {
+                            Per::Rule => RatePer::Rule,
+                            Per::DstIp => RatePer::DstIp,
+                            Per::SrcIp => RatePer::SrcIp,
+                        },
+                    }),
                 },
             })
             .collect();

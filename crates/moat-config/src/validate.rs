@@ -56,11 +56,11 @@ pub(crate) fn parse(text: &str, file: &str) -> Result<Loaded, Vec<Diagnostic>> {
         cx.errors.sort_by_key(|e| e.0);
         return Err(cx.errors.into_iter().map(|e| diagnostic(e, Severity::Error)).collect());
     }
-    let warnings = rules_warning(&raw, &config)
-        .into_iter()
-        .map(|w| diagnostic(w, Severity::Warning))
-        .collect();
-    Ok(Loaded { config, warnings })
+    // Every accepted setting is enforced: nothing to warn about today.
+    Ok(Loaded {
+        config,
+        warnings: Vec::new(),
+    })
 }
 
 /// A parse error as one diagnostic, its message cleaned of the position
@@ -119,43 +119,6 @@ fn pos(loc: &Location) -> Pos {
         line: (loc.line() as usize).max(1),
         col: (loc.column() as usize).max(1),
     }
-}
-
-/// The warning about rules accepted but not enforced, at the first rule.
-fn rules_warning(raw: &RawConfig, config: &Config) -> Option<(Pos, String)> {
-    let rate_limited = config
-        .mitigation
-        .iter()
-        .filter(|r| matches!(r.action, MitigationAction::RateLimit { .. }))
-        .count();
-    let firewall: usize = config.customers.iter().map(|c| c.firewall.len()).sum();
-    if rate_limited + firewall == 0 {
-        return None;
-    }
-    let mut first: Option<Pos> = None;
-    let mut consider = |loc: &Location| {
-        let p = pos(loc);
-        if first.is_none_or(|f| p < f) {
-            first = Some(p);
-        }
-    };
-    if let Some(rules) = raw.mitigation.as_ref().and_then(|m| m.value.rules.as_ref()) {
-        if let Some(r) = rules.value.first() {
-            consider(&r.referenced);
-        }
-    }
-    for c in items(&raw.customers) {
-        if let Some(r) = items(&c.value.firewall).first() {
-            consider(&r.referenced);
-        }
-    }
-    Some((
-        first.unwrap_or(Pos { line: 1, col: 1 }),
-        format!(
-            "{rate_limited} rate_limit mitigation rules (their limits) and {firewall} firewall rules are checked \
-             but not yet enforced by the data plane (drop and pass mitigation rules are)"
-        ),
-    ))
 }
 
 /// The elements of an optional list (empty when absent).
@@ -331,6 +294,7 @@ impl Ctx<'_> {
                 invalid_tcp_flags: p.value.invalid_tcp_flags.unwrap_or(defaults.invalid_tcp_flags),
                 land: p.value.land.unwrap_or(defaults.land),
                 zero_ports: p.value.zero_ports.unwrap_or(defaults.zero_ports),
+                reflection: p.value.reflection.unwrap_or(defaults.reflection),
             },
             None => defaults,
         };

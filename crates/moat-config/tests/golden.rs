@@ -81,13 +81,41 @@ fn valid_configs_compile_to_the_expected_state() {
                     })
                 };
                 let compiled = compile(&spec, &next_hop, None).expect("a valid config compiles");
-                out + &dump(&compiled.contents())
+                out + &dump(&compiled.contents()) + &dump_rules(compiled.rules())
             }
             Err(errors) => errors.iter().map(|e| format!("{e}\n")).collect(),
         };
         failures.extend(check(yaml, &actual));
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The rule sets as compiled: per set its rules and the size of its tables.
+fn dump_rules(r: Option<&moat_dataplane::rules::RuleTables>) -> String {
+    let Some(r) = r else {
+        return "rules: none\n".into();
+    };
+    let mut out = String::from("rules:\n");
+    for set in &r.sets {
+        let whose = match &set.customer {
+            None => "mitigation".to_string(),
+            Some((id, name)) => format!("firewall of {name} (customer {id})"),
+        };
+        let intervals: usize = set.tables.tables.iter().map(|t| t.starts.len()).sum();
+        writeln!(
+            out,
+            "  {whose}: {} rules, {} terms, {} fields, {intervals} intervals, {} bitmaps",
+            set.rules.len(),
+            set.tables.term_rule.len(),
+            set.tables.absent.len(),
+            set.tables.bitmaps.len()
+        )
+        .unwrap();
+        for (name, action) in &set.rules {
+            writeln!(out, "    {name}: {action:?}").unwrap();
+        }
+    }
+    out
 }
 
 fn tunnel_name(c: &Contents, id: u32) -> String {
@@ -224,6 +252,7 @@ fn dump(c: &Contents) -> String {
         (moat_common::protect::INVALID_TCP_FLAGS, "invalid-tcp-flags"),
         (moat_common::protect::LAND, "land"),
         (moat_common::protect::ZERO_PORTS, "zero-ports"),
+        (moat_common::protect::REFLECTION, "reflection"),
     ]
     .iter()
     .filter(|(bit, _)| p & bit != 0)

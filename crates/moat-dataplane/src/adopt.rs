@@ -182,6 +182,9 @@ impl Dataplane {
             pieces.insert(Arc::new(piece));
         }
         out.pieces = pieces;
+        // The rule sets are not read back: the first apply rewrites them
+        // (into the idle copy, made live with one store).
+        out.rules_unknown = true;
         out.state = Carry(Some(Box::new(ApplyState {
             ecmp: ecmp_indexes(&raw_sets),
             ..ApplyState::default()

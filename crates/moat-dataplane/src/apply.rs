@@ -466,8 +466,8 @@ impl Dataplane {
         // Rules: rewritten when they changed, or when what the maps hold
         // is not known (a full apply).
         let result = result.and_then(|(mut report, state)| {
-            let known = prev.as_ref().map(|p| &p.rules);
-            if known != Some(&want.rules) {
+            let known = prev.as_ref().filter(|p| !p.rules_unknown).map(|p| &p.rules);
+            if known != Some(&want.rules) || want.rules_unknown {
                 self.write_rules(want.rules.as_deref())?;
                 report.changed += 1;
             }
@@ -476,6 +476,7 @@ impl Dataplane {
         match result {
             Ok((report, state)) => {
                 let mut applied = want.clone();
+                applied.rules_unknown = false;
                 applied.state.0 = Some(state);
                 self.applied = Some(applied);
                 Ok(report)
@@ -591,6 +592,14 @@ impl Dataplane {
         // Built-in protections: one value, written before the destinations
         // it applies to.
         if want.protections != have.protections {
+            // The reflector ports first (fixed; written again at no harm).
+            let mut words = std::collections::BTreeMap::<u32, u64>::new();
+            for p in moat_common::protect::REFLECTOR_PORTS {
+                *words.entry(u32::from(p) / 64).or_default() |= 1 << (p % 64);
+            }
+            for (w, bits) in words {
+                m.reflect_ports.set(w, bits, 0).map_err(Error::map("REFLECT_PORTS"))?;
+            }
             m.protections
                 .set(0, want.protections, 0)
                 .map_err(Error::map("PROTECTIONS"))?;

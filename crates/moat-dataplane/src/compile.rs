@@ -425,6 +425,9 @@ pub struct Compiled {
     pub(crate) protections: u32,
     /// The operator's mitigation rules, compiled.
     pub(crate) rules: Option<Arc<crate::rules::RuleTables>>,
+    /// What the rule maps hold is not known (an adopted data plane): the
+    /// next apply writes the rule sets whatever they are.
+    pub(crate) rules_unknown: bool,
     /// Tunnel endpoint -> number of tunnels using it.
     pub(crate) endpoints: BTreeMap<[u8; 4], u32>,
     pub(crate) used: Used,
@@ -465,6 +468,12 @@ impl std::ops::Deref for Compiled {
 }
 
 impl Compiled {
+    /// The rule sets (mitigation rules, then firewalls), compiled and laid
+    /// out; `None` when there is no rule.
+    pub fn rules(&self) -> Option<&crate::rules::RuleTables> {
+        self.rules.as_deref()
+    }
+
     /// The `LOCAL_ADDRS` contents.
     pub fn local_addrs(&self) -> BTreeMap<[u8; 4], u32> {
         let mut out: BTreeMap<[u8; 4], u32> = self.node_addresses.iter().map(|a| (*a, LOCAL_NODE_ADDRESS)).collect();
@@ -597,6 +606,18 @@ pub fn outer_csum_partial(local: [u8; 4], remote: [u8; 4], ttl: u8) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     sum as u16
+}
+
+/// The rule sets of `spec`, firewalls placed by the ids of `pieces`.
+fn rules_for(spec: &Spec, pieces: &Pieces) -> Result<Option<Arc<crate::rules::RuleTables>>, Error> {
+    let mut firewalls = Vec::new();
+    for c in spec.customers.iter().filter(|c| !c.firewall.is_empty()) {
+        let Some(piece) = pieces.get(c.name.as_str()) else {
+            return Err(Error::Spec(format!("customer {}: no id for its firewall", c.name)));
+        };
+        firewalls.push((piece.id, c.name.as_str(), c.firewall.as_slice()));
+    }
+    crate::rules::compile(&spec.mitigation, &firewalls)
 }
 
 fn check_capacity(what: &'static str, have: usize, limit: u32) -> Result<(), Error> {
@@ -824,15 +845,11 @@ pub fn compile(
         }
     }
     let node_addresses: BTreeSet<[u8; 4]> = spec.node_addresses.iter().map(|a| a.octets()).collect();
-    let rules = match crate::rules::compile(&spec.mitigation)? {
-        Some(r) if prev.rules.as_deref() == Some(&*r) => prev.rules.clone(),
-        r => r,
-    };
     if fresh_pieces.is_empty()
         && found == prev.pieces.len()
         && node_addresses == prev.node_addresses
         && spec.protections == prev.protections
-        && rules == prev.rules
+        && rules_for(spec, &prev.pieces)? == prev.rules
     {
         // Nothing changed: the same state (pieces shared as a whole).
         return Ok(prev.clone());
@@ -841,7 +858,6 @@ pub fn compile(
     let mut out = Compiled {
         node_addresses,
         protections: spec.protections,
-        rules,
         endpoints: prev.endpoints.clone(),
         used: prev.used.clone(),
         totals: prev.totals,
@@ -897,6 +913,10 @@ pub fn compile(
         order[i] = Origin::Kept(piece);
     }
     out.pieces = pieces;
+    out.rules = match rules_for(spec, &out.pieces)? {
+        Some(r) if prev.rules.as_deref() == Some(&*r) => prev.rules.clone(),
+        r => r,
+    };
     // Chunks of pieces all hinted at their own position are shared.
     let mut chunks = Vec::with_capacity(order.len().div_ceil(HINT_CHUNK));
     for (k, chunk) in order.chunks(HINT_CHUNK).enumerate() {
@@ -1192,6 +1212,7 @@ mod tests {
                 egress_prefixes: vec![],
                 tunnels: vec![tunnel("a", [192, 0, 2, 10]), tunnel("b", [192, 0, 2, 11])],
                 routes: vec![route("203.0.113.0/24", "a", 100), route("203.0.113.128/25", "b", 100)],
+                firewall: Vec::new(),
             }],
         };
         let c = compile(&spec, &|_| None, None).unwrap().contents();
@@ -1224,6 +1245,7 @@ mod tests {
                 egress_prefixes: vec![],
                 tunnels: vec![t1, t2],
                 routes: vec![route("203.0.113.0/24", "a", 100), route("203.0.113.0/24", "b", 200)],
+                firewall: Vec::new(),
             }],
         };
         let c = compile(&spec, &|_| None, None).unwrap().contents();
@@ -1279,6 +1301,7 @@ mod tests {
                 egress_prefixes: vec![],
                 tunnels: vec![tunnel("a", [192, 0, 2, 10]), tunnel("b", [192, 0, 2, 10])],
                 routes: vec![],
+                firewall: Vec::new(),
             }],
         };
         assert!(matches!(compile(&spec, &|_| None, None), Err(Error::Spec(_))));

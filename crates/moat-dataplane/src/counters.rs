@@ -25,7 +25,7 @@ impl Counters {
     }
 }
 
-fn sum<V: Pod>(
+pub(crate) fn sum<V: Pod>(
     map: &PerCpuArray<MapData, V>,
     name: &'static str,
     index: u32,

@@ -25,4 +25,5 @@ pub use compile::{compile, Compiled, Contents, Names, RouteSetEntry};
 pub use counters::Counters;
 pub use error::Error;
 pub use loader::{build_id, Dataplane, Opened, PinDir, XdpMode};
-pub use spec::{CustomerSpec, NextHop, RouteSpec, RuleAction, RuleSpec, Spec, TunnelSpec};
+pub use rules::RuleCounter;
+pub use spec::{CustomerSpec, NextHop, RateLimit, RatePer, RouteSpec, RuleAction, RuleSpec, Spec, TunnelSpec};

@@ -1,28 +1,55 @@
-//! Operator mitigation rules in the maps: a rule set compiled by
-//! [`crate::classify`] written into the idle copy of the `CLS_*` maps, made
-//! live with one store to `CLS_ACTIVE` (a packet sees the old set or the
-//! new one, never a mix).
+//! Rule sets in the maps: the operator's mitigation rules (set 0) and each
+//! customer's firewall, compiled by [`crate::classify`], laid out in the
+//! shared pools of the idle copy of the `CLS_*` maps and made live with
+//! one store to `CLS_ACTIVE` (a packet sees the old sets or the new ones,
+//! never a mix).
 
 use std::sync::Arc;
 
-use moat_common::rules::*;
+use moat_common::{limits::MAX_CUSTOMERS, rules::*};
 use moat_expr::Field;
 
 use crate::{
     classify::{self, Space, Tables},
     error::Error,
     loader::Dataplane,
-    spec::{RuleAction, RuleSpec},
+    spec::{RateLimit, RatePer, RuleAction, RuleSpec},
 };
 
-/// A compiled rule set and each rule's action.
+/// One compiled rule set and where it lies in a copy's pools.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RuleTables {
+pub struct SetTables {
+    /// The customer whose firewall it is (`None`: the mitigation rules).
+    pub customer: Option<(u32, String)>,
     pub tables: Tables,
-    pub actions: Vec<RuleAction>,
+    /// Each rule's name and action.
+    pub rules: Vec<(String, RuleAction)>,
+    /// Pool positions (per copy).
+    pub slot_base: u32,
+    pub key_bases: Vec<u32>,
+    pub bitmap_base: u32,
+    pub term_base: u32,
+    /// The first rule's counter (and rate-limit bucket).
+    pub stat_base: u32,
 }
 
-/// The lookup slot of a field's table.
+/// Every rule set, laid out. Set 0 is the mitigation rules (possibly empty).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleTables {
+    pub sets: Vec<SetTables>,
+}
+
+/// One rule's match counter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleCounter {
+    /// `None`: an operator mitigation rule; else the customer's firewall.
+    pub customer: Option<String>,
+    pub rule: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// The value slot of a field's table.
 fn slot_of(field: Field, space: Space) -> u32 {
     match (field, space) {
         (Field::IpSrc, Space::V6) => slot::IP_SRC6,
@@ -50,42 +77,127 @@ fn slot_of(field: Field, space: Space) -> u32 {
     }
 }
 
-/// Compiles the rules, checking what the maps can hold. `None` for no rules.
-pub(crate) fn compile(rules: &[RuleSpec]) -> Result<Option<Arc<RuleTables>>, Error> {
-    if rules.is_empty() {
+/// The descriptors of one set's constrained slots: (slot, table index or
+/// `None` for a field only ever absent, absent bitmap).
+fn slots(t: &Tables) -> Vec<(u32, Option<usize>, u32)> {
+    let mut out = Vec::new();
+    for (field, absent) in &t.absent {
+        for space in [Space::Main, Space::V6] {
+            if let Some(i) = t.tables.iter().position(|x| x.field == *field && x.space == space) {
+                out.push((slot_of(*field, space), Some(i), *absent));
+            }
+        }
+    }
+    out
+}
+
+fn capacity(what: &'static str, have: usize, limit: u32) -> Result<(), Error> {
+    if have > limit as usize {
+        return Err(Error::Capacity {
+            what,
+            have,
+            limit: limit as usize,
+        });
+    }
+    Ok(())
+}
+
+/// Compiles the mitigation rules and the firewalls (customer id, name,
+/// rules), checking what the maps can hold. `None` when there is no rule.
+pub(crate) fn compile(
+    mitigation: &[RuleSpec],
+    firewalls: &[(u32, &str, &[RuleSpec])],
+) -> Result<Option<Arc<RuleTables>>, Error> {
+    let firewalls: Vec<_> = firewalls.iter().filter(|f| !f.2.is_empty()).collect();
+    if mitigation.is_empty() && firewalls.is_empty() {
         return Ok(None);
     }
-    let terms: Vec<Vec<_>> = rules.iter().map(|r| r.terms.clone()).collect();
-    let tables = classify::compile(&terms).map_err(|e| Error::Spec(format!("mitigation rules: {e}")))?;
-    let capacity = |what, have: usize, limit: u32| {
-        if have > limit as usize {
-            Err(Error::Capacity {
-                what,
-                have,
-                limit: limit as usize,
-            })
-        } else {
-            Ok(())
+    capacity("customers with firewall rules", firewalls.len(), CLS_SETS - 1)?;
+    let mut sets = Vec::with_capacity(1 + firewalls.len());
+    let (mut slot_next, mut key_next, mut bitmap_next, mut term_next, mut stat_next) = (0u32, 0u32, 0u32, 0u32, 0u32);
+    let owners = std::iter::once(None).chain(firewalls.iter().map(|f| Some((f.0, f.1, f.2))));
+    let owners: Vec<_> = owners.collect();
+    for owner in owners {
+        let (customer, rules) = match owner {
+            None => (None, mitigation),
+            Some((id, name, rules)) => (Some((id, name.to_string())), rules),
+        };
+        let whose = match &customer {
+            None => "mitigation rules".to_string(),
+            Some((_, n)) => format!("customer {n}: firewall"),
+        };
+        if let Some((id, _)) = &customer {
+            if *id >= MAX_CUSTOMERS {
+                return Err(Error::Spec(format!("{whose}: customer id {id} out of range")));
+            }
         }
-    };
-    capacity("mitigation rule term bitmaps", tables.bitmaps.len(), CLS_BITMAPS)?;
-    for t in &tables.tables {
+        let terms: Vec<Vec<_>> = rules.iter().map(|r| r.terms.clone()).collect();
+        let tables = classify::compile(&terms).map_err(|e| Error::Spec(format!("{whose}: {e}")))?;
+        for t in &tables.tables {
+            capacity("intervals of one field in one rule set", t.starts.len(), CLS_SLOT_KEYS)?;
+        }
+        let mut key_bases = Vec::with_capacity(tables.tables.len());
+        for t in &tables.tables {
+            key_bases.push(key_next);
+            key_next += t.starts.len() as u32;
+        }
+        let set = SetTables {
+            customer,
+            rules: rules.iter().map(|r| (r.name.clone(), r.action)).collect(),
+            slot_base: slot_next,
+            key_bases,
+            bitmap_base: bitmap_next,
+            term_base: term_next,
+            stat_base: stat_next,
+            tables,
+        };
+        slot_next += slots(&set.tables).len() as u32;
+        bitmap_next += set.tables.bitmaps.len() as u32;
+        term_next += set.tables.term_rule.len() as u32;
+        stat_next += set.rules.len() as u32;
         capacity(
-            "intervals of one field in the mitigation rules",
-            t.starts.len(),
-            CLS_SLOT_KEYS,
+            "rule slot descriptors over all rule sets",
+            slot_next as usize,
+            CLS_SLOT_POOL,
         )?;
+        capacity("rule intervals over all rule sets", key_next as usize, CLS_KEY_POOL)?;
+        capacity("rule bitmaps over all rule sets", bitmap_next as usize, CLS_BITMAP_POOL)?;
+        capacity("rule terms over all rule sets", term_next as usize, CLS_TERM_POOL)?;
+        capacity("rules over all rule sets", stat_next as usize, CLS_RULE_POOL)?;
+        sets.push(set);
     }
-    Ok(Some(Arc::new(RuleTables {
-        tables,
-        actions: rules.iter().map(|r| r.action).collect(),
-    })))
+    Ok(Some(Arc::new(RuleTables { sets })))
+}
+
+/// A matching term's entry: counter, action, bucket.
+fn term_entry(stat: u32, action: RuleAction) -> ClsTerm {
+    let mut t = ClsTerm {
+        stat,
+        ..ClsTerm::default()
+    };
+    match action {
+        RuleAction::Drop => t.action = CLS_DROP,
+        RuleAction::Pass => t.action = CLS_PASS,
+        RuleAction::RateLimit(RateLimit { pps, per }) => {
+            t.action = CLS_RATE_LIMIT;
+            let pps = pps.max(1);
+            t.interval_ns = (1_000_000_000 / pps).max(1);
+            // A burst of 10 ms of the rate (at least one packet).
+            t.burst_ns = (t.interval_ns * (pps / 100).max(1)).max(t.interval_ns);
+            t.per = match per {
+                RatePer::Rule => RL_PER_RULE,
+                RatePer::DstIp => RL_PER_DST,
+                RatePer::SrcIp => RL_PER_SRC,
+            };
+        }
+    }
+    t
 }
 
 impl Dataplane {
     /// Writes `rules` into the idle copy and makes it live (or turns rule
-    /// matching off for `None`); rule counters start from zero. Returns the
-    /// number of map entries written.
+    /// matching off for `None`); rule counters and rate-limit buckets of
+    /// the new copy start from zero. Returns the number of map entries written.
     pub(crate) fn write_rules(&mut self, rules: Option<&RuleTables>) -> Result<usize, Error> {
         let m = &mut self.maps;
         let active = m.cls_active.get(&0, 0).map_err(Error::map("CLS_ACTIVE"))?;
@@ -95,56 +207,119 @@ impl Dataplane {
         };
         let idle = if active == 0 { 1 } else { 0 };
         let mut written = 0;
-        let mut slots = [ClsSlot::default(); CLS_SLOTS as usize];
-        for (field, absent) in &r.tables.absent {
-            for space in [Space::Main, Space::V6] {
-                slots[slot_of(*field, space) as usize].absent = *absent;
-            }
-        }
-        for t in &r.tables.tables {
-            let s = slot_of(t.field, t.space);
-            slots[s as usize].len = t.starts.len() as u32;
-            let base = (idle * CLS_SLOTS + s) * CLS_SLOT_KEYS;
-            for (i, (start, bitmap)) in t.starts.iter().zip(&t.bitmaps).enumerate() {
-                let key = ClsKey {
-                    hi: (start >> 64) as u64,
-                    lo: *start as u64,
-                    bitmap: *bitmap,
-                    _pad: 0,
+        let mut fw_after = Vec::new();
+        for (n, set) in r.sets.iter().enumerate() {
+            let n = n as u32;
+            let descs = slots(&set.tables);
+            for (i, (slot, table, absent)) in descs.iter().enumerate() {
+                let (len, key_base) = match table {
+                    Some(t) => (set.tables.tables[*t].starts.len() as u32, set.key_bases[*t]),
+                    None => (0, 0),
                 };
-                m.cls_key.set(base + i as u32, key, 0).map_err(Error::map("CLS_KEY"))?;
+                let d = ClsSlot {
+                    slot: *slot,
+                    len,
+                    absent: set.bitmap_base + absent,
+                    key_base,
+                };
+                m.cls_slot
+                    .set(idle * CLS_SLOT_POOL + set.slot_base + i as u32, d, 0)
+                    .map_err(Error::map("CLS_SLOT"))?;
+            }
+            for (t, key_base) in set.tables.tables.iter().zip(&set.key_bases) {
+                for (i, (start, bitmap)) in t.starts.iter().zip(&t.bitmaps).enumerate() {
+                    let key = ClsKey {
+                        hi: (start >> 64) as u64,
+                        lo: *start as u64,
+                        bitmap: set.bitmap_base + bitmap,
+                        _pad: 0,
+                    };
+                    m.cls_key
+                        .set(idle * CLS_KEY_POOL + key_base + i as u32, key, 0)
+                        .map_err(Error::map("CLS_KEY"))?;
+                }
+                written += t.starts.len();
+            }
+            for (id, b) in set.tables.bitmaps.iter().enumerate() {
+                m.cls_bitmap
+                    .set(idle * CLS_BITMAP_POOL + set.bitmap_base + id as u32, *b, 0)
+                    .map_err(Error::map("CLS_BITMAP"))?;
+            }
+            for (term, rule) in set.tables.term_rule.iter().enumerate() {
+                let rule = u32::from(*rule);
+                let entry = term_entry(idle * CLS_RULE_POOL + set.stat_base + rule, set.rules[rule as usize].1);
+                m.cls_term
+                    .set(idle * CLS_TERM_POOL + set.term_base + term as u32, entry, 0)
+                    .map_err(Error::map("CLS_TERM"))?;
+            }
+            for rule in 0..set.rules.len() as u32 {
+                let stat = idle * CLS_RULE_POOL + set.stat_base + rule;
+                crate::apply::zero_per_cpu(&mut m.rule_stats, "RULE_STATS", stat)?;
+                m.rl_rule.set(stat, 0, 0).map_err(Error::map("RL_RULE"))?;
+            }
+            let d = ClsSet {
+                slot_base: set.slot_base,
+                nslots: descs.len() as u32,
+                all: set.bitmap_base,
+                term_base: set.term_base,
+                nterms: set.tables.term_rule.len() as u32,
+                _pad: 0,
+            };
+            m.cls_set
+                .set(idle * CLS_SETS + n, d, 0)
+                .map_err(Error::map("CLS_SET"))?;
+            if let Some((id, _)) = &set.customer {
+                m.customer_fw
+                    .set(idle * MAX_CUSTOMERS + id, n, 0)
+                    .map_err(Error::map("CUSTOMER_FW"))?;
+                fw_after.push(*id);
+            }
+            written += descs.len() + set.tables.bitmaps.len() + set.tables.term_rule.len() + 2 * set.rules.len() + 1;
+        }
+        fw_after.sort_unstable();
+        // The idle copy's firewall assignments: only the new ones stand
+        // (it may still hold those of two generations ago).
+        for id in 0..MAX_CUSTOMERS {
+            let idx = idle * MAX_CUSTOMERS + id;
+            if fw_after.binary_search(&id).is_err()
+                && m.customer_fw.get(&idx, 0).map_err(Error::map("CUSTOMER_FW"))? != SET_NONE
+            {
+                m.customer_fw.set(idx, SET_NONE, 0).map_err(Error::map("CUSTOMER_FW"))?;
                 written += 1;
             }
         }
-        for (s, v) in slots.iter().enumerate() {
-            m.cls_slot
-                .set(idle * CLS_SLOTS + s as u32, *v, 0)
-                .map_err(Error::map("CLS_SLOT"))?;
-        }
-        for (id, b) in r.tables.bitmaps.iter().enumerate() {
-            m.cls_bitmap
-                .set(idle * CLS_BITMAPS + id as u32, *b, 0)
-                .map_err(Error::map("CLS_BITMAP"))?;
-        }
-        for (term, rule) in r.tables.term_rule.iter().enumerate() {
-            let action = match r.actions[usize::from(*rule)] {
-                RuleAction::Drop => CLS_DROP,
-                RuleAction::Pass => CLS_PASS,
-                RuleAction::RateLimit => CLS_RATE_LIMIT,
-            };
-            m.cls_term
-                .set(
-                    idle * CLS_TERMS as u32 + term as u32,
-                    u32::from(*rule) | action << 16,
-                    0,
-                )
-                .map_err(Error::map("CLS_TERM"))?;
-        }
-        for rule in 0..r.actions.len() as u32 {
-            crate::apply::zero_per_cpu(&mut m.rule_stats, "RULE_STATS", rule)?;
-        }
-        written += slots.len() + r.tables.bitmaps.len() + r.tables.term_rule.len();
         m.cls_active.set(0, idle, 0).map_err(Error::map("CLS_ACTIVE"))?;
         Ok(written + 1)
+    }
+
+    /// Every rule's match counter, as the live copy counts them (counters
+    /// start from zero whenever the rule sets change).
+    pub fn rule_counters(&self) -> Result<Vec<RuleCounter>, Error> {
+        let Some(r) = self.applied.as_ref().and_then(|a| a.rules.clone()) else {
+            return Ok(Vec::new());
+        };
+        let active = self.maps.cls_active.get(&0, 0).map_err(Error::map("CLS_ACTIVE"))?;
+        if active > 1 {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for set in &r.sets {
+            for (i, (name, _)) in set.rules.iter().enumerate() {
+                let c = crate::counters::sum(
+                    &self.maps.rule_stats,
+                    "RULE_STATS",
+                    active * CLS_RULE_POOL + set.stat_base + i as u32,
+                    moat_common::Counter::add,
+                    moat_common::Counter::default(),
+                )?;
+                out.push(RuleCounter {
+                    customer: set.customer.as_ref().map(|(_, n)| n.clone()),
+                    rule: name.clone(),
+                    packets: c.packets,
+                    bytes: c.bytes,
+                });
+            }
+        }
+        Ok(out)
     }
 }

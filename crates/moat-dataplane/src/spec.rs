@@ -18,18 +18,38 @@ pub struct Spec {
     pub mitigation: Vec<RuleSpec>,
 }
 
-/// What a matching mitigation rule does.
+/// What a matching rule does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RuleAction {
+    /// Drop (mitigation) or block (firewall).
     Drop,
-    /// No later rule applies; the packet goes on.
+    /// Pass (mitigation) or allow (firewall): no later rule of the set
+    /// applies; the packet goes on.
     Pass,
-    /// Counted; the limit is not enforced yet (the packet goes on).
-    RateLimit,
+    /// Mitigation only: pass while the token bucket has credit, else drop.
+    RateLimit(RateLimit),
 }
 
-/// One mitigation rule: its condition as checked, the condition's normal
-/// form (what the data plane compiles), and its action.
+/// A token bucket's rate and what it is kept per.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Packets per second, >= 1.
+    pub pps: u64,
+    pub per: RatePer,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RatePer {
+    /// One bucket for all the rule's packets.
+    Rule,
+    /// One bucket per destination address.
+    DstIp,
+    /// One bucket per source address.
+    SrcIp,
+}
+
+/// One rule (mitigation or firewall): its condition as checked, the
+/// condition's normal form (what the data plane compiles), and its action.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RuleSpec {
     pub name: String,
@@ -47,6 +67,9 @@ pub struct CustomerSpec {
     pub egress_prefixes: Vec<IpNet>,
     pub tunnels: Vec<TunnelSpec>,
     pub routes: Vec<RouteSpec>,
+    /// The customer's firewall, in order: the first that matches decides
+    /// (`Drop`: block, `Pass`: allow); no match allows.
+    pub firewall: Vec<RuleSpec>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

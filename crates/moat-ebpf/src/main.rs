@@ -5,6 +5,9 @@
 //! [`verdict`], which counts it under its reason.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// The atomic add of the rate limiter's buckets (see rules.rs).
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
 mod csum;
@@ -132,7 +135,7 @@ mod program {
         let frame_len = pkt.frame_len as u64;
         let out = if let Err(reason) = protect(&pkt) {
             Err(reason)
-        } else if let Err(reason) = mitigate(ctx, &pkt, frame_len) {
+        } else if let Err(reason) = apply_rules(ctx, &pkt, dest.customer, frame_len) {
             Err(reason)
         } else if dest.route_set == NO_ROUTE_SET {
             Err(Reason::DropNoRoute)
@@ -149,19 +152,65 @@ mod program {
         out
     }
 
-    /// The operator's mitigation rules: the first that matches decides (and
-    /// is counted); drop ends the packet, pass and rate limit (not enforced
-    /// yet) let it go on.
+    /// The operator's mitigation rules (the first that matches decides:
+    /// drop, pass, or pass while its token bucket has credit), then the
+    /// customer's firewall (the first that matches decides: block or
+    /// allow; no match allows), then the reflection protection, which an
+    /// operator pass or a firewall allow overrides. Every match is counted
+    /// under its rule.
     #[inline(always)]
-    fn mitigate(ctx: &XdpContext, pkt: &Packet, frame_len: u64) -> Result<(), Reason> {
-        let Some(info) = rules::mitigation(ctx, pkt) else {
-            return Ok(());
-        };
-        stats::count_rule(info & 0xffff, frame_len);
-        if info >> 16 == moat_common::rules::CLS_DROP {
-            return Err(Reason::DropMitigationRule);
+    fn apply_rules(ctx: &XdpContext, pkt: &Packet, customer: u32, frame_len: u64) -> Result<(), Reason> {
+        use moat_common::rules::*;
+        let mut allowed = false;
+        if let Some(c) = rules::prepare(ctx, pkt) {
+            if let Some(t) = rules::classify(c, SET_MITIGATION) {
+                stats::count_rule(t.stat, frame_len);
+                match t.action {
+                    CLS_DROP => return Err(Reason::DropMitigationRule),
+                    CLS_RATE_LIMIT => {
+                        if !rules::rate_allows(t, pkt) {
+                            return Err(Reason::DropRateLimit);
+                        }
+                    }
+                    _ => allowed = true,
+                }
+            }
+            let set = rules::firewall_set(c, customer);
+            if set != SET_NONE {
+                if let Some(t) = rules::classify(c, set) {
+                    stats::count_rule(t.stat, frame_len);
+                    if t.action == CLS_DROP {
+                        return Err(Reason::DropFirewall);
+                    }
+                    allowed = true;
+                }
+            }
+        }
+        if !allowed && reflected(pkt) {
+            return Err(Reason::DropReflection);
         }
         Ok(())
+    }
+
+    /// UDP from a reflector source port, with the reflection protection on.
+    #[inline(always)]
+    fn reflected(pkt: &Packet) -> bool {
+        if pkt.proto != parse::IPPROTO_UDP {
+            return false;
+        }
+        let Some(ports) = pkt.ports else {
+            return false;
+        };
+        let on = maps::PROTECTIONS.get(0).copied().unwrap_or(0);
+        if on & moat_common::protect::REFLECTION == 0 {
+            return false;
+        }
+        let b = ports.to_ne_bytes();
+        let sport = u32::from(u16::from_be_bytes([b[0], b[1]]));
+        match maps::REFLECT_PORTS.get(sport / 64) {
+            Some(w) => w & (1 << (sport % 64)) != 0,
+            None => false,
+        }
     }
 
     /// The built-in protections in force, for traffic to a protected prefix.

@@ -4,7 +4,11 @@
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+};
+use moat_common::rules::{
+    ClsKey, ClsSet, ClsSlot, ClsTerm, RlKey, CLS_BITMAP_POOL, CLS_KEY_POOL, CLS_RULE_POOL, CLS_SETS, CLS_SLOT_POOL,
+    CLS_TERM_POOL, CLS_WORDS, RL_ADDR_ENTRIES,
 };
 use moat_common::{
     limits::*, Counter, CustomerStats, DecapKey, DecapValue, DestValue, EcmpTable, Reason, SourceKey4, SourceKey6,
@@ -103,22 +107,35 @@ pub static CUSTOMER_STATS: PerCpuArray<CustomerStats> = PerCpuArray::with_max_en
 #[map]
 pub static TUNNEL_STATS: PerCpuArray<TunnelStats> = PerCpuArray::with_max_entries(MAX_TUNNELS, 0);
 
-// Operator mitigation rules (moat_common::rules): two copies, one live.
+// Rule sets (moat_common::rules): two copies of every pool, one live.
 #[map]
 pub static CLS_ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
-pub static CLS_SLOT: Array<moat_common::rules::ClsSlot> = Array::with_max_entries(2 * moat_common::rules::CLS_SLOTS, 0);
+pub static CLS_SET: Array<ClsSet> = Array::with_max_entries(2 * CLS_SETS, 0);
 #[map]
-pub static CLS_KEY: Array<moat_common::rules::ClsKey> =
-    Array::with_max_entries(2 * moat_common::rules::CLS_SLOTS * moat_common::rules::CLS_SLOT_KEYS, 0);
+pub static CLS_SLOT: Array<ClsSlot> = Array::with_max_entries(2 * CLS_SLOT_POOL, 0);
 #[map]
-pub static CLS_BITMAP: Array<[u64; moat_common::rules::CLS_WORDS]> =
-    Array::with_max_entries(2 * moat_common::rules::CLS_BITMAPS, 0);
+pub static CLS_KEY: Array<ClsKey> = Array::with_max_entries(2 * CLS_KEY_POOL, 0);
 #[map]
-pub static CLS_TERM: Array<u32> = Array::with_max_entries(2 * moat_common::rules::CLS_TERMS as u32, 0);
-/// Matches per mitigation rule (packets and bytes).
+pub static CLS_BITMAP: Array<[u64; CLS_WORDS]> = Array::with_max_entries(2 * CLS_BITMAP_POOL, 0);
 #[map]
-pub static RULE_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(moat_common::rules::CLS_TERMS as u32, 0);
+pub static CLS_TERM: Array<ClsTerm> = Array::with_max_entries(2 * CLS_TERM_POOL, 0);
+/// Customer id -> its firewall's set, per copy (`SET_NONE`: no firewall).
+#[map]
+pub static CUSTOMER_FW: Array<u32> = Array::with_max_entries(2 * MAX_CUSTOMERS, 0);
+/// Matches per rule (packets and bytes), per copy.
+#[map]
+pub static RULE_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(2 * CLS_RULE_POOL, 0);
+/// Token buckets of rules limited as a whole: the time the bucket's credit
+/// runs to (ns, `bpf_ktime_get_ns`), per rule counter index.
+#[map]
+pub static RL_RULE: Array<u64> = Array::with_max_entries(2 * CLS_RULE_POOL, 0);
+/// Token buckets per destination or source address.
+#[map]
+pub static RL_ADDR: LruHashMap<RlKey, u64> = LruHashMap::with_max_entries(RL_ADDR_ENTRIES, 0);
+/// Reflector source ports (one bit per port) for the reflection protection.
+#[map]
+pub static REFLECT_PORTS: Array<u64> = Array::with_max_entries(moat_common::protect::PORT_WORDS, 0);
 /// Per-CPU room for the classifier: its running bitmap and the packet's
 /// value per slot (too large for the stack).
 #[map]

@@ -1,22 +1,29 @@
-//! Operator mitigation rules: classification by per-field interval tables
-//! and term bitmaps (moat_common::rules). Per packet: for every slot that
-//! some rule constrains, one binary search for the interval holding the
+//! Rule sets (operator mitigation rules, customer firewalls):
+//! classification by per-field interval tables and term bitmaps
+//! (moat_common::rules). Per packet and set: for every slot the set's
+//! rules constrain, one binary search for the interval holding the
 //! packet's value (or the "field absent" bitmap) and one 1,024-bit AND;
 //! the lowest bit left is the first matching term. The cost follows the
-//! fields the rules use, not how many rules there are.
+//! fields the rules use, not how many rules there are. Rate-limit rules
+//! keep token buckets (as "theoretical arrival times") per rule or per
+//! address.
 
-use aya_ebpf::{helpers::bpf_loop, programs::XdpContext};
-use moat_common::rules::*;
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_ktime_get_ns, bpf_loop},
+    programs::XdpContext,
+};
+use moat_common::{limits::MAX_CUSTOMERS, rules::*};
 
 use crate::{
-    maps::{CLS_ACTIVE, CLS_BITMAP, CLS_KEY, CLS_SCRATCH, CLS_SLOT, CLS_TERM},
+    maps::{CLS_ACTIVE, CLS_BITMAP, CLS_KEY, CLS_SCRATCH, CLS_SET, CLS_SLOT, CLS_TERM, CUSTOMER_FW, RL_ADDR, RL_RULE},
     parse::{self, Family, Packet},
 };
 
 type Bits = [u64; CLS_WORDS];
 
-/// A binary search in progress over slot `slot`'s intervals (the value
-/// sought is the slot's in the scratch): the answer lies in `[lo, hi)`.
+/// A binary search in progress over the intervals from `base` (the value
+/// sought is slot `slot`'s in the scratch): the answer lies in `[lo, hi)`.
 #[repr(C)]
 pub struct Search {
     base: u32,
@@ -35,7 +42,7 @@ extern "C" fn search_step(_i: u32, _ctx: *mut core::ffi::c_void) -> i64 {
     // A power-of-two table and a mask: in bounds as the verifier sees it.
     let [_, vh, vl] = sc.vals[(sc.search.slot & 31) as usize];
     let s = &mut sc.search;
-    if s.hi <= s.lo + 1 || s.hi > CLS_SLOT_KEYS {
+    if s.hi <= s.lo + 1 || s.hi - s.lo > CLS_SLOT_KEYS {
         return 1;
     }
     let mid = (s.lo + s.hi) / 2;
@@ -50,54 +57,64 @@ extern "C" fn search_step(_i: u32, _ctx: *mut core::ffi::c_void) -> i64 {
     0
 }
 
-/// ANDs the bitmap for the packet's value in slot `s` of copy `c` (`(vh,
-/// vl)` when `present`, else "absent") into the scratch bitmap; 0 when
-/// nothing is left (no rule can match) or a table is out of bounds. A
-/// function of its own, so the verifier meets each call in one state.
+/// ANDs the bitmap for the packet's value in the slot described by pool
+/// entry `d` of copy `c` into the scratch bitmap; 0 when nothing is left
+/// (no rule can match) or a table is out of bounds.
 #[inline(always)]
-fn narrow(acc: &mut Bits, search: &mut Search, c: u32, s: u32, present: u64) -> u32 {
-    let value = if present != 0 { Some(()) } else { None };
-    let Some(slot) = CLS_SLOT.get(c * CLS_SLOTS + s) else {
+fn narrow(sc: &mut Scratch, c: u32, d: u32) -> u32 {
+    let Some(slot) = CLS_SLOT.get(c * CLS_SLOT_POOL + d) else {
         return 0;
     };
-    let len = slot.len;
+    let s = slot.slot & 31;
+    // A power-of-two table and a mask: in bounds as the verifier sees it.
+    let present = sc.vals[s as usize][0];
+    if present == 2 {
+        // The slot is not for this packet (the other address family's).
+        return 1;
+    }
+    let len = slot.len.min(CLS_SLOT_KEYS);
     if len == 0 {
         return 1;
     }
-    let id = match value {
-        None => slot.absent,
-        Some(_) => {
-            let base = (c * CLS_SLOTS + s) * CLS_SLOT_KEYS;
-            *search = Search {
-                base,
-                lo: 0,
-                hi: len.min(CLS_SLOT_KEYS),
-                slot: s,
-            };
-            // One callback, verified once, for the halvings (at most 12 for
-            // 2,048 intervals): as a plain loop its branches multiply the
-            // verifier's paths beyond its limit.
-            // SAFETY: bpf_loop with a callback of the helper's signature and
-            // no context (the state is in the scratch map).
-            unsafe { bpf_loop(12, search_step as *mut core::ffi::c_void, core::ptr::null_mut(), 0) };
-            // The callback changed the search through the map: read it anew.
-            let lo = unsafe { core::ptr::read_volatile(&search.lo) };
-            match CLS_KEY.get(base + lo.min(CLS_SLOT_KEYS - 1)) {
-                Some(k) => k.bitmap,
-                None => return 0,
-            }
+    let id = if present == 0 {
+        slot.absent
+    } else {
+        let base = c * CLS_KEY_POOL + slot.key_base;
+        sc.search = Search {
+            base,
+            lo: 0,
+            hi: len,
+            slot: s,
+        };
+        // One callback, verified once, for the halvings: as a plain loop
+        // its branches multiply the verifier's paths beyond its limit.
+        // SAFETY: bpf_loop with a callback of the helper's signature and
+        // no context (the state is in the scratch map).
+        unsafe {
+            bpf_loop(
+                CLS_SEARCH_STEPS,
+                search_step as *mut core::ffi::c_void,
+                core::ptr::null_mut(),
+                0,
+            )
+        };
+        // The callback changed the search through the map: read it anew.
+        let lo = unsafe { core::ptr::read_volatile(&sc.search.lo) };
+        match CLS_KEY.get(base + lo.min(CLS_SLOT_KEYS - 1)) {
+            Some(k) => k.bitmap,
+            None => return 0,
         }
     };
-    if id >= CLS_BITMAPS {
+    if id >= CLS_BITMAP_POOL {
         return 0;
     }
-    let Some(b) = CLS_BITMAP.get(c * CLS_BITMAPS + id) else {
+    let Some(b) = CLS_BITMAP.get(c * CLS_BITMAP_POOL + id) else {
         return 0;
     };
     let mut any = 0;
-    for w in 0..CLS_WORDS {
-        acc[w] &= b[w];
-        any |= acc[w];
+    for (a, w) in sc.acc.iter_mut().zip(b) {
+        *a &= w;
+        any |= *a;
     }
     u32::from(any != 0)
 }
@@ -146,9 +163,14 @@ pub struct Fields {
     pub icmp: bool,
 }
 
-/// The first matching mitigation rule as `rule | action << 16`, if any.
+/// Gathers the packet's values for classification into this CPU's
+/// scratch; returns the copy in force, or `None` when no rule set is.
 #[inline(always)]
-pub fn mitigation(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
+pub fn prepare(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
+    let c = *CLS_ACTIVE.get(0)?;
+    if c > 1 {
+        return None;
+    }
     let v4 = pkt.family == Family::V4;
     let whole_l4 = !pkt.frag;
     let tcp = whole_l4 && pkt.proto == parse::IPPROTO_TCP;
@@ -187,10 +209,10 @@ pub fn mitigation(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
         udp,
         icmp,
     };
-    match classify(&f) {
-        0 => None,
-        info => Some(info - 1),
+    if fill(&f) == 0 {
+        return None;
     }
+    Some(c)
 }
 
 /// The classifier's per-CPU working memory.
@@ -199,52 +221,24 @@ pub struct Scratch {
     acc: Bits,
     /// Per slot: (1 present / 0 absent / 2 not for this packet, high, low).
     vals: [[u64; 3]; 32],
-    /// The copy in use and whether the search goes on (the loops' state:
-    /// kept here, not on the stack, which the callbacks' frames share).
+    /// The copy and set in use, and whether the search goes on (the
+    /// loops' state: kept here, not on the stack, which the callbacks'
+    /// frames share).
     c: u32,
+    slot_base: u32,
     ok: u32,
     search: Search,
 }
 
-/// One slot of the classification; 1 ends the loop (nothing can match).
-extern "C" fn slot_step(i: u32, _ctx: *mut core::ffi::c_void) -> i64 {
-    let Some(sc) = CLS_SCRATCH.get_ptr_mut(0) else {
-        return 1;
-    };
-    // SAFETY: this CPU's scratch slot, used only while this program runs on it.
-    let sc = unsafe { &mut *sc };
-    // A power-of-two table and a mask: in bounds as the verifier sees it.
-    let present = sc.vals[(i & 31) as usize][0];
-    if present == 2 {
-        return 0;
-    }
-    if narrow(&mut sc.acc, &mut sc.search, sc.c, i, present) == 0 {
-        sc.ok = 0;
-        return 1;
-    }
-    0
-}
-
-/// The classification proper, `1 + (rule | action << 16)` or 0 for no
-/// match. A function of its own (not inlined), and its per-slot work one
-/// bpf_loop callback: the verifier checks each once.
+/// Writes the packet's value per slot into the scratch; 0 on failure. A
+/// function of its own: the verifier checks it once.
 #[inline(never)]
-fn classify(f: &Fields) -> u32 {
-    let Some(&c) = CLS_ACTIVE.get(0) else {
-        return 0;
-    };
-    if c > 1 {
-        return 0;
-    }
-    let Some(all) = CLS_BITMAP.get(c * CLS_BITMAPS) else {
-        return 0;
-    };
+fn fill(f: &Fields) -> u32 {
     let Some(sc) = CLS_SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
     // SAFETY: this CPU's scratch slot, used only while this program runs on it.
     let sc = unsafe { &mut *sc };
-    sc.acc = *all;
     let int = |v: u64| [1, 0, v];
     let none = [0, 0, 0];
     let skip = [2, 0, 0];
@@ -286,11 +280,82 @@ fn classify(f: &Fields) -> u32 {
     for unused in v.iter_mut().skip(22) {
         *unused = skip;
     }
+    1
+}
+
+/// One constrained slot of the set in use; 1 ends the loop (nothing can match).
+extern "C" fn slot_step(i: u32, _ctx: *mut core::ffi::c_void) -> i64 {
+    let Some(sc) = CLS_SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's scratch slot, used only while this program runs on it.
+    let sc = unsafe { &mut *sc };
+    let (c, d) = (sc.c, sc.slot_base + i);
+    if narrow(sc, c, d) == 0 {
+        sc.ok = 0;
+        return 1;
+    }
+    0
+}
+
+/// The firewall set of `customer` in copy `c` (`SET_NONE`: none).
+#[inline(always)]
+pub fn firewall_set(c: u32, customer: u32) -> u32 {
+    if customer >= MAX_CUSTOMERS {
+        return SET_NONE;
+    }
+    CUSTOMER_FW
+        .get(c * MAX_CUSTOMERS + customer)
+        .copied()
+        .unwrap_or(SET_NONE)
+}
+
+/// The first term of set `set` (copy `c`) the prepared packet matches.
+#[inline(always)]
+pub fn classify(c: u32, set: u32) -> Option<&'static ClsTerm> {
+    match classify_set(c, set) {
+        0 => None,
+        t => CLS_TERM.get(t - 1),
+    }
+}
+
+/// The classification proper: `1 +` the matching term's index in
+/// `CLS_TERM`, or 0 for no match. A function of its own (not inlined),
+/// and its per-slot work one bpf_loop callback: the verifier checks each
+/// once.
+#[inline(never)]
+fn classify_set(c: u32, set: u32) -> u32 {
+    if c > 1 || set >= CLS_SETS {
+        return 0;
+    }
+    let Some(d) = CLS_SET.get(c * CLS_SETS + set) else {
+        return 0;
+    };
+    if d.nterms == 0 || d.all >= CLS_BITMAP_POOL {
+        return 0;
+    }
+    let Some(all) = CLS_BITMAP.get(c * CLS_BITMAP_POOL + d.all) else {
+        return 0;
+    };
+    let Some(sc) = CLS_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's scratch slot, used only while this program runs on it.
+    let sc = unsafe { &mut *sc };
+    sc.acc = *all;
     sc.c = c;
+    sc.slot_base = d.slot_base;
     sc.ok = 1;
     // SAFETY: bpf_loop with a callback of the helper's signature and no
     // context (the state is in the scratch map).
-    unsafe { bpf_loop(CLS_SLOTS, slot_step as *mut core::ffi::c_void, core::ptr::null_mut(), 0) };
+    unsafe {
+        bpf_loop(
+            d.nslots.min(CLS_SLOTS),
+            slot_step as *mut core::ffi::c_void,
+            core::ptr::null_mut(),
+            0,
+        )
+    };
     // The callbacks changed the scratch through the map: read it anew.
     if unsafe { core::ptr::read_volatile(&sc.ok) } == 0 {
         return 0;
@@ -305,8 +370,55 @@ fn classify(f: &Fields) -> u32 {
     let Some(term) = term else {
         return 0;
     };
-    match CLS_TERM.get(c * CLS_TERMS as u32 + term) {
-        Some(info) => info + 1,
-        None => 0,
+    if term >= d.nterms {
+        return 0;
     }
+    c * CLS_TERM_POOL + d.term_base + term + 1
+}
+
+/// Whether a rate-limited rule's bucket lets the packet through: each
+/// packet moves the bucket's time `interval_ns` ahead, from now at the
+/// earliest; a packet that would put it more than `burst_ns` ahead of now
+/// is over the limit. Buckets are shared by all CPUs: concurrent packets
+/// may each pass on the same credit (at most one per CPU), never lose any.
+#[inline(always)]
+pub fn rate_allows(t: &ClsTerm, pkt: &Packet) -> bool {
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let bucket = if t.per == RL_PER_RULE {
+        match RL_RULE.get_ptr_mut(t.stat) {
+            Some(b) => b,
+            None => return true,
+        }
+    } else {
+        let key = RlKey {
+            stat: t.stat,
+            addr: if t.per == RL_PER_DST { pkt.dst } else { pkt.src },
+        };
+        match RL_ADDR.get_ptr_mut(key) {
+            Some(b) => b,
+            None => {
+                // A new address: its first packet passes. Another CPU may
+                // have just made the bucket; then that one counts.
+                let _ = RL_ADDR.insert(key, now + t.interval_ns, u64::from(BPF_NOEXIST));
+                return true;
+            }
+        }
+    };
+    // SAFETY: a map value of this program's maps; reads and writes are
+    // whole aligned words, the update an atomic add.
+    unsafe {
+        let at = core::ptr::read_volatile(bucket);
+        if at <= now {
+            core::ptr::write_volatile(bucket, now + t.interval_ns);
+            return true;
+        }
+        if at - now > t.burst_ns {
+            return false;
+        }
+        // The BPF target has no AtomicU64::fetch_add; the intrinsic, its
+        // result unused, is the kernel's atomic add.
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(bucket, t.interval_ns);
+    }
+    true
 }

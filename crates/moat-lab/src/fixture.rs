@@ -69,6 +69,7 @@ pub fn standard_spec() -> Spec {
                     route("203.0.113.32/27", "acme-c", 100, 100),
                     route("2001:db8:100::/48", "acme-b", 100, 100),
                 ],
+                firewall: Vec::new(),
             },
             CustomerSpec {
                 name: "globex".into(),
@@ -76,6 +77,7 @@ pub fn standard_spec() -> Spec {
                 egress_prefixes: vec![],
                 tunnels: vec![tunnel("globex-a", [192, 0, 2, 20], None)],
                 routes: vec![route("203.0.113.128/25", "globex-a", 100, 100)],
+                firewall: Vec::new(),
             },
         ],
     }
@@ -92,6 +94,8 @@ pub struct Fixture {
     pub up_if: u32,
     pub up_mac: [u8; 6],
     pub spec: Spec,
+    /// Rule matches the model saw (see [`Model::rule_hits`]).
+    pub rule_hits: std::cell::RefCell<std::collections::BTreeMap<(Option<String>, String), u64>>,
     _peer: NetNs,
 }
 
@@ -145,6 +149,7 @@ impl Fixture {
             up_if,
             up_mac,
             spec: standard_spec(),
+            rule_hits: Default::default(),
             _peer: peer,
         };
         f.apply(standard_spec());
@@ -253,6 +258,7 @@ impl Fixture {
             next_hop: &nh,
             fib: &fib,
             ingress_ifindex: self.ingress,
+            rule_hits: &self.rule_hits,
         };
         f(&model)
     }

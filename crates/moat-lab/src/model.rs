@@ -66,6 +66,9 @@ pub struct Model<'a> {
     /// FIB answer for (destination, IP packet length).
     pub fib: &'a dyn Fn(IpAddr, usize) -> Fib,
     pub ingress_ifindex: u32,
+    /// Matches per rule, as the data plane counts them: (customer whose
+    /// firewall, or `None` for the mitigation rules; rule name) -> packets.
+    pub rule_hits: &'a std::cell::RefCell<std::collections::BTreeMap<(Option<String>, String), u64>>,
 }
 
 struct Ip {
@@ -298,6 +301,14 @@ impl Model<'_> {
         })
     }
 
+    fn hit(&self, customer: Option<&str>, rule: &str) {
+        *self
+            .rule_hits
+            .borrow_mut()
+            .entry((customer.map(str::to_string), rule.to_string()))
+            .or_default() += 1;
+    }
+
     fn drop(&self, b: &[u8], reason: Reason) -> Option<Expect> {
         Some(Expect {
             action: Action::Drop,
@@ -418,17 +429,41 @@ impl Model<'_> {
         // (by the language's reference evaluation) decides.
         let fields = self.fields(b, &ip);
         let no_lists = |_: &str| Vec::new();
+        // An operator pass or a customer allow exempts the packet from the
+        // reflection protection.
+        let mut allowed = false;
         if let Some(r) = self
             .spec
             .mitigation
             .iter()
             .find(|r| r.condition.matches(&fields, &no_lists))
         {
-            if r.action == moat_dataplane::RuleAction::Drop {
-                return self.drop(b, Reason::DropMitigationRule);
+            self.hit(None, &r.name);
+            match r.action {
+                moat_dataplane::RuleAction::Drop => return self.drop(b, Reason::DropMitigationRule),
+                moat_dataplane::RuleAction::Pass => allowed = true,
+                // Token buckets depend on time: the tests that use them
+                // check rates, not single packets.
+                moat_dataplane::RuleAction::RateLimit(_) => {}
             }
         }
+        // The customer's firewall: the first matching rule decides.
         let c = &self.spec.customers[ci];
+        if let Some(r) = c.firewall.iter().find(|r| r.condition.matches(&fields, &no_lists)) {
+            self.hit(Some(&c.name), &r.name);
+            match r.action {
+                moat_dataplane::RuleAction::Drop => return self.drop(b, Reason::DropFirewall),
+                _ => allowed = true,
+            }
+        }
+        if !allowed && on & moat_common::protect::REFLECTION != 0 && ip.proto == 17 {
+            if let Some(p) = ip.ports {
+                let sport = u16::from_be_bytes([p[0], p[1]]);
+                if moat_common::protect::REFLECTOR_PORTS.contains(&sport) {
+                    return self.drop(b, Reason::DropReflection);
+                }
+            }
+        }
         let Some(longest) = c
             .routes
             .iter()

@@ -95,6 +95,11 @@ pub fn spec(rng: &mut StdRng) -> Spec {
             egress_prefixes: vec![sub(rng, "192.0.2.0/24".parse().unwrap(), 4)],
             tunnels,
             routes,
+            firewall: if rng.gen_bool(0.5) {
+                random_rules(rng, 8)
+            } else {
+                Vec::new()
+            },
         });
     }
     Spec {
@@ -102,15 +107,16 @@ pub fn spec(rng: &mut StdRng) -> Spec {
         customers,
         // Any combination of the built-in protections.
         protections: rng.gen_range(0..=moat_common::protect::ALL),
-        mitigation: random_rules(rng),
+        mitigation: random_rules(rng, 30),
     }
 }
 
-/// Up to 30 mitigation rules from the shared random conditions (no lists:
-/// the data plane's specification carries none), drop or pass.
-fn random_rules(rng: &mut StdRng) -> Vec<moat_dataplane::RuleSpec> {
+/// Up to `max` rules (mitigation or firewall) from the shared random
+/// conditions (no lists: the data plane's specification carries none),
+/// drop (block) or pass (allow).
+pub fn random_rules(rng: &mut StdRng, max: usize) -> Vec<moat_dataplane::RuleSpec> {
     let mut out = Vec::new();
-    while out.len() < rng.gen_range(0..=30) {
+    while out.len() < rng.gen_range(0..=max) {
         let e = crate::rules::expr(rng, 2);
         if format!("{e}").contains('$') {
             continue;

@@ -115,3 +115,17 @@ pub fn packet(rng: &mut StdRng) -> Packet {
         transport,
     }
 }
+
+/// A rule for a data-plane specification from its expression's text (no
+/// lists); panics on an expression the language refuses.
+pub fn spec_rule(name: &str, text: &str, action: moat_dataplane::RuleAction) -> moat_dataplane::RuleSpec {
+    let condition = moat_expr::parse(text, &|_| false).unwrap_or_else(|e| panic!("{text}: {e}"));
+    let terms = moat_expr::normal::terms(&condition, &|_| Vec::new(), moat_expr::normal::MAX_TERMS)
+        .unwrap_or_else(|_| panic!("{text}: too complex"));
+    moat_dataplane::RuleSpec {
+        name: name.into(),
+        condition,
+        terms,
+        action,
+    }
+}

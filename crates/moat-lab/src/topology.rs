@@ -134,6 +134,7 @@ impl Transit {
                     priority: 100,
                     weight: 100,
                 }],
+                firewall: Vec::new(),
             }],
         }
     }

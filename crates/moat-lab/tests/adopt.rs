@@ -110,13 +110,10 @@ fn mutate(rng: &mut StdRng, spec: &Spec) -> Spec {
 #[test]
 fn adopting_the_maps_keeps_ids_and_applies_like_a_direct_apply() {
     let (seed, mut rng) = random::seeded();
-    // Mitigation rules are not read back on adoption: the first apply after
-    // a restart rewrites them once (into the idle copy, flipped atomically).
-    // This test covers what is adopted, so its specs carry no rules.
-    let spec = |rng: &mut _| moat_dataplane::Spec {
-        mitigation: Vec::new(),
-        ..random::spec(rng)
-    };
+    // Rule sets are not read back on adoption: the first apply after a
+    // restart rewrites them once (into the idle copy, flipped atomically),
+    // which is its one change.
+    let spec = |rng: &mut _| random::spec(rng);
     for round in 0..6 {
         let a = spec(&mut rng);
         let b = if round % 2 == 0 {
@@ -134,7 +131,10 @@ fn adopting_the_maps_keeps_ids_and_applies_like_a_direct_apply() {
         let report = dp.adopt(&a).expect("adopt");
         assert_eq!(report.orphan_customers, 0, "seed {seed} round {round}: {report:?}");
         let r = apply(&mut dp, &a);
-        assert!(r.is_empty(), "seed {seed} round {round}: re-applying wrote {r:?}");
+        assert!(
+            r.added == 0 && r.removed == 0 && r.changed == 1,
+            "seed {seed} round {round}: re-applying wrote {r:?} (only the rule sets expected)"
+        );
         assert_eq!(
             dp.applied().expect("applied").contents(),
             before,

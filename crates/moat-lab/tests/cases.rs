@@ -579,10 +579,19 @@ fn built_in_protections_drop_and_count_each_attack_and_can_be_turned_off() {
             protect::INVALID_TCP_FLAGS,
             Reason::DropInvalidTcpFlags,
         ), // all six
-        (to(udp(53, 1000), "203.0.113.5"), protect::LAND, Reason::DropLand),
+        (to(udp(4000, 1000), "203.0.113.5"), protect::LAND, Reason::DropLand),
         (to(tcp(1000, 80, 0x02), "203.0.113.5"), protect::LAND, Reason::DropLand),
         (to(udp(0, 53), "192.0.2.99"), protect::ZERO_PORTS, Reason::DropZeroPort),
-        (to(udp(53, 0), "192.0.2.99"), protect::ZERO_PORTS, Reason::DropZeroPort),
+        (
+            to(udp(4000, 0), "192.0.2.99"),
+            protect::ZERO_PORTS,
+            Reason::DropZeroPort,
+        ),
+        (
+            to(udp(11211, 4000), "192.0.2.99"),
+            protect::REFLECTION,
+            Reason::DropReflection,
+        ),
         (
             to(tcp(1000, 0, 0x02), "192.0.2.99"),
             protect::ZERO_PORTS,
@@ -599,7 +608,12 @@ fn built_in_protections_drop_and_count_each_attack_and_can_be_turned_off() {
     }
     // Each protection turned off alone lets its attacks through (to the
     // tunnel) and still drops the others'.
-    for off in [protect::INVALID_TCP_FLAGS, protect::LAND, protect::ZERO_PORTS] {
+    for off in [
+        protect::INVALID_TCP_FLAGS,
+        protect::LAND,
+        protect::ZERO_PORTS,
+        protect::REFLECTION,
+    ] {
         let mut spec = moat_lab::fixture::standard_spec();
         spec.protections = protect::ALL & !off;
         f.apply(spec);
@@ -616,5 +630,198 @@ fn built_in_protections_drop_and_count_each_attack_and_can_be_turned_off() {
     f.apply(spec);
     for (frame, _, _) in &attacks {
         run(&f, frame, XDP_REDIRECT, Reason::ForwardEncap);
+    }
+}
+
+/// Operator rules, then the customer's firewall, then the reflection
+/// protection, each first match deciding; every match counted per rule.
+#[test]
+fn mitigation_rules_firewalls_and_reflection_in_order() {
+    use moat_dataplane::RuleAction::{Drop, Pass};
+    use moat_lab::rules::spec_rule as rule;
+    let mut f = Fixture::new("cases-rules");
+    let mut spec = moat_lab::fixture::standard_spec();
+    spec.mitigation = vec![
+        rule("no-9999", "udp.dstport == 9999", Drop),
+        rule("trusted", "ip.src in {192.0.2.77 2001:db8:77::/48}", Pass),
+        rule("ttl-1", "ip.ttl == 1 and ip.version == 4", Drop),
+    ];
+    spec.customers[0].firewall = vec![
+        rule("no-rdp", "tcp.dstport == 3389 and not ip.src in {192.0.2.0/28}", Drop),
+        rule("resolver", "udp.srcport == 53 and ip.dst == 203.0.113.20", Pass),
+        rule("bad-v6", "ip.src in {2001:db8:bad::/48}", Drop),
+    ];
+    f.apply(spec.clone());
+    let tcp = |dport| L4::Tcp {
+        sport: 40000,
+        dport,
+        syn: true,
+    };
+    let v4 = |src: &str, dst: &str, ttl, l4| packet::eth(Frame::default(), &packet::ip(a4(src), a4(dst), ttl, l4, &[]));
+    let v6 = |src: &str, l4| {
+        packet::eth(
+            Frame::default(),
+            &packet::ip(a6(src), a6("2001:db8:100::5"), 64, l4, &[]),
+        )
+    };
+    let cases: Vec<(Vec<u8>, u32, Reason)> = vec![
+        // The operator's drop, before its pass (first match decides).
+        (
+            v4("192.0.2.77", "203.0.113.5", 64, udp(4000, 9999)),
+            XDP_DROP,
+            Reason::DropMitigationRule,
+        ),
+        // The firewall: RDP blocked except from the admins.
+        (
+            v4("192.0.2.99", "203.0.113.5", 64, tcp(3389)),
+            XDP_DROP,
+            Reason::DropFirewall,
+        ),
+        (
+            v4("192.0.2.5", "203.0.113.5", 64, tcp(3389)),
+            XDP_REDIRECT,
+            Reason::ForwardEncap,
+        ),
+        // Reflection: dropped unless the firewall or the operator allowed it.
+        (
+            v4("192.0.2.99", "203.0.113.5", 64, udp(53, 4000)),
+            XDP_DROP,
+            Reason::DropReflection,
+        ),
+        (
+            v4("192.0.2.99", "203.0.113.20", 64, udp(53, 4000)),
+            XDP_REDIRECT,
+            Reason::ForwardEncap,
+        ),
+        (
+            v4("192.0.2.77", "203.0.113.5", 64, udp(123, 4000)),
+            XDP_REDIRECT,
+            Reason::ForwardEncap,
+        ),
+        // An operator pass does not skip the customer's firewall.
+        (
+            v4("192.0.2.77", "203.0.113.5", 64, tcp(3389)),
+            XDP_DROP,
+            Reason::DropFirewall,
+        ),
+        // A firewall of one customer does not apply to another (globex's
+        // tunnel leaves by the ingress link in this fixture).
+        (
+            v4("192.0.2.99", "203.0.113.200", 64, tcp(3389)),
+            XDP_TX,
+            Reason::ForwardEncap,
+        ),
+        // IPv6 through both sets.
+        (v6("2001:db8:bad::1", udp(4000, 80)), XDP_DROP, Reason::DropFirewall),
+        (v6("2001:db8:77::1", udp(53, 80)), XDP_REDIRECT, Reason::ForwardEncap),
+        (v6("2001:db8:99::1", udp(53, 80)), XDP_DROP, Reason::DropReflection),
+        (
+            v6("2001:db8:99::1", udp(4000, 9999)),
+            XDP_DROP,
+            Reason::DropMitigationRule,
+        ),
+    ];
+    for (frame, action, reason) in &cases {
+        run(&f, frame, *action, *reason);
+    }
+    let counts: Vec<(Option<String>, String, u64)> =
+        f.dp.rule_counters()
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.customer, c.rule, c.packets))
+            .collect();
+    let acme = || Some("acme".to_string());
+    assert_eq!(
+        counts,
+        vec![
+            (None, "no-9999".into(), 2),
+            (None, "trusted".into(), 3),
+            (None, "ttl-1".into(), 0),
+            (acme(), "no-rdp".into(), 2),
+            (acme(), "resolver".into(), 1),
+            (acme(), "bad-v6".into(), 1),
+        ]
+    );
+    // New rule sets: counters restart; a rule removed stops matching at once.
+    spec.customers[0].firewall.remove(0);
+    f.apply(spec.clone());
+    run(&f, &cases[1].0, XDP_REDIRECT, Reason::ForwardEncap);
+    assert!(f.dp.rule_counters().unwrap().iter().all(|c| c.packets == 0));
+    // No rules at all: nothing is classified; reflection still applies.
+    spec.mitigation.clear();
+    spec.customers[0].firewall.clear();
+    f.apply(spec.clone());
+    assert!(f.dp.rule_counters().unwrap().is_empty());
+    run(&f, &cases[0].0, XDP_REDIRECT, Reason::ForwardEncap);
+    run(&f, &cases[3].0, XDP_DROP, Reason::DropReflection);
+}
+
+/// A rate-limited rule passes its burst (10 ms of its rate) at once and
+/// drops the rest of a back-to-back run; each bucket is per rule, per
+/// destination or per source as configured.
+#[test]
+fn rate_limit_rules_pass_a_burst_then_drop() {
+    use moat_dataplane::{RateLimit, RatePer, RuleAction};
+    let mut f = Fixture::new("cases-rate");
+    let limit = |per| {
+        RuleAction::RateLimit(RateLimit {
+            pps: 1_000, // a burst of 10 packets
+            per,
+        })
+    };
+    let frame = |src: &str, dst: &str| {
+        packet::eth(
+            Frame::default(),
+            &packet::ip(a4(src), a4(dst), 64, udp(4000, 5000), &[]),
+        )
+    };
+    for (per, pairs, buckets) in [
+        // Two destinations share the rule's bucket.
+        (
+            RatePer::Rule,
+            [("192.0.2.99", "203.0.113.5"), ("192.0.2.99", "203.0.113.6")],
+            1,
+        ),
+        (
+            RatePer::DstIp,
+            [("192.0.2.99", "203.0.113.5"), ("192.0.2.99", "203.0.113.6")],
+            2,
+        ),
+        (
+            RatePer::SrcIp,
+            [("192.0.2.98", "203.0.113.5"), ("192.0.2.99", "203.0.113.5")],
+            2,
+        ),
+    ] {
+        let mut spec = moat_lab::fixture::standard_spec();
+        spec.mitigation = vec![moat_lab::rules::spec_rule(
+            "udp-5000",
+            "udp.dstport == 5000",
+            limit(per),
+        )];
+        f.apply(spec);
+        let mut passed = 0;
+        let start = std::time::Instant::now();
+        for i in 0..60 {
+            let (src, dst) = pairs[i % 2];
+            let r = f.run(&frame(src, dst));
+            if r.action == XDP_REDIRECT {
+                passed += 1;
+            } else {
+                assert_eq!(r.action, XDP_DROP);
+            }
+        }
+        // Per bucket: its first packet and the burst of 10, plus one
+        // packet per millisecond the run took (1,000 pps).
+        let ms = start.elapsed().as_millis() as usize + 1;
+        let (least, most) = (buckets * 11, buckets * (11 + ms));
+        assert!(
+            (least..=most.min(59)).contains(&passed),
+            "{per:?}: {passed} of 60 passed in {ms} ms, expected {least}..={most}"
+        );
+        let c = f.dp.rule_counters().unwrap();
+        assert_eq!(c[0].packets, 60, "every packet matched the rule");
+        let drops = f.dp.counters([], []).unwrap().packets(Reason::DropRateLimit);
+        assert!(drops >= (60 - passed) as u64, "{per:?}: drops counted: {drops}");
     }
 }

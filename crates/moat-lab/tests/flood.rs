@@ -176,7 +176,7 @@ fn every_attack_arrives_and_is_counted_under_its_reason() {
         (flood::udp(&t, 53, 64), Reason::DropNoNextHop),
         (flood::tcp(&t, 443, 0x02), Reason::DropNoNextHop),
         (flood::tcp(&t, 443, 0x10), Reason::DropNoNextHop),
-        (flood::reflection(&t, 11211, 1000), Reason::DropNoNextHop),
+        (flood::reflection(&t, 11211, 1000), Reason::DropReflection),
         (flood::fragments(&t, 200), Reason::DropNoNextHop),
     ];
     for (template, reason) in &attacks {

@@ -513,6 +513,7 @@ impl State {
             customers,
             tunnels,
             reasons: status::reasons(&counters),
+            rules: status::rules(&self.dp.rule_counters()?),
         })
     }
 
@@ -529,6 +530,7 @@ impl State {
             last_reload_at: self.last_reload.at,
             differences: self.last_differences,
             reasons: status::reasons(&counters).into_iter().collect(),
+            rules: status::rules(&self.dp.rule_counters()?),
             ..metrics::Snapshot::default()
         };
         for (id, name) in &names.customers {

@@ -29,6 +29,8 @@ pub struct Snapshot {
     /// Differences between the maps and the generation found by the last verification.
     pub differences: usize,
     pub reasons: Vec<(String, Count)>,
+    /// Matches per rule since the rule sets last changed.
+    pub rules: Vec<crate::status::RuleStatus>,
     /// (customer, "in"/"out", "received"/"forwarded"/"dropped", count)
     pub customers: Vec<(String, &'static str, &'static str, Count)>,
     /// (customer, tunnel, "tx"/"rx", count, next hop resolved)
@@ -95,6 +97,24 @@ pub fn encode_snapshot(s: &Snapshot) -> String {
         reason_packets,
     );
     r.register("reason_bytes", "Bytes by the data plane's verdict reason", reason_bytes);
+
+    let rule_packets = Family::<Labels, Counter>::default();
+    let rule_bytes = Family::<Labels, Counter>::default();
+    for rule in &s.rules {
+        let l = labels(&[("set", &rule.set), ("customer", &rule.customer), ("rule", &rule.rule)]);
+        rule_packets.get_or_create(&l).inc_by(rule.matched.packets);
+        rule_bytes.get_or_create(&l).inc_by(rule.matched.bytes);
+    }
+    r.register(
+        "rule_matched_packets",
+        "Packets matched per rule (set mitigation, or firewall with its customer) since the rule sets last changed",
+        rule_packets,
+    );
+    r.register(
+        "rule_matched_bytes",
+        "Bytes matched per rule since the rule sets last changed",
+        rule_bytes,
+    );
 
     let cust_packets = Family::<Labels, Counter>::default();
     let cust_bytes = Family::<Labels, Counter>::default();

@@ -32,6 +32,36 @@ pub struct Status {
     pub customers: Vec<Customer>,
     pub tunnels: Vec<TunnelStatus>,
     pub reasons: BTreeMap<String, Count>,
+    /// Matches per rule since the rule sets last changed.
+    #[serde(default)]
+    pub rules: Vec<RuleStatus>,
+}
+
+/// One rule's matches: an operator mitigation rule (`customer` empty) or
+/// a rule of a customer's firewall.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RuleStatus {
+    /// "mitigation" or "firewall".
+    pub set: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub customer: String,
+    pub rule: String,
+    pub matched: Count,
+}
+
+pub fn rules(counters: &[moat_dataplane::RuleCounter]) -> Vec<RuleStatus> {
+    counters
+        .iter()
+        .map(|c| RuleStatus {
+            set: if c.customer.is_some() { "firewall" } else { "mitigation" }.into(),
+            customer: c.customer.clone().unwrap_or_default(),
+            rule: c.rule.clone(),
+            matched: Count {
+                packets: c.packets,
+                bytes: c.bytes,
+            },
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -435,6 +465,17 @@ pub fn render(s: &Status) -> String {
             count(&t.tx),
             count(&t.rx)
         );
+    }
+    if !s.rules.is_empty() {
+        let _ = writeln!(o, "rules ({}), matches since the rules last changed:", s.rules.len());
+        for r in &s.rules {
+            let whose = if r.customer.is_empty() {
+                "mitigation".to_string()
+            } else {
+                format!("firewall {}", r.customer)
+            };
+            let _ = writeln!(o, "  {whose}/{}: {}", r.rule, count(&r.matched));
+        }
     }
     let _ = writeln!(o, "reasons:");
     for (r, c) in &s.reasons {

@@ -118,6 +118,7 @@ impl Gen {
             },
             tunnels,
             routes,
+            firewall: Vec::new(),
         }
     }
 }

@@ -83,6 +83,7 @@ fn scaled(mut spec: Spec, customers: usize, prefixes: usize) -> Spec {
             egress_prefixes: vec![],
             tunnels,
             routes,
+            firewall: Vec::new(),
         });
     }
     spec

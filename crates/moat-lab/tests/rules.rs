@@ -1,0 +1,193 @@
+//! Rule sets of 1 to 1,024 rules in the data plane: the operator's
+//! mitigation rules and a customer's firewall, both of the same size, drawn
+//! at random from the shared rule generator. For every packet the XDP
+//! program's verdict and output bytes must equal the reference model's
+//! (which evaluates each rule's expression directly), and after each set
+//! every rule's match counter must equal the number of packets the model
+//! saw that rule decide: the data plane picked the same rule every time.
+
+use std::net::IpAddr;
+
+use moat_dataplane::classify::MAX_TERMS;
+use moat_dataplane::{RuleAction, RuleSpec};
+use moat_expr::{normal::terms, Packet, Transport};
+use moat_lab::{
+    fixture::{standard_spec, Fixture},
+    packet::{self, Frame, L4},
+    random,
+    rules::expr,
+};
+use rand::{rngs::StdRng, seq::SliceRandom, Rng};
+
+/// Rule counts per set, and packets per size (100,000 in all).
+const SIZES: [usize; 5] = [1, 17, 100, 333, 1024];
+const PACKETS: usize = 20_000;
+
+/// `n` random rules (no lists) whose terms fit one set, drop or pass.
+/// Each matches some but at most 2% of the `sample` packets: with rules that
+/// match nearly everything, only the first few rules would ever decide.
+fn rules(rng: &mut StdRng, n: usize, prefix: &str, sample: &[Packet]) -> Vec<RuleSpec> {
+    let mut out = Vec::new();
+    let mut used = 0;
+    while out.len() < n {
+        let e = expr(rng, 2);
+        if format!("{e}").contains('$') {
+            continue;
+        }
+        // Rules of one or a few terms, as operators write them.
+        let Ok(t) = terms(&e, &|_| Vec::new(), 8) else {
+            continue;
+        };
+        // Leave at least one term for each rule still to come.
+        if t.is_empty() || used + t.len() + (n - out.len() - 1) > MAX_TERMS {
+            continue;
+        }
+        let hits = sample.iter().filter(|p| e.matches(p, &|_| Vec::new())).count();
+        if hits == 0 || hits * 50 > sample.len() {
+            continue;
+        }
+        used += t.len();
+        out.push(RuleSpec {
+            name: format!("{prefix}{}", out.len()),
+            condition: e,
+            terms: t,
+            action: if rng.gen_bool(0.5) {
+                RuleAction::Drop
+            } else {
+                RuleAction::Pass
+            },
+        });
+    }
+    out
+}
+
+/// A packet to acme's prefixes with values from the generator's pools, as
+/// the language sees it.
+fn packet(rng: &mut StdRng) -> Packet {
+    const V4: [&str; 5] = ["10.1.2.3", "10.200.0.1", "192.0.2.7", "192.0.2.8", "203.0.113.1"];
+    const V6: [&str; 2] = ["2001:db8::1", "2001:db9::1"];
+    const PORTS: [u16; 9] = [1, 22, 53, 80, 443, 1024, 11211, 65535, 4000];
+    let v6 = rng.gen_ratio(1, 4);
+    let (src, dst): (IpAddr, IpAddr) = if v6 {
+        (
+            V6.choose(rng).unwrap().parse().unwrap(),
+            "2001:db8:100::9".parse().unwrap(),
+        )
+    } else {
+        (V4.choose(rng).unwrap().parse().unwrap(), "203.0.113.9".parse().unwrap())
+    };
+    let port = |rng: &mut StdRng| *PORTS.choose(rng).unwrap();
+    let (proto, transport) = match rng.gen_range(0..3) {
+        0 => (
+            6,
+            Transport::Tcp {
+                src: port(rng),
+                dst: port(rng),
+                flags: *[0x02u8, 0x10, 0x12, 0x18, 0x11, 0x04].choose(rng).unwrap(),
+            },
+        ),
+        1 => (
+            17,
+            Transport::Udp {
+                src: port(rng),
+                dst: port(rng),
+            },
+        ),
+        _ => (
+            if v6 { 58 } else { 1 },
+            Transport::Icmp {
+                kind: if v6 { 128 } else { 8 },
+                code: 0,
+            },
+        ),
+    };
+    Packet {
+        src,
+        dst,
+        proto,
+        ttl: *[2u8, 6, 17, 64, 128, 255].choose(rng).unwrap(),
+        len: rng.gen_range(0..200),
+        frag: false,
+        transport,
+    }
+}
+
+/// The frame of `p` (its `len` taken as the payload's length).
+fn frame(p: &Packet) -> Vec<u8> {
+    let l4 = match p.transport {
+        Transport::Tcp { src, dst, flags } => L4::TcpFlags {
+            sport: src,
+            dport: dst,
+            flags,
+        },
+        Transport::Udp { src, dst } => L4::Udp { sport: src, dport: dst },
+        _ => L4::Echo { id: p.len, seq: 1 },
+    };
+    let payload = vec![0u8; usize::from(p.len)];
+    packet::eth(Frame::default(), &packet::ip(p.src, p.dst, p.ttl, l4, &payload))
+}
+
+#[test]
+fn data_plane_picks_the_models_rule_in_sets_of_1_to_1024_rules() {
+    let (seed, mut rng) = random::seeded();
+    let mut f = Fixture::new("rules");
+    let mut total = 0;
+    for n in SIZES {
+        let mut spec = standard_spec();
+        let sample: Vec<Packet> = (0..300).map(|_| packet(&mut rng)).collect();
+        spec.mitigation = rules(&mut rng, n, "m", &sample);
+        spec.customers[0].firewall = rules(&mut rng, n, "f", &sample);
+        f.apply(spec.clone());
+        f.rule_hits.borrow_mut().clear();
+        let mut dropped_by_rules = 0;
+        for i in 0..PACKETS {
+            let b = frame(&packet(&mut rng));
+            let got = f.run(&b);
+            let want = f
+                .with_model(|m| m.process(&b))
+                .expect("the model predicts the forward path");
+            assert_eq!(
+                (got.action, &got.data),
+                (want.action.code(), &want.output),
+                "seed {seed}, {n} rules: packet {i} ({:?}) differs\ninput {b:02x?}",
+                want.reason
+            );
+            if matches!(
+                want.reason,
+                moat_common::Reason::DropMitigationRule | moat_common::Reason::DropFirewall
+            ) {
+                dropped_by_rules += 1;
+            }
+        }
+        let hits = f.rule_hits.borrow().clone();
+        let counters = f.dp.rule_counters().unwrap();
+        assert_eq!(counters.len(), 2 * n, "a counter per rule");
+        let mut matched = 0;
+        for c in &counters {
+            let want = hits.get(&(c.customer.clone(), c.rule.clone())).copied().unwrap_or(0);
+            assert_eq!(
+                c.packets, want,
+                "seed {seed}, {n} rules: rule {:?}/{}",
+                c.customer, c.rule
+            );
+            matched += c.packets;
+        }
+        // Rules of every position matched, not just the first few.
+        let last_matching = counters
+            .iter()
+            .filter(|c| c.customer.is_none() && c.packets > 0)
+            .filter_map(|c| c.rule[1..].parse::<usize>().ok())
+            .max()
+            .unwrap_or(0);
+        println!(
+            "{n} rules per set: {PACKETS} packets agree; {matched} rule matches, {dropped_by_rules} dropped by rules, \
+             highest mitigation rule matched: m{last_matching}"
+        );
+        assert!(matched > 0, "seed {seed}, {n} rules: no rule ever matched");
+        if n >= 100 {
+            assert!(last_matching >= n / 4, "seed {seed}: only early rules matched");
+        }
+        total += PACKETS;
+    }
+    println!("{total} packets compared");
+}
