@@ -55,6 +55,16 @@ fn add_tunnel(a: &mut TunnelStats, b: &TunnelStats) {
 }
 
 impl Dataplane {
+    /// Packets counted under `reason` on each CPU (index: CPU number).
+    pub fn reason_per_cpu(&self, reason: Reason) -> Result<Vec<u64>, Error> {
+        let values = self
+            .maps
+            .reason_stats
+            .get(&(reason as u32), 0)
+            .map_err(Error::map("REASON_STATS"))?;
+        Ok(values.iter().map(|c| c.packets).collect())
+    }
+
     /// Reason counters plus the given customers' and tunnels' counters.
     pub fn counters(
         &self,

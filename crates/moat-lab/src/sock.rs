@@ -16,3 +16,15 @@ pub fn force_receive_buffer(fd: BorrowedFd<'_>, bytes: libc::c_int) {
         )
     };
 }
+
+/// Pins the calling thread to `cpu` (BPF test runs and live-frame floods
+/// execute on the CPU that calls them).
+pub fn pin_thread(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity on the calling thread.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    assert_eq!(rc, 0, "pin to CPU {cpu}: {}", std::io::Error::last_os_error());
+}

@@ -175,12 +175,7 @@ fn cpu_model() -> String {
 /// Pins the calling thread to the last CPU (test runs execute where they are called).
 fn pin() -> usize {
     let cpu = std::thread::available_parallelism().map_or(1, |n| n.get()) - 1;
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity on the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
+    moat_lab::sock::pin_thread(cpu);
     cpu
 }
 
