@@ -463,12 +463,18 @@ impl Dataplane {
             }
             _ => self.apply_full(want),
         };
-        // Rules: rewritten when they changed, or when what the maps hold
-        // is not known (a full apply).
+        // Rule sets: rewritten when they changed (into the idle copy, made
+        // live with one store).
         let result = result.and_then(|(mut report, state)| {
-            let known = prev.as_ref().filter(|p| !p.rules_unknown).map(|p| &p.rules);
-            if known != Some(&want.rules) || want.rules_unknown {
-                self.write_rules(want.rules.as_deref())?;
+            let unknown = prev.as_ref().is_none_or(|p| p.rules_unknown) || want.rules_unknown;
+            let same = if unknown {
+                // Not known (adopted, or after a failed apply): the digest
+                // in the maps tells whether they hold these rule sets.
+                self.live_rules_digest()? == want.rules.as_ref().map(|r| r.digest)
+            } else {
+                prev.as_ref().map(|p| &p.rules) == Some(&want.rules)
+            };
+            if !same && self.write_rules(want.rules.as_deref())? > 0 {
                 report.changed += 1;
             }
             Ok((report, state))

@@ -52,6 +52,7 @@ pub struct Maps {
     pub cls_bitmap: Array<MapData, [u64; moat_common::rules::CLS_WORDS]>,
     pub cls_term: Array<MapData, moat_common::rules::ClsTerm>,
     pub customer_fw: Array<MapData, u32>,
+    pub cls_digest: Array<MapData, u64>,
     pub rule_stats: PerCpuArray<MapData, Counter>,
     pub rl_rule: Array<MapData, u64>,
     pub reflect_ports: Array<MapData, u64>,
@@ -224,6 +225,7 @@ impl Source<'_> {
             cls_bitmap: self.typed("CLS_BITMAP")?,
             cls_term: self.typed("CLS_TERM")?,
             customer_fw: self.typed("CUSTOMER_FW")?,
+            cls_digest: self.typed("CLS_DIGEST")?,
             rule_stats: self.typed("RULE_STATS")?,
             rl_rule: self.typed("RL_RULE")?,
             reflect_ports: self.typed("REFLECT_PORTS")?,
@@ -501,6 +503,7 @@ impl Dataplane {
     pub fn resync(&mut self) {
         if let Some(applied) = self.applied.as_mut() {
             applied.state = crate::apply::Carry(None);
+            applied.rules_unknown = true;
         }
     }
 

@@ -37,6 +37,10 @@ pub struct SetTables {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RuleTables {
     pub sets: Vec<SetTables>,
+    /// A digest of everything above, kept in the maps with the copy that
+    /// holds it: a restarted daemon (same build) recognises its rules
+    /// there instead of rewriting them, and `moat status` checks it.
+    pub digest: u64,
 }
 
 /// One rule's match counter.
@@ -166,7 +170,15 @@ pub(crate) fn compile(
         capacity("rules over all rule sets", stat_next as usize, CLS_RULE_POOL)?;
         sets.push(set);
     }
-    Ok(Some(Arc::new(RuleTables { sets })))
+    // Debug output spells out every field; the hasher's keys are fixed, so
+    // one build always gives one digest.
+    let digest = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        format!("{sets:?}").hash(&mut h);
+        h.finish() | 1
+    };
+    Ok(Some(Arc::new(RuleTables { sets, digest })))
 }
 
 /// A matching term's entry: counter, action, bucket.
@@ -202,6 +214,9 @@ impl Dataplane {
         let m = &mut self.maps;
         let active = m.cls_active.get(&0, 0).map_err(Error::map("CLS_ACTIVE"))?;
         let Some(r) = rules else {
+            if active == CLS_NONE {
+                return Ok(0);
+            }
             m.cls_active.set(0, CLS_NONE, 0).map_err(Error::map("CLS_ACTIVE"))?;
             return Ok(1);
         };
@@ -276,6 +291,7 @@ impl Dataplane {
             }
             written += descs.len() + set.tables.bitmaps.len() + set.tables.term_rule.len() + 2 * set.rules.len() + 1;
         }
+        m.cls_digest.set(idle, r.digest, 0).map_err(Error::map("CLS_DIGEST"))?;
         fw_after.sort_unstable();
         // The idle copy's firewall assignments: only the new ones stand
         // (it may still hold those of two generations ago).
@@ -290,6 +306,29 @@ impl Dataplane {
         }
         m.cls_active.set(0, idle, 0).map_err(Error::map("CLS_ACTIVE"))?;
         Ok(written + 1)
+    }
+
+    /// The digest of the rule sets in force in the maps (`None`: no rule
+    /// set is in force).
+    pub(crate) fn live_rules_digest(&self) -> Result<Option<u64>, Error> {
+        let active = self.maps.cls_active.get(&0, 0).map_err(Error::map("CLS_ACTIVE"))?;
+        if active > 1 {
+            return Ok(None);
+        }
+        Ok(Some(
+            self.maps.cls_digest.get(&active, 0).map_err(Error::map("CLS_DIGEST"))?,
+        ))
+    }
+
+    /// A difference when the rule sets in force are not those of `want`.
+    pub fn verify_rules(&self, want: &crate::Compiled) -> Result<Option<String>, Error> {
+        let live = self.live_rules_digest()?;
+        let wanted = want.rules.as_ref().map(|r| r.digest);
+        Ok((live != wanted).then(|| match (live, wanted) {
+            (None, _) => "rule sets: none in force, this generation has some".to_string(),
+            (_, None) => "rule sets: some in force, this generation has none".to_string(),
+            _ => "rule sets: those in force are not this generation's".to_string(),
+        }))
     }
 
     /// Every rule's match counter, as the live copy counts them (counters

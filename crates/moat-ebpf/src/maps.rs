@@ -120,6 +120,10 @@ pub static CLS_KEY: Array<ClsKey> = Array::with_max_entries(2 * CLS_KEY_POOL, 0)
 pub static CLS_BITMAP: Array<[u64; CLS_WORDS]> = Array::with_max_entries(2 * CLS_BITMAP_POOL, 0);
 #[map]
 pub static CLS_TERM: Array<ClsTerm> = Array::with_max_entries(2 * CLS_TERM_POOL, 0);
+/// A digest of the rule sets each copy holds (written by userspace, which
+/// compares it on adoption and verification; the program never reads it).
+#[map]
+pub static CLS_DIGEST: Array<u64> = Array::with_max_entries(2, 0);
 /// Customer id -> its firewall's set, per copy (`SET_NONE`: no firewall).
 #[map]
 pub static CUSTOMER_FW: Array<u32> = Array::with_max_entries(2 * MAX_CUSTOMERS, 0);

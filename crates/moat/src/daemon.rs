@@ -409,6 +409,10 @@ impl State {
         let want = self.desired.contents();
         let mut differences = status::differences(&maps, &want);
         differences.extend(self.dp.verify_dir(&want));
+        match self.dp.verify_rules(&self.desired) {
+            Ok(d) => differences.extend(d),
+            Err(e) => error!("verifying the data plane: reading the rule maps: {e}"),
+        }
         drop(want);
         self.last_differences = differences.len();
         if differences.is_empty() {
@@ -433,6 +437,7 @@ impl State {
         let want = self.desired.contents();
         let mut differences = status::differences(&maps, &want);
         differences.extend(self.dp.verify_dir(&want));
+        differences.extend(self.dp.verify_rules(&self.desired)?);
         let customers: BTreeSet<u32> = maps
             .dest4
             .values()

@@ -80,14 +80,26 @@ pub fn run(requests: u32) -> Result<()> {
     result
 }
 
-/// Scene 3: the attacker floods acme's server with invalid TCP from 65,536
-/// spoofed sources (the flood generator) while the internet host keeps
-/// making HTTP requests; moat drops the flood at its built-in protection.
+/// Scene 3: the attacker floods acme's server with invalid TCP and
+/// memcached reflection from 65,536 spoofed sources (the flood generator)
+/// while the internet host keeps making HTTP requests; moat drops the flood
+/// at its built-in protection and the operator's rule.
 fn attack_scene(edge: &Edge, requests: u32) -> Result<bool> {
-    println!("3. an attack: a flood of SYN+FIN from 65,536 spoofed sources at acme's server, while HTTP continues");
+    println!(
+        "3. an attack: SYN+FIN and memcached reflection from 65,536 spoofed sources at acme's server, while HTTP continues"
+    );
     stopping()?;
-    let counted = |text: &str| http::metric(text, "moat_reason_packets_total{reason=\"drop_invalid_tcp_flags\"}");
-    let before = counted(&http::scrape_metrics(&edge.node)?).unwrap_or(0);
+    let counted = |text: &str| {
+        (
+            http::metric(text, "moat_reason_packets_total{reason=\"drop_invalid_tcp_flags\"}").unwrap_or(0),
+            http::metric(
+                text,
+                "moat_rule_matched_packets_total{set=\"mitigation\",customer=\"\",rule=\"memcached\"}",
+            )
+            .unwrap_or(0),
+        )
+    };
+    let before = counted(&http::scrape_metrics(&edge.node)?);
     let target = Target {
         frame: Frame {
             src: edge.attacker.mac("a0"),
@@ -98,20 +110,23 @@ fn attack_scene(edge: &Edge, requests: u32) -> Result<bool> {
         random_bits: 16,
         dst: edge.sites[0].server,
     };
-    let template = flood::tcp(&target, 80, 0x03);
+    let templates = [flood::tcp(&target, 80, 0x03), flood::reflection(&target, 11211, 64)];
     let ifindex = edge.attacker.ifindex("a0");
     let flooding = AtomicBool::new(true);
     let (answered, sent, took) = std::thread::scope(|scope| -> Result<(u32, u64, Duration)> {
         let attacker = scope.spawn(|| -> Result<(u64, Duration)> {
             let _in = edge.attacker.enter()?;
             let mut generator = Flood::load().context("loading the flood generator")?;
-            let (mut sent, started) = (0u64, Instant::now());
+            let (mut sent, started, mut round) = (0u64, Instant::now(), 0);
             // Bounded: until the requests are done, at most 60 s.
             while flooding.load(Ordering::Relaxed)
                 && started.elapsed() < Duration::from_secs(60)
                 && !STOP.load(Ordering::SeqCst)
             {
-                sent += generator.run(&template, ifindex, 1 << 18, Duration::from_secs(2))?.sent;
+                sent += generator
+                    .run(&templates[round % 2], ifindex, 1 << 18, Duration::from_secs(2))?
+                    .sent;
+                round += 1;
             }
             Ok((sent, started.elapsed()))
         });
@@ -124,14 +139,16 @@ fn attack_scene(edge: &Edge, requests: u32) -> Result<bool> {
         Ok((answered, sent, took))
     })?;
     std::thread::sleep(Duration::from_millis(200));
-    let dropped = counted(&http::scrape_metrics(&edge.node)?).unwrap_or(0) - before;
+    let after = counted(&http::scrape_metrics(&edge.node)?);
+    let (invalid, memcached) = (after.0 - before.0, after.1 - before.1);
     println!(
-        "   {ATTACKER} sent {sent} frames in {:.1} s ({:.2} Mpps from one core); moat dropped {dropped} as invalid TCP flags",
+        "   {ATTACKER} sent {sent} frames in {:.1} s ({:.2} Mpps from one core); moat dropped {invalid} as invalid TCP \
+         flags and {memcached} by the rule 'memcached'",
         took.as_secs_f64(),
         sent as f64 / took.as_secs_f64().max(1e-9) / 1e6
     );
     println!("   meanwhile: {answered}/{requests} complete HTTP answers from acme's server");
-    Ok(answered == requests && dropped > 0)
+    Ok(answered == requests && invalid > 0 && memcached > 0)
 }
 
 fn scenes(edge: &Edge, daemon: &mut Daemon, requests: u32) -> Result<()> {

@@ -312,13 +312,9 @@ fn status_flags_and_verification_repairs_maps_changed_behind_its_back() {
     use moat_common::DestValue;
 
     let edge = Edge::new("drift").expect("topology");
-    let d = Daemon::start_with(
-        Path::new(BIN),
-        &edge.node,
-        &Edge::config_yaml(&[(0, 42), (1, 7)]),
-        &["--verify-interval", "5"],
-    )
-    .expect("moat run");
+    let config = Edge::config_yaml(&[(0, 42), (1, 7)])
+        + "mitigation:\n  rules:\n    - name: memcached\n      expression: 'udp.srcport == 11211'\n      action: drop\n";
+    let d = Daemon::start_with(Path::new(BIN), &edge.node, &config, &["--verify-interval", "5"]).expect("moat run");
     let clean = d.cli(&["status"]).expect("moat status");
     assert_eq!(
         clean.status.code(),
@@ -395,6 +391,27 @@ fn status_flags_and_verification_repairs_maps_changed_behind_its_back() {
         assert!(Instant::now() < deadline, "not repaired:\n{}", d.log());
         std::thread::sleep(Duration::from_millis(100));
     }
+
+    // Rule sets switched off behind moat's back: flagged, then rewritten.
+    let mut cls: Array<MapData, u32> = Array::try_from(Map::Array(
+        MapData::from_pin(d.pin_dir.join("maps/CLS_ACTIVE")).expect("pin"),
+    ))
+    .expect("array");
+    assert!(cls.get(&0, 0).expect("active copy") < 2, "the rule is in force");
+    cls.set(0, moat_common::rules::CLS_NONE, 0).expect("tamper");
+    let out = d.cli(&["status"]).expect("moat status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("rule sets: none in force"), "{text}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while status(&d)["data_plane"]["consistent"] != true {
+        assert!(Instant::now() < deadline, "not repaired:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(cls.get(&0, 0).expect("active copy") < 2, "the rule is back in force");
+    let rules = &status(&d)["rules"];
+    assert_eq!(rules[0]["rule"], "memcached", "{rules}");
+    assert_eq!(rules[0]["set"], "mitigation", "{rules}");
 }
 
 #[test]
