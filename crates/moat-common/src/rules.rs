@@ -39,15 +39,20 @@ pub const SET_NONE: u32 = 0;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClsSet {
+    /// Its slot descriptors, from `slot_base`: the IPv4 address slots,
+    /// then the other fields' slots, then the IPv6 address slots. An IPv4
+    /// packet visits `[0, v4_end)`, an IPv6 packet `[v6_start, nslots)`.
     pub slot_base: u32,
     pub nslots: u32,
+    pub v4_end: u32,
+    pub v6_start: u32,
     pub all: u32,
     pub term_base: u32,
     /// 0: the set is empty (nothing to classify).
     pub nterms: u32,
     pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<ClsSet>() == 24);
+const _: () = assert!(core::mem::size_of::<ClsSet>() == 32);
 
 /// Slot numbers: the fields of the expression language, then IPv6.
 pub mod slot {

@@ -101,17 +101,35 @@ impl Flood {
         let mut sent = 0;
         while sent < count && started.elapsed() < limit {
             let n = (count - sent).min(PER_CALL) as u32;
-            program
-                .test_run(TestRunOptions {
-                    data_in: Some(&template.frame),
-                    data_out: None,
-                    ctx_in: Some(&md),
-                    ctx_out: None,
-                    repeat: n,
-                    attrs: TestRunAttrs::new().xdp_live_frames(BATCH.min(n)),
-                })
-                .map_err(program_error)?;
-            sent += u64::from(n);
+            let run = program.test_run(TestRunOptions {
+                data_in: Some(&template.frame),
+                data_out: None,
+                ctx_in: Some(&md),
+                ctx_out: None,
+                repeat: n,
+                attrs: TestRunAttrs::new().xdp_live_frames(BATCH.min(n)),
+            });
+            match run {
+                Ok(_) => sent += u64::from(n),
+                // The kernel stops a run early for a pending signal (or
+                // when the frame pool is short): nothing was counted as
+                // sent; the loop runs it again, within the time limit.
+                Err(aya::programs::ProgramError::SyscallError(e))
+                    if matches!(
+                        e.io_error.raw_os_error(),
+                        Some(libc::EINTR | libc::EAGAIN | libc::ENOMEM)
+                    ) =>
+                {
+                    std::thread::yield_now();
+                }
+                Err(aya::programs::ProgramError::SyscallError(e)) => {
+                    return Err(Error::Spec(format!(
+                        "flood program {PROGRAM}: {}: {}",
+                        e.call, e.io_error
+                    )))
+                }
+                Err(e) => return Err(program_error(e)),
+            }
         }
         Ok(Report {
             sent,

@@ -81,18 +81,33 @@ fn slot_of(field: Field, space: Space) -> u32 {
     }
 }
 
+/// A slot descriptor before layout: (slot, table index, absent bitmap).
+type SlotDesc = (u32, Option<usize>, u32);
+
 /// The descriptors of one set's constrained slots: (slot, table index or
-/// `None` for a field only ever absent, absent bitmap).
-fn slots(t: &Tables) -> Vec<(u32, Option<usize>, u32)> {
+/// `None` for a field only ever absent, absent bitmap), in the order
+/// [`ClsSet`] describes: IPv4 address slots, other fields, IPv6 address
+/// slots. Also the end of the IPv4 part and the start of the IPv6 part.
+fn slots(t: &Tables) -> (Vec<SlotDesc>, u32, u32) {
+    let table = |field: Field, space| t.tables.iter().position(|x| x.field == field && x.space == space);
+    let is_addr = |f: Field| matches!(f, Field::IpSrc | Field::IpDst);
     let mut out = Vec::new();
-    for (field, absent) in &t.absent {
-        for space in [Space::Main, Space::V6] {
-            if let Some(i) = t.tables.iter().position(|x| x.field == *field && x.space == space) {
-                out.push((slot_of(*field, space), Some(i), *absent));
-            }
+    for (field, absent) in t.absent.iter().filter(|(f, _)| is_addr(*f)) {
+        if let Some(i) = table(*field, Space::Main) {
+            out.push((slot_of(*field, Space::Main), Some(i), *absent));
         }
     }
-    out
+    let v6_start = out.len() as u32;
+    for (field, absent) in t.absent.iter().filter(|(f, _)| !is_addr(*f)) {
+        out.push((slot_of(*field, Space::Main), table(*field, Space::Main), *absent));
+    }
+    let v4_end = out.len() as u32;
+    for (field, absent) in t.absent.iter().filter(|(f, _)| is_addr(*f)) {
+        if let Some(i) = table(*field, Space::V6) {
+            out.push((slot_of(*field, Space::V6), Some(i), *absent));
+        }
+    }
+    (out, v4_end, v6_start)
 }
 
 fn capacity(what: &'static str, have: usize, limit: u32) -> Result<(), Error> {
@@ -155,7 +170,7 @@ pub(crate) fn compile(
             stat_base: stat_next,
             tables,
         };
-        slot_next += slots(&set.tables).len() as u32;
+        slot_next += slots(&set.tables).0.len() as u32;
         bitmap_next += set.tables.bitmaps.len() as u32;
         term_next += set.tables.term_rule.len() as u32;
         stat_next += set.rules.len() as u32;
@@ -225,7 +240,7 @@ impl Dataplane {
         let mut fw_after = Vec::new();
         for (n, set) in r.sets.iter().enumerate() {
             let n = n as u32;
-            let descs = slots(&set.tables);
+            let (descs, v4_end, v6_start) = slots(&set.tables);
             for (i, (slot, table, absent)) in descs.iter().enumerate() {
                 let (len, key_base) = match table {
                     Some(t) => (set.tables.tables[*t].starts.len() as u32, set.key_bases[*t]),
@@ -275,6 +290,8 @@ impl Dataplane {
             let d = ClsSet {
                 slot_base: set.slot_base,
                 nslots: descs.len() as u32,
+                v4_end,
+                v6_start,
                 all: set.bitmap_base,
                 term_base: set.term_base,
                 nterms: set.tables.term_rule.len() as u32,

@@ -18,6 +18,8 @@ mod encap;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
+mod mem;
+#[cfg(target_arch = "bpf")]
 mod parse;
 #[cfg(target_arch = "bpf")]
 mod rules;
@@ -38,7 +40,7 @@ mod program {
     use moat_common::{limits::NO_ROUTE_SET, Reason, LOCAL_TUNNEL_ENDPOINT};
 
     use crate::{
-        decap, encap, maps,
+        decap, encap, maps, mem,
         parse::{self, Family, Packet},
         rules, stats,
     };
@@ -82,24 +84,42 @@ mod program {
         bench_around(&ctx, false)
     }
 
-    /// The harness's copy of the packet's first 64 bytes, kept in a map
-    /// rather than on the stack, which the pipeline needs all of.
+    /// The harness's copy of the packet's first 64 bytes and its length
+    /// before the pipeline, kept in a map rather than on the stack, which
+    /// the pipeline needs all of.
+    #[repr(C)]
+    pub struct BenchSaved {
+        head: [u64; 8],
+        len: u64,
+    }
+
     #[map]
-    static BENCH_SAVED: PerCpuArray<[u64; 8]> = PerCpuArray::with_max_entries(1, 0);
+    static BENCH_SAVED: PerCpuArray<BenchSaved> = PerCpuArray::with_max_entries(1, 0);
 
     #[inline(always)]
     fn bench_around(ctx: &XdpContext, pipeline: bool) -> u32 {
         let Some(slot) = BENCH_SAVED.get_ptr_mut(0) else {
             return xdp_action::XDP_ABORTED;
         };
-        let Some(head) = parse::load::<[u64; 8]>(ctx, 0) else {
+        let Some(head) = parse::ptr::<[u64; 8]>(ctx, 0) else {
             return xdp_action::XDP_ABORTED;
         };
+        // SAFETY: `ptr` checked that 64 bytes lie inside the packet.
+        let head = unsafe { &*head };
         // SAFETY: the per-CPU slot is this program run's own.
-        unsafe { *slot = head };
-        let before = core::hint::black_box(ctx.data_end() - ctx.data());
+        unsafe {
+            mem::copy(&mut (*slot).head, head);
+            (*slot).len = (ctx.data_end() - ctx.data()) as u64;
+        }
         let action = if pipeline { ingress(ctx) } else { xdp_action::XDP_DROP };
-        let after = core::hint::black_box(ctx.data_end() - ctx.data());
+        // The lengths as plain numbers, through the map (computed in
+        // place, the compiler would fold them into packet pointer math).
+        // SAFETY: as above; the slot was filled on this CPU.
+        let (before, after) = unsafe {
+            let before = core::ptr::read_volatile(&(*slot).len);
+            core::ptr::write_volatile(&mut (*slot).len, (ctx.data_end() - ctx.data()) as u64);
+            (before, core::ptr::read_volatile(&(*slot).len))
+        };
         // SAFETY: moves the packet start back to where it was; pointers are
         // derived again afterwards.
         if unsafe { aya_ebpf::helpers::bpf_xdp_adjust_head(ctx.ctx, after as i32 - before as i32) } != 0 {
@@ -108,7 +128,7 @@ mod program {
         match parse::ptr::<[u64; 8]>(ctx, 0) {
             // SAFETY: `ptr` checked that 64 bytes lie inside the packet;
             // the slot was filled above on this CPU.
-            Some(p) => unsafe { *p = *slot },
+            Some(p) => unsafe { mem::copy(&mut *p, &(*slot).head) },
             None => return xdp_action::XDP_ABORTED,
         }
         action
@@ -162,8 +182,9 @@ mod program {
     fn apply_rules(ctx: &XdpContext, pkt: &Packet, customer: u32, frame_len: u64) -> Result<(), Reason> {
         use moat_common::rules::*;
         let mut allowed = false;
+        let v4 = pkt.family == parse::Family::V4;
         if let Some(c) = rules::prepare(ctx, pkt) {
-            if let Some(t) = rules::classify(c, SET_MITIGATION) {
+            if let Some(t) = rules::classify(c, SET_MITIGATION, v4) {
                 stats::count_rule(t.stat, frame_len);
                 match t.action {
                     CLS_DROP => return Err(Reason::DropMitigationRule),
@@ -177,7 +198,7 @@ mod program {
             }
             let set = rules::firewall_set(c, customer);
             if set != SET_NONE {
-                if let Some(t) = rules::classify(c, set) {
+                if let Some(t) = rules::classify(c, set, v4) {
                     stats::count_rule(t.stat, frame_len);
                     if t.action == CLS_DROP {
                         return Err(Reason::DropFirewall);

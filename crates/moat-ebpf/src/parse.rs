@@ -137,8 +137,9 @@ pub fn parse(ctx: &XdpContext) -> Result<Option<Packet>, Reason> {
 #[inline(always)]
 pub fn parse_ip(ctx: &XdpContext, family: Family, l3: usize, limit: usize) -> Result<Packet, Reason> {
     let frame_len = ctx.data_end() - ctx.data();
-    let mut src = [0u32; 4];
-    let mut dst = [0u32; 4];
+    // Set whole in each branch: zeroing first would be a memset call.
+    let src: [u32; 4];
+    let dst: [u32; 4];
     let (ip_len, proto, frag, l4, ttl_off) = match family {
         Family::V4 => {
             let h = ptr::<Ipv4Hdr>(ctx, l3).ok_or(Reason::DropTruncatedIp)?;
@@ -155,8 +156,8 @@ pub fn parse_ip(ctx: &XdpContext, family: Family, l3: usize, limit: usize) -> Re
             if l3 + tot > limit {
                 return Err(Reason::DropTruncatedIp);
             }
-            src[0] = h.src;
-            dst[0] = h.dst;
+            src = [h.src, 0, 0, 0];
+            dst = [h.dst, 0, 0, 0];
             let frag = u16::from_be(h.frag_off) & 0x3fff != 0;
             (tot, h.proto, frag, l3 + hl, l3 + 8)
         }

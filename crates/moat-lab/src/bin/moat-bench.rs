@@ -19,11 +19,12 @@ use std::{
 };
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use moat_dataplane::{CustomerSpec, RouteSpec, Spec, TunnelSpec};
+use moat_dataplane::{CustomerSpec, RateLimit, RatePer, RouteSpec, RuleAction, Spec, TunnelSpec};
 use moat_lab::{
     baseline::BareDrop,
     fixture::{self, Fixture, NODE},
     packet::{self, Frame, L4},
+    rules::spec_rule,
 };
 
 struct Plan {
@@ -296,4 +297,119 @@ fn main() {
     }
     println!();
     println!("Targets: miss <= 1.5x, encap <= 3x bare drop; growth from 1 to 10,000 customers <= 10% (growth is of the ratio).");
+    println!();
+    rules(&mut f, &bare, &plan);
+}
+
+/// `n` rules of one shape (a source /24 and a destination port), of which
+/// only the last matches the benchmark's probe (from 192.0.2.99 to UDP
+/// port 9999): every rule adds intervals to the same two fields, so the
+/// sizes differ only in the number of rules.
+fn rule_set(n: usize, last: RuleAction) -> Vec<moat_dataplane::RuleSpec> {
+    (0..n)
+        .map(|i| {
+            if i + 1 == n {
+                spec_rule(
+                    &format!("r{i}"),
+                    "ip.src in {192.0.2.0/24} and udp.dstport == 9999",
+                    last,
+                )
+            } else {
+                let text = format!(
+                    "ip.src in {{10.{}.{}.0/24}} and udp.dstport == {}",
+                    i / 256,
+                    i % 256,
+                    10_000 + i
+                );
+                spec_rule(&format!("r{i}"), &text, RuleAction::Drop)
+            }
+        })
+        .collect()
+}
+
+/// The rule paths: drop by the last of 1 / 100 / 1,024 operator rules;
+/// pass by the last of 1 / 100 / 1,024 firewall rules, then encapsulation;
+/// drop by an exhausted rate limit. Each as ns/packet, x bare drop, and x
+/// its own cost at 1 rule.
+fn rules(f: &mut Fixture, bare: &BareDrop, plan: &Plan) {
+    let probe = packet::eth(
+        Frame::default(),
+        &packet::ip(
+            "192.0.2.99".parse().expect("address"),
+            "203.0.113.5".parse().expect("address"),
+            64,
+            L4::Udp {
+                sport: 4000,
+                dport: 9999,
+            },
+            &[0u8; 22],
+        ),
+    );
+    // (label, spec, action, rewrites the packet)
+    let mut rows: Vec<(String, Spec, u32, bool)> = Vec::new();
+    for n in [1usize, 100, 1024] {
+        let mut spec = fixture::standard_spec();
+        spec.mitigation = rule_set(n, RuleAction::Drop);
+        rows.push((format!("drop by operator rule {n} of {n}"), spec, 1, false));
+    }
+    for n in [1usize, 100, 1024] {
+        let mut spec = fixture::standard_spec();
+        spec.customers[0].firewall = rule_set(n, RuleAction::Pass);
+        rows.push((format!("firewall allow by rule {n} of {n}, then encap"), spec, 4, true));
+    }
+    let mut spec = fixture::standard_spec();
+    spec.mitigation = vec![spec_rule(
+        "limited",
+        "udp.dstport == 9999",
+        RuleAction::RateLimit(RateLimit {
+            pps: 1,
+            per: RatePer::Rule,
+        }),
+    )];
+    rows.push(("drop by an exhausted rate limit (1 rule)".into(), spec, 1, false));
+    let mut spec = fixture::standard_spec();
+    spec.protections = 0;
+    rows.push(("encap, no rules, no protections (for reference)".into(), spec, 4, true));
+
+    println!("## Rules");
+    println!();
+    println!("| path | ns/packet | x bare drop | x the same path at 1 rule |");
+    println!("|---|---:|---:|---:|");
+    let mut at_one = 0.0;
+    for (label, spec, action, rewrites) in rows {
+        f.apply(spec);
+        // After a rate limit's initial credit and burst are taken.
+        for _ in 0..2 {
+            f.dp.run(&probe, f.ingress).expect("run");
+        }
+        let once = f.dp.run(&probe, f.ingress).expect("run");
+        assert_eq!(once.action, action, "{label}: unexpected action");
+        let (mut ns, mut ratio) = (Vec::new(), Vec::new());
+        for _ in 0..plan.rounds {
+            let base = bare.time_repeat(&probe, plan.repeat).expect("bare");
+            let v = if rewrites {
+                let overhead =
+                    f.dp.time_harness(&probe, plan.repeat, true, f.ingress)
+                        .expect("harness")
+                        - base;
+                f.dp.time_harness(&probe, plan.repeat, false, f.ingress).expect("time") - overhead
+            } else {
+                f.dp.time_repeat(&probe, plan.repeat, f.ingress).expect("time")
+            };
+            ns.push(v);
+            ratio.push(v / base);
+        }
+        let (ns, ratio) = (median(ns), median(ratio));
+        if label.contains(" 1 of 1") {
+            at_one = ns;
+        }
+        let growth = if label.contains(" of ") {
+            format!("{:.2}", ns / at_one)
+        } else {
+            "".into()
+        };
+        println!("| {label} | {ns:.1} | {ratio:.2} | {growth} |");
+    }
+    println!();
+    println!("Targets: drop by a rule <= 1.5x bare drop; cost at 1,024 rules <= 1.3x the cost at 1 rule.");
 }
