@@ -31,8 +31,11 @@ impl Config {
     pub fn to_spec_with_penalties(&self, penalty: impl Fn(&str, &str) -> u32) -> Spec {
         let list = |name: &str| self.lists.get(name).cloned().unwrap_or_default();
         // Validation refused rules over the term limit.
-        let terms = |e: &crate::expr::Expr| {
-            crate::expr::normal::terms(e, &list, crate::expr::normal::MAX_TERMS).unwrap_or_default()
+        let rule = |name: &str, condition: &crate::expr::Expr, action| RuleSpec {
+            name: name.to_string(),
+            condition: condition.clone(),
+            terms: crate::expr::normal::terms(condition, &list, crate::expr::normal::MAX_TERMS).unwrap_or_default(),
+            action,
         };
         let mut seen = HashSet::new();
         let node_addresses = self
@@ -75,14 +78,12 @@ impl Config {
                 firewall: c
                     .firewall
                     .iter()
-                    .map(|r| RuleSpec {
-                        name: r.name.clone(),
-                        condition: r.condition.clone(),
-                        terms: terms(&r.condition),
-                        action: match r.action {
+                    .map(|r| {
+                        let action = match r.action {
                             FirewallAction::Allow => RuleAction::Pass,
                             FirewallAction::Block => RuleAction::Drop,
-                        },
+                        };
+                        rule(&r.name, &r.condition, action)
                     })
                     .collect(),
             })
@@ -90,11 +91,8 @@ impl Config {
         let mitigation = self
             .mitigation
             .iter()
-            .map(|r| RuleSpec {
-                name: r.name.clone(),
-                condition: r.condition.clone(),
-                terms: terms(&r.condition),
-                action: match r.action {
+            .map(|r| {
+                let action = match r.action {
                     MitigationAction::Drop => RuleAction::Drop,
                     MitigationAction::Pass => RuleAction::Pass,
                     MitigationAction::RateLimit { pps, per } => RuleAction::RateLimit(RateLimit {
@@ -105,7 +103,8 @@ impl Config {
                             Per::SrcIp => RatePer::SrcIp,
                         },
                     }),
-                },
+                };
+                rule(&r.name, &r.condition, action)
             })
             .collect();
         Spec {

@@ -620,7 +620,7 @@ fn rules_for(spec: &Spec, pieces: &Pieces) -> Result<Option<Arc<crate::rules::Ru
     crate::rules::compile(&spec.mitigation, &firewalls)
 }
 
-fn check_capacity(what: &'static str, have: usize, limit: u32) -> Result<(), Error> {
+pub(crate) fn check_capacity(what: &'static str, have: usize, limit: u32) -> Result<(), Error> {
     if have > limit as usize {
         return Err(Error::Capacity {
             what,

@@ -110,17 +110,6 @@ fn slots(t: &Tables) -> (Vec<SlotDesc>, u32, u32) {
     (out, v4_end, v6_start)
 }
 
-fn capacity(what: &'static str, have: usize, limit: u32) -> Result<(), Error> {
-    if have > limit as usize {
-        return Err(Error::Capacity {
-            what,
-            have,
-            limit: limit as usize,
-        });
-    }
-    Ok(())
-}
-
 /// Compiles the mitigation rules and the firewalls (customer id, name,
 /// rules), checking what the maps can hold. `None` when there is no rule.
 pub(crate) fn compile(
@@ -131,7 +120,7 @@ pub(crate) fn compile(
     if mitigation.is_empty() && firewalls.is_empty() {
         return Ok(None);
     }
-    capacity("customers with firewall rules", firewalls.len(), CLS_SETS - 1)?;
+    crate::compile::check_capacity("customers with firewall rules", firewalls.len(), CLS_SETS - 1)?;
     let mut sets = Vec::with_capacity(1 + firewalls.len());
     let (mut slot_next, mut key_next, mut bitmap_next, mut term_next, mut stat_next) = (0u32, 0u32, 0u32, 0u32, 0u32);
     let owners = std::iter::once(None).chain(firewalls.iter().map(|f| Some((f.0, f.1, f.2))));
@@ -153,7 +142,7 @@ pub(crate) fn compile(
         let terms: Vec<Vec<_>> = rules.iter().map(|r| r.terms.clone()).collect();
         let tables = classify::compile(&terms).map_err(|e| Error::Spec(format!("{whose}: {e}")))?;
         for t in &tables.tables {
-            capacity("intervals of one field in one rule set", t.starts.len(), CLS_SLOT_KEYS)?;
+            crate::compile::check_capacity("intervals of one field in one rule set", t.starts.len(), CLS_SLOT_KEYS)?;
         }
         let mut key_bases = Vec::with_capacity(tables.tables.len());
         for t in &tables.tables {
@@ -174,15 +163,15 @@ pub(crate) fn compile(
         bitmap_next += set.tables.bitmaps.len() as u32;
         term_next += set.tables.term_rule.len() as u32;
         stat_next += set.rules.len() as u32;
-        capacity(
+        crate::compile::check_capacity(
             "rule slot descriptors over all rule sets",
             slot_next as usize,
             CLS_SLOT_POOL,
         )?;
-        capacity("rule intervals over all rule sets", key_next as usize, CLS_KEY_POOL)?;
-        capacity("rule bitmaps over all rule sets", bitmap_next as usize, CLS_BITMAP_POOL)?;
-        capacity("rule terms over all rule sets", term_next as usize, CLS_TERM_POOL)?;
-        capacity("rules over all rule sets", stat_next as usize, CLS_RULE_POOL)?;
+        crate::compile::check_capacity("rule intervals over all rule sets", key_next as usize, CLS_KEY_POOL)?;
+        crate::compile::check_capacity("rule bitmaps over all rule sets", bitmap_next as usize, CLS_BITMAP_POOL)?;
+        crate::compile::check_capacity("rule terms over all rule sets", term_next as usize, CLS_TERM_POOL)?;
+        crate::compile::check_capacity("rules over all rule sets", stat_next as usize, CLS_RULE_POOL)?;
         sets.push(set);
     }
     // Debug output spells out every field; the hasher's keys are fixed, so

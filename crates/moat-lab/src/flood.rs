@@ -20,6 +20,24 @@ pub struct Target {
     pub dst: Ipv4Addr,
 }
 
+impl Target {
+    /// From interface `from` of `gen` to `to` of `sink` (its MAC), at acme's
+    /// server address in the standard spec (203.0.113.5), from 65,536
+    /// sources in the benchmarking range 198.18.0.0/16.
+    pub fn acme(gen: &crate::netns::NetNs, from: &str, sink: &crate::netns::NetNs, to: &str) -> Target {
+        Target {
+            frame: Frame {
+                src: gen.mac(from),
+                dst: sink.mac(to),
+                vlan: None,
+            },
+            src: Ipv4Addr::new(198, 18, 0, 0),
+            random_bits: 16,
+            dst: Ipv4Addr::new(203, 0, 113, 5),
+        }
+    }
+}
+
 fn mask(bits: u8) -> [u8; 4] {
     let m: u32 = if bits == 0 {
         0

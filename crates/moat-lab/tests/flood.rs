@@ -19,7 +19,6 @@ use moat_dataplane::{compile, flood::Flood, Dataplane, XdpMode};
 use moat_lab::{
     flood::{self, Target},
     netns::{veth, NetNs},
-    packet::Frame,
 };
 
 /// Captures IPv4 frames arriving on `dev` in the calling thread's
@@ -111,17 +110,7 @@ fn pair(tag: &str) -> Pair {
         let _in = sink.enter().expect("enter sink");
         dp.attach("s0", XdpMode::Driver).expect("attach natively");
     }
-    let target = Target {
-        frame: Frame {
-            src: gen.mac("g0"),
-            dst: sink.mac("s0"),
-            vlan: None,
-        },
-        src: Ipv4Addr::new(198, 18, 0, 0),
-        random_bits: 16,
-        // acme's prefix in the standard spec.
-        dst: Ipv4Addr::new(203, 0, 113, 5),
-    };
+    let target = Target::acme(&gen, "g0", &sink, "s0");
     let g0 = gen.ifindex("g0");
     Pair {
         gen,

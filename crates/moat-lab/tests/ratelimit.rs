@@ -5,14 +5,13 @@
 //! per second must be within 10% of the configured rate. Bounded: each run
 //! lasts 2 s; the namespaces go at the end.
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::time::Duration;
 
 use moat_common::Reason;
 use moat_dataplane::{compile, flood::Flood, Compiled, Dataplane, RateLimit, RatePer, RuleAction, XdpMode};
 use moat_lab::{
     flood::{self, Target},
     netns::NetNs,
-    packet::Frame,
     rules::spec_rule,
 };
 
@@ -64,17 +63,7 @@ fn rate_limits_hold_within_ten_percent_under_floods_on_every_cpu() {
         let _in = sink.enter().expect("enter sink");
         dp.attach("s0", XdpMode::Driver).expect("attach natively");
     }
-    let target = Target {
-        frame: Frame {
-            src: gen.mac("g0"),
-            dst: sink.mac("s0"),
-            vlan: None,
-        },
-        src: Ipv4Addr::new(198, 18, 0, 0),
-        random_bits: 16,
-        // acme's prefix in the standard spec.
-        dst: Ipv4Addr::new(203, 0, 113, 5),
-    };
+    let target = Target::acme(&gen, "g0", &sink, "s0");
     let g0 = gen.ifindex("g0");
     let mut applied: Option<Compiled> = None;
     let mut results = Vec::new();
