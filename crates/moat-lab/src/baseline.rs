@@ -9,6 +9,7 @@ use std::{
 
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_PROG_TYPE_XDP: u32 = 6;
 
 /// `union bpf_attr` is at most this large for the commands used here.
@@ -92,6 +93,17 @@ impl BareDrop {
             return Err(io::Error::other(format!("bare drop returned {retval}")));
         }
         Ok(f64::from(a.get_u32(36))) // duration
+    }
+
+    /// Pins the program at `path` (on a BPF filesystem), e.g. for
+    /// `ip link set dev DEV xdpdrv pinned PATH`.
+    pub fn pin(&self, path: &std::path::Path) -> io::Result<()> {
+        let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+        let mut a = Attr::zero();
+        a.put_u64(0, path.as_ptr() as u64); // pathname
+        a.put_u32(8, self.fd.as_raw_fd() as u32); // bpf_fd
+        bpf(BPF_OBJ_PIN, &mut a)?;
+        Ok(())
     }
 
     /// Mean over `runs` single-run calls (the same method as moat's rewriting paths).

@@ -299,6 +299,109 @@ fn main() {
     println!("Targets: miss <= 1.5x, encap <= 3x bare drop; growth from 1 to 10,000 customers <= 10% (growth is of the ratio).");
     println!();
     rules(&mut f, &bare, &plan);
+    drop(_in);
+    println!();
+    live(&bare, &plan);
+}
+
+/// Mpps through a veth: the flood generator (live frames, on this CPU)
+/// sends UDP to port 9999 into a veth pair whose far end runs the bare
+/// XDP_DROP, or moat dropping the flood by the last of 1 / 100 / 1,024
+/// operator rules. The sending CPU also runs the receiving side's XDP, so
+/// the rate reflects both; the bare drop's row is the ceiling.
+fn live(bare: &BareDrop, plan: &Plan) {
+    use moat_dataplane::{compile, flood::Flood, Dataplane, XdpMode};
+    use moat_lab::{flood, netns::NetNs};
+    let frames: u64 = if plan.rounds > 3 { 4_000_000 } else { 200_000 };
+    let gen = NetNs::new("bench-gen").expect("namespace");
+    let sink = NetNs::new("bench-sink").expect("namespace");
+    moat_lab::netns::veth(&gen, "g0", &sink, "s0");
+    let target = flood::Target::acme(&gen, "g0", &sink, "s0");
+    // From 192.0.2.0/24, as the last rule of `rule_set` asks.
+    let template = flood::udp(
+        &flood::Target {
+            src: Ipv4Addr::new(192, 0, 2, 0),
+            random_bits: 8,
+            ..target
+        },
+        9999,
+        22,
+    );
+    let g0 = gen.ifindex("g0");
+    let mut generator = Flood::load().expect("load the generator");
+    let mut run = || -> f64 {
+        let mut rates = Vec::new();
+        for _ in 0..plan.rounds.min(5) {
+            let _in = gen.enter().expect("enter generator");
+            let r = generator
+                .run(&template, g0, frames, std::time::Duration::from_secs(10))
+                .expect("flood");
+            rates.push(r.rate() / 1e6);
+        }
+        median(rates)
+    };
+    // The ceiling: the bare XDP_DROP on the receiving end.
+    // `ip -n` mounts a sysfs of its own, hiding /sys/fs/bpf: the program
+    // is pinned on a BPF filesystem of this run's own, gone right after.
+    let dir = std::path::PathBuf::from(format!("/run/moat-bench-bpf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("pin directory");
+    moat_lab::netns::run(std::process::Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&dir))
+        .expect("mount a BPF filesystem");
+    let pin = dir.join("drop");
+    bare.pin(&pin).expect("pin the bare drop");
+    sink.ip(&[
+        "link",
+        "set",
+        "dev",
+        "s0",
+        "xdpdrv",
+        "pinned",
+        pin.to_str().expect("path"),
+    ]);
+    let _ = moat_lab::netns::run(std::process::Command::new("umount").arg(&dir));
+    let _ = std::fs::remove_dir(&dir);
+    let ceiling = run();
+    sink.ip(&["link", "set", "dev", "s0", "xdpdrv", "off"]);
+    println!(
+        "## Live frames through a veth ({frames} frames per run, median of {} runs)",
+        plan.rounds.min(5)
+    );
+    println!();
+    println!("| receiving XDP program | Mpps | x bare drop |");
+    println!("|---|---:|---:|");
+    println!("| bare XDP_DROP | {ceiling:.2} | 1.00 |");
+    let mut dp = Dataplane::load().expect("load moat");
+    {
+        let _in = sink.enter().expect("enter sink");
+        dp.attach("s0", XdpMode::Driver).expect("attach moat");
+    }
+    let mut prev = None;
+    for n in [1usize, 100, 1024] {
+        let mut spec = fixture::standard_spec();
+        spec.mitigation = rule_set(n, RuleAction::Drop);
+        let compiled = compile(&spec, &|_| None, prev.as_ref()).expect("compile");
+        dp.apply(&compiled).expect("apply");
+        prev = Some(compiled);
+        let before = dp
+            .counters([], [])
+            .expect("counters")
+            .packets(moat_common::Reason::DropMitigationRule);
+        let mpps = run();
+        let dropped = dp
+            .counters([], [])
+            .expect("counters")
+            .packets(moat_common::Reason::DropMitigationRule)
+            - before;
+        let sent = frames * plan.rounds.min(5) as u64;
+        assert!(
+            dropped >= sent * 9 / 10,
+            "{n} rules: {dropped} of {sent} dropped by the rule"
+        );
+        println!(
+            "| moat, drop by operator rule {n} of {n} | {mpps:.2} | {:.2} |",
+            mpps / ceiling
+        );
+    }
 }
 
 /// `n` rules of one shape (a source /24 and a destination port), of which
