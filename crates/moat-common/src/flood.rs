@@ -16,6 +16,11 @@ pub const FLOOD_RANDOM_DPORT: u32 = 2;
 /// checksum the template leaves 0 for UDP or does not depend on the
 /// rewritten fields for ICMP).
 pub const FLOOD_TCP: u32 = 4;
+/// Bits 24-31 of `flags`: the IPv4 TTL every frame leaves with (0: as the
+/// frame holds it). Frames come back from the receiver's page pool as the
+/// receiver left them, TTL decremented by a forwarding program; the
+/// generator restores it (and the checksum) every time.
+pub const FLOOD_TTL_SHIFT: u32 = 24;
 
 /// The one value of the `FLOOD` array.
 #[repr(C)]

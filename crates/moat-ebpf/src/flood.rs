@@ -24,7 +24,8 @@ mod program {
     #[map]
     static FLOOD: Array<FloodConfig> = Array::with_max_entries(1, 0);
 
-    /// Offset of the IPv4 checksum and source address.
+    /// Offset of the IPv4 TTL (and protocol), checksum and source address.
+    const IP_TTL: usize = FLOOD_L3 + 8;
     const IP_CHECK: usize = FLOOD_L3 + 10;
     const IP_SRC: usize = FLOOD_L3 + 12;
     /// Offset of the TCP checksum.
@@ -80,6 +81,15 @@ mod program {
                     core::ptr::write_unaligned(at::<u16>(start, off), new);
                     l4_check = update(l4_check, old, new);
                 }
+            }
+            let ttl = (cfg.flags >> FLOOD_TTL_SHIFT) as u8;
+            if ttl != 0 {
+                let old = core::ptr::read_unaligned(at::<u16>(start, IP_TTL));
+                let mut b = old.to_ne_bytes();
+                b[0] = ttl;
+                let new = u16::from_ne_bytes(b);
+                core::ptr::write_unaligned(at::<u16>(start, IP_TTL), new);
+                ip_check = update(ip_check, old, new);
             }
             core::ptr::write_unaligned(at::<u16>(start, IP_CHECK), ip_check);
             if tcp {

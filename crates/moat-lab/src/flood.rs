@@ -5,7 +5,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use moat_common::flood::{FloodConfig, FLOOD_RANDOM_DPORT, FLOOD_RANDOM_SPORT, FLOOD_TCP};
+use moat_common::flood::{FloodConfig, FLOOD_RANDOM_DPORT, FLOOD_RANDOM_SPORT, FLOOD_TCP, FLOOD_TTL_SHIFT};
 use moat_dataplane::flood::{Template, MIN_FRAME};
 
 use crate::packet::{self, Frame, L4};
@@ -57,7 +57,8 @@ fn template(t: &Target, l4: L4, flags: u32, payload: usize) -> Template {
         frame: packet::eth(t.frame, &ip),
         config: FloodConfig {
             src_mask: mask(t.random_bits),
-            flags,
+            // Every frame leaves with TTL 64, whatever a receiver did to it.
+            flags: flags | (64 << FLOOD_TTL_SHIFT),
         },
     }
 }

@@ -202,6 +202,7 @@ fn frames_vary_as_asked_with_right_checksums() {
             let ip = Ipv4HeaderSlice::from_slice(&f[14..]).expect("IPv4");
             let h = ip.to_header();
             assert_eq!(h.header_checksum, h.calc_header_checksum(), "IPv4 checksum");
+            assert_eq!(h.time_to_live, 64, "the TTL the generator restores");
             let src = ip.source_addr();
             assert_eq!(
                 u32::from(src) >> 16,
