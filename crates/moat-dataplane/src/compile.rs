@@ -425,6 +425,8 @@ pub struct Compiled {
     pub(crate) protections: u32,
     /// The operator's mitigation rules, compiled.
     pub(crate) rules: Option<Arc<crate::rules::RuleTables>>,
+    /// What `rules` was compiled from.
+    pub(crate) rule_source: Option<Arc<RuleSource>>,
     /// What the rule maps hold is not known (an adopted data plane): the
     /// next apply writes the rule sets whatever they are.
     pub(crate) rules_unknown: bool,
@@ -608,17 +610,44 @@ pub fn outer_csum_partial(local: [u8; 4], remote: [u8; 4], ttl: u8) -> u16 {
     sum as u16
 }
 
-/// The rule sets of `spec`, firewalls placed by the ids of `pieces`.
-fn rules_for(spec: &Spec, pieces: &Pieces) -> Result<Option<Arc<crate::rules::RuleTables>>, Error> {
-    let mut firewalls = Vec::new();
+/// What the rule sets are compiled from: the mitigation rules and each
+/// firewall with its customer's id and name.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct RuleSource {
+    mitigation: Vec<crate::spec::RuleSpec>,
+    firewalls: Vec<(u32, String, Vec<crate::spec::RuleSpec>)>,
+}
+
+/// The rule sets of `spec`, firewalls placed by the ids of `pieces`; the
+/// previous state's when made from the same rules (compiling 1,024 rules
+/// per set is not free, and health changes compile often).
+fn rules_for(spec: &Spec, pieces: &Pieces, prev: &Compiled) -> Result<RulesAndSource, Error> {
+    let mut source = RuleSource {
+        mitigation: spec.mitigation.clone(),
+        firewalls: Vec::new(),
+    };
     for c in spec.customers.iter().filter(|c| !c.firewall.is_empty()) {
         let Some(piece) = pieces.get(c.name.as_str()) else {
             return Err(Error::Spec(format!("customer {}: no id for its firewall", c.name)));
         };
-        firewalls.push((piece.id, c.name.as_str(), c.firewall.as_slice()));
+        source.firewalls.push((piece.id, c.name.clone(), c.firewall.clone()));
     }
-    crate::rules::compile(&spec.mitigation, &firewalls)
+    if prev.rule_source.as_deref() == Some(&source) {
+        return Ok((prev.rules.clone(), prev.rule_source.clone()));
+    }
+    let firewalls: Vec<(u32, &str, &[crate::spec::RuleSpec])> = source
+        .firewalls
+        .iter()
+        .map(|(id, name, rules)| (*id, name.as_str(), rules.as_slice()))
+        .collect();
+    let rules = match crate::rules::compile(&source.mitigation, &firewalls)? {
+        Some(r) if prev.rules.as_deref() == Some(&*r) => prev.rules.clone(),
+        r => r,
+    };
+    Ok((rules, Some(Arc::new(source))))
 }
+
+type RulesAndSource = (Option<Arc<crate::rules::RuleTables>>, Option<Arc<RuleSource>>);
 
 pub(crate) fn check_capacity(what: &'static str, have: usize, limit: u32) -> Result<(), Error> {
     if have > limit as usize {
@@ -849,7 +878,7 @@ pub fn compile(
         && found == prev.pieces.len()
         && node_addresses == prev.node_addresses
         && spec.protections == prev.protections
-        && rules_for(spec, &prev.pieces)? == prev.rules
+        && rules_for(spec, &prev.pieces, prev)?.0 == prev.rules
     {
         // Nothing changed: the same state (pieces shared as a whole).
         return Ok(prev.clone());
@@ -913,10 +942,7 @@ pub fn compile(
         order[i] = Origin::Kept(piece);
     }
     out.pieces = pieces;
-    out.rules = match rules_for(spec, &out.pieces)? {
-        Some(r) if prev.rules.as_deref() == Some(&*r) => prev.rules.clone(),
-        r => r,
-    };
+    (out.rules, out.rule_source) = rules_for(spec, &out.pieces, prev)?;
     // Chunks of pieces all hinted at their own position are shared.
     let mut chunks = Vec::with_capacity(order.len().div_ceil(HINT_CHUNK));
     for (k, chunk) in order.chunks(HINT_CHUNK).enumerate() {
@@ -1227,6 +1253,46 @@ mod tests {
         );
         assert_eq!(c.route_sets[&s24], RouteSetEntry::Single(0));
         assert_eq!(c.route_sets[&s25], RouteSetEntry::Single(1));
+    }
+
+    #[test]
+    fn unchanged_rules_are_not_compiled_again() {
+        let rule = |text: &str, action| {
+            let condition = moat_expr::parse(text, &|_| false).unwrap();
+            let terms = moat_expr::normal::terms(&condition, &|_| Vec::new(), 64).unwrap();
+            crate::spec::RuleSpec {
+                name: "r".into(),
+                condition,
+                terms,
+                action,
+            }
+        };
+        let mut spec = Spec {
+            protections: 0,
+            mitigation: vec![rule("udp.dstport == 53", crate::spec::RuleAction::Drop)],
+            node_addresses: vec![],
+            customers: vec![CustomerSpec {
+                name: "acme".into(),
+                prefixes: vec!["203.0.113.0/24".parse().unwrap()],
+                egress_prefixes: vec![],
+                tunnels: vec![tunnel("a", [192, 0, 2, 10])],
+                routes: vec![route("203.0.113.0/24", "a", 100)],
+                firewall: vec![rule("tcp.dstport == 3389", crate::spec::RuleAction::Drop)],
+            }],
+        };
+        let a = compile(&spec, &|_| None, None).unwrap();
+        // A health penalty changes, the rules do not: the same tables.
+        spec.customers[0].tunnels[0].penalty = 500_000;
+        let b = compile(&spec, &|_| None, Some(&a)).unwrap();
+        assert!(Arc::ptr_eq(a.rules.as_ref().unwrap(), b.rules.as_ref().unwrap()));
+        // A rule's action changes: new tables.
+        spec.customers[0].firewall[0].action = crate::spec::RuleAction::Pass;
+        let c = compile(&spec, &|_| None, Some(&b)).unwrap();
+        assert_ne!(c.rules, b.rules);
+        assert_eq!(
+            c.rules.as_ref().unwrap().sets[1].rules[0].1,
+            crate::spec::RuleAction::Pass
+        );
     }
 
     #[test]
