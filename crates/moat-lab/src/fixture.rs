@@ -173,7 +173,9 @@ impl Fixture {
             "acme-a" | "acme-b" => hop(self.cust_if),
             // Other specifications (random ones): a mix of unresolved next
             // hops, next hops behind the ingress interface, and smaller links.
-            _ => match (ci * 7 + ti) % 5 {
+            // The first tunnel of the first customer always resolves, so
+            // that even a one-tunnel specification can forward.
+            _ => match (ci * 7 + ti + 1) % 5 {
                 0 => None,
                 1 => hop(self.ingress),
                 2 => hop(self.cust_if).map(|h| NextHop { link_mtu: 1400, ..h }),
