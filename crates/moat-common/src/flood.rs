@@ -22,6 +22,11 @@ pub const FLOOD_TCP: u32 = 4;
 /// generator restores it (and the checksum) every time.
 pub const FLOOD_TTL_SHIFT: u32 = 24;
 
+/// Write `macs` (destination, then source) over the frame's Ethernet
+/// addresses every time: a forwarding receiver rewrites them in the
+/// recycled page, and the next frame would be for another host.
+pub const FLOOD_MACS: u32 = 8;
+
 /// The one value of the `FLOOD` array.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -30,8 +35,11 @@ pub struct FloodConfig {
     pub src_mask: [u8; 4],
     /// `FLOOD_*` bits.
     pub flags: u32,
+    /// Destination and source MAC addresses (with `FLOOD_MACS`).
+    pub macs: [u8; 12],
+    pub _pad: [u8; 4],
 }
-const _: () = assert!(core::mem::size_of::<FloodConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<FloodConfig>() == 24);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -2,7 +2,9 @@
 //! Run with BPF_PROG_TEST_RUN in live-frames mode on a template frame: each
 //! run gives the frame a random IPv4 source within the configured bits and,
 //! if asked, random ports, keeps the IPv4 (and TCP) checksum right with
-//! incremental updates (RFC 1624), and transmits it (XDP_TX: out of the
+//! incremental updates (RFC 1624), restores what a receiver may have
+//! rewritten in the recycled page (TTL, Ethernet addresses), and transmits
+//! it (XDP_TX: out of the
 //! interface the run is given as its ingress). Never attached.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
@@ -90,6 +92,17 @@ mod program {
                 let new = u16::from_ne_bytes(b);
                 core::ptr::write_unaligned(at::<u16>(start, IP_TTL), new);
                 ip_check = update(ip_check, old, new);
+            }
+            if cfg.flags & FLOOD_MACS != 0 {
+                for i in 0..3 {
+                    let w = u32::from_ne_bytes([
+                        cfg.macs[i * 4],
+                        cfg.macs[i * 4 + 1],
+                        cfg.macs[i * 4 + 2],
+                        cfg.macs[i * 4 + 3],
+                    ]);
+                    core::ptr::write_unaligned(at::<u32>(start, i * 4), w);
+                }
             }
             core::ptr::write_unaligned(at::<u16>(start, IP_CHECK), ip_check);
             if tcp {

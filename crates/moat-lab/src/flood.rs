@@ -5,7 +5,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use moat_common::flood::{FloodConfig, FLOOD_RANDOM_DPORT, FLOOD_RANDOM_SPORT, FLOOD_TCP, FLOOD_TTL_SHIFT};
+use moat_common::flood::{FloodConfig, FLOOD_MACS, FLOOD_RANDOM_DPORT, FLOOD_RANDOM_SPORT, FLOOD_TCP, FLOOD_TTL_SHIFT};
 use moat_dataplane::flood::{Template, MIN_FRAME};
 
 use crate::packet::{self, Frame, L4};
@@ -47,6 +47,14 @@ fn mask(bits: u8) -> [u8; 4] {
     m.to_be_bytes()
 }
 
+/// The frame's destination and source MAC addresses, in wire order.
+fn macs(f: &Frame) -> [u8; 12] {
+    let mut m = [0u8; 12];
+    m[..6].copy_from_slice(&f.dst);
+    m[6..].copy_from_slice(&f.src);
+    m
+}
+
 fn template(t: &Target, l4: L4, flags: u32, payload: usize) -> Template {
     let mut ip = packet::ip(IpAddr::V4(t.src), IpAddr::V4(t.dst), 64, l4, &vec![0x5a; payload]);
     if matches!(l4, L4::Udp { .. }) {
@@ -57,8 +65,11 @@ fn template(t: &Target, l4: L4, flags: u32, payload: usize) -> Template {
         frame: packet::eth(t.frame, &ip),
         config: FloodConfig {
             src_mask: mask(t.random_bits),
-            // Every frame leaves with TTL 64, whatever a receiver did to it.
-            flags: flags | (64 << FLOOD_TTL_SHIFT),
+            // Every frame leaves with TTL 64 and its own Ethernet
+            // addresses, whatever a receiver did to it.
+            flags: flags | FLOOD_MACS | (64 << FLOOD_TTL_SHIFT),
+            macs: macs(&t.frame),
+            ..FloodConfig::default()
         },
     }
 }
@@ -107,7 +118,9 @@ pub fn fragments(t: &Target, payload: usize) -> Template {
         frame: packet::eth(t.frame, &frags[1]),
         config: FloodConfig {
             src_mask: mask(t.random_bits),
-            flags: 0,
+            flags: FLOOD_MACS,
+            macs: macs(&t.frame),
+            ..FloodConfig::default()
         },
     }
 }

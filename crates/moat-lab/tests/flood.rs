@@ -199,6 +199,11 @@ fn frames_vary_as_asked_with_right_checksums() {
         assert!(frames.len() >= 1_900, "captured {} of 2,000", frames.len());
         let (mut sources, mut ports) = (BTreeSet::new(), BTreeSet::new());
         for f in &frames {
+            assert_eq!(
+                (&f[..6], &f[6..12]),
+                (&t.frame.dst[..], &t.frame.src[..]),
+                "the Ethernet addresses the generator restores"
+            );
             let ip = Ipv4HeaderSlice::from_slice(&f[14..]).expect("IPv4");
             let h = ip.to_header();
             assert_eq!(h.header_checksum, h.calc_header_checksum(), "IPv4 checksum");
