@@ -39,6 +39,9 @@ cargo run --release -p moat-lab --bin moat-apply-bench -- --quick
 cargo build --release -p moat
 cargo run --release -p moat-lab --bin moat-daemon-bench -- --quick
 cargo run --release -p moat-lab --bin moat-failover-bench -- --quick
+# The suite's smoke mode: every row once with tiny counts, so it cannot rot.
+cargo build --release -p moat-lab --bins
+target/release/moat-suite --smoke --out target/bench-smoke
 
 # One closing line for the whole run.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }

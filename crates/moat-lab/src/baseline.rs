@@ -5,6 +5,8 @@
 use std::{
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::PathBuf,
+    process::Command,
 };
 
 const BPF_PROG_LOAD: libc::c_long = 5;
@@ -113,5 +115,54 @@ impl BareDrop {
             total += self.time_repeat(data, 1)?;
         }
         Ok(total / f64::from(runs.max(1)))
+    }
+}
+
+static PINS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// A bare XDP_DROP program pinned on a BPF filesystem of its own under
+/// /run (`ip -n` mounts a sysfs of its own, hiding /sys/fs/bpf), for
+/// `ip link set ... xdpdrv pinned`; unpinned and unmounted on drop
+/// (attachments keep the program alive).
+pub struct PinnedBareDrop {
+    prog: BareDrop,
+    dir: PathBuf,
+    pin: PathBuf,
+}
+
+impl PinnedBareDrop {
+    pub fn new() -> io::Result<PinnedBareDrop> {
+        let prog = BareDrop::load()?;
+        let dir = PathBuf::from(format!(
+            "/run/moat-bpf-{}-{}",
+            std::process::id(),
+            PINS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir)?;
+        crate::netns::run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&dir))?;
+        let pin = dir.join("drop");
+        let d = PinnedBareDrop { prog, dir, pin };
+        d.prog.pin(&d.pin)?;
+        Ok(d)
+    }
+    /// Attaches the program to `dev` in `ns` (native XDP).
+    pub fn attach(&self, ns: &crate::netns::NetNs, dev: &str) {
+        ns.ip(&[
+            "link",
+            "set",
+            "dev",
+            dev,
+            "xdpdrv",
+            "pinned",
+            self.pin.to_str().expect("path"),
+        ]);
+    }
+}
+
+impl Drop for PinnedBareDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.pin);
+        let _ = Command::new("umount").arg(&self.dir).output();
+        let _ = std::fs::remove_dir(&self.dir);
     }
 }

@@ -12,6 +12,7 @@ pub mod http;
 pub mod model;
 pub mod netns;
 pub mod packet;
+pub mod peers;
 pub mod plot;
 pub mod random;
 pub mod rules;

@@ -15,7 +15,8 @@
 //!   restarted daemon), and that the apply following it is empty,
 //! - the process's peak resident memory (VmHWM).
 //!
-//! Usage: moat-apply-bench [--quick]   (--quick: a tenth of the sizes)
+//! Usage: moat-apply-bench [--quick | --customers N]
+//!   --quick: a tenth of the sizes; --customers: N customers of 10 prefixes each
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
@@ -180,8 +181,23 @@ fn change(spec: &mut Spec, g: &mut Gen, kind: usize, c: usize) -> &'static str {
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
-    let customers: u32 = if quick { 1_000 } else { 10_000 };
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let customers: u32 = match args.iter().position(|a| a == "--customers").map(|i| args.get(i + 1)) {
+        Some(Some(v)) => match v.parse() {
+            Ok(n) if n >= 10 => n,
+            _ => {
+                eprintln!("moat-apply-bench: --customers {v}: a number of at least 10");
+                std::process::exit(2);
+            }
+        },
+        Some(None) => {
+            eprintln!("moat-apply-bench: --customers needs a number");
+            std::process::exit(2);
+        }
+        None if quick => 1_000,
+        None => 10_000,
+    };
     let mut g = Gen {
         prefixes4: 0,
         prefixes6: 0,

@@ -301,7 +301,7 @@ fn main() {
     rules(&mut f, &bare, &plan);
     drop(_in);
     println!();
-    live(&bare, &plan);
+    live(&plan);
 }
 
 /// Mpps through a veth: the flood generator (live frames, on this CPU)
@@ -309,7 +309,7 @@ fn main() {
 /// XDP_DROP, or moat dropping the flood by the last of 1 / 100 / 1,024
 /// operator rules. The sending CPU also runs the receiving side's XDP, so
 /// the rate reflects both; the bare drop's row is the ceiling.
-fn live(bare: &BareDrop, plan: &Plan) {
+fn live(plan: &Plan) {
     use moat_dataplane::{compile, flood::Flood, Dataplane, XdpMode};
     use moat_lab::{flood, netns::NetNs};
     let frames: u64 = if plan.rounds > 3 { 4_000_000 } else { 200_000 };
@@ -341,25 +341,9 @@ fn live(bare: &BareDrop, plan: &Plan) {
         median(rates)
     };
     // The ceiling: the bare XDP_DROP on the receiving end.
-    // `ip -n` mounts a sysfs of its own, hiding /sys/fs/bpf: the program
-    // is pinned on a BPF filesystem of this run's own, gone right after.
-    let dir = std::path::PathBuf::from(format!("/run/moat-bench-bpf-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("pin directory");
-    moat_lab::netns::run(std::process::Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&dir))
-        .expect("mount a BPF filesystem");
-    let pin = dir.join("drop");
-    bare.pin(&pin).expect("pin the bare drop");
-    sink.ip(&[
-        "link",
-        "set",
-        "dev",
-        "s0",
-        "xdpdrv",
-        "pinned",
-        pin.to_str().expect("path"),
-    ]);
-    let _ = moat_lab::netns::run(std::process::Command::new("umount").arg(&dir));
-    let _ = std::fs::remove_dir(&dir);
+    moat_lab::baseline::PinnedBareDrop::new()
+        .expect("pin the bare drop")
+        .attach(&sink, "s0");
     let ceiling = run();
     sink.ip(&["link", "set", "dev", "s0", "xdpdrv", "off"]);
     println!(

@@ -16,8 +16,9 @@
 //! (`cargo build --release -p moat`). Traffic stays inside the namespaces
 //! created here; everything is removed at the end.
 //!
-//! Usage: moat-failover-bench [--quick] [--load-only]
-//!   --quick: 2 trials at the high rate, 1,000 tunnels; --load-only: only the probe load
+//! Usage: moat-failover-bench [--quick] [--load-only | --no-load] [--trials N] [--rates high,mid,low]
+//!   --quick: 2 trials at the high rate, 1,000 tunnels; --load-only: only the probe load;
+//!   --no-load: only the failover trials; --trials: trials per rate (20); --rates: which rates (all)
 
 use std::{
     fmt::Write as _,
@@ -161,18 +162,20 @@ fn cpu_ticks(pid: u32) -> (u64, u64) {
 }
 
 /// Kernel threads whose name starts with `prefix`.
-fn napi_threads(prefix: &str) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with(prefix)))
-        .collect()
-}
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let quick = std::env::args().any(|a| a == "--quick");
-    let load_only = std::env::args().any(|a| a == "--load-only");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let load_only = args.iter().any(|a| a == "--load-only");
+    let no_load = args.iter().any(|a| a == "--no-load");
+    let value = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1));
+    let trials: Option<u32> = match value("--trials") {
+        Some(v) => Some(v.parse().map_err(|_| format!("--trials {v}: not a number"))?),
+        None => None,
+    };
+    let chosen: Option<Vec<&str>> = value("--rates").map(|v| v.split(',').collect());
+    if let Some(bad) = chosen.iter().flatten().find(|r| !["high", "mid", "low"].contains(r)) {
+        return Err(format!("--rates: unknown rate {bad:?} (high, mid, low)").into());
+    }
     let bin = std::env::current_exe()?.with_file_name("moat");
     if !bin.exists() {
         return Err(format!(
@@ -186,14 +189,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let endpoint = edge.start_site_multi(0, &keys, Some(2))?;
 
     println!("failover: from the cut of the primary tunnel to the first packet through the backup");
-    let rates: &[(&str, u32)] = if quick {
-        &[("high", 2)]
-    } else if load_only {
-        &[]
+    let rates: Vec<(&str, u32)> = if load_only {
+        Vec::new()
+    } else if quick && chosen.is_none() && trials.is_none() {
+        vec![("high", 2)]
     } else {
-        &[("high", 20), ("mid", 20), ("low", 20)]
+        ["high", "mid", "low"]
+            .into_iter()
+            .filter(|r| chosen.as_ref().is_none_or(|c| c.contains(r)))
+            .map(|r| (r, trials.unwrap_or(20)))
+            .collect()
     };
-    for &(rate, trials) in rates {
+    for (rate, trials) in rates {
         let mut times = Vec::new();
         for _ in 0..trials {
             match trial(&edge, &bin, &endpoint, rate) {
@@ -214,6 +221,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     endpoint.restore(Some(1));
+    if no_load {
+        return Ok(());
+    }
 
     // With veth, a receiver's kernel work runs in the sender's context
     // unless the receiving device polls in its own thread: the site's
@@ -240,7 +250,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let probes_before = endpoint.counters.decapsulated.load(Ordering::Relaxed);
-    let node_napi = napi_threads("napi/n-site1-");
+    let node_napi = moat_lab::sock::napi_threads("napi/n-site1-");
     let napi_ticks = || node_napi.iter().map(|&p| cpu_ticks(p).0 + cpu_ticks(p).1).sum::<u64>();
     let (t0, (u0, s0), n0) = (Instant::now(), cpu_ticks(pid), napi_ticks());
     std::thread::sleep(Duration::from_secs(10));
