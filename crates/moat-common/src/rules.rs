@@ -22,6 +22,15 @@ pub const CLS_SLOT_POOL: u32 = 16_384;
 pub const CLS_KEY_POOL: u32 = 65_536;
 pub const CLS_BITMAP_POOL: u32 = 16_384;
 pub const CLS_TERM_POOL: u32 = 65_536;
+/// Direct tables per copy: a field of at most 16 bits whose slot holds
+/// more than [`CLS_DIRECT_MIN_KEYS`] intervals gets one while they last,
+/// mapping every value straight to its interval (no search).
+pub const CLS_DIRECT_TABLES: u32 = 16;
+pub const CLS_DIRECT_MIN_KEYS: u32 = 8;
+/// Values a direct table covers, and its u64 words (four u16 interval
+/// indexes each, the lowest value in the low bits).
+pub const CLS_DIRECT_VALUES: u32 = 65_536;
+pub const CLS_DIRECT_WORDS: u32 = CLS_DIRECT_VALUES / 4;
 /// Rules (each with its counter and rate-limit bucket) per copy.
 pub const CLS_RULE_POOL: u32 = 16_384;
 /// Per-address rate-limit buckets (LRU: a flood of spoofed sources evicts
@@ -82,8 +91,9 @@ pub mod slot {
 }
 
 /// A value slot some term of a set constrains: which one, its intervals
-/// (`len` from `key_base` in the key pool, sorted) and the bitmap for
-/// packets lacking the field.
+/// (`len` from `key_base` in the key pool, sorted), the bitmap for
+/// packets lacking the field and its direct table (`1 +` its index in the
+/// copy's `CLS_DIRECT` tables; 0: none, the intervals are searched).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClsSlot {
@@ -91,8 +101,10 @@ pub struct ClsSlot {
     pub len: u32,
     pub absent: u32,
     pub key_base: u32,
+    pub direct: u32,
+    pub _pad: [u32; 3],
 }
-const _: () = assert!(core::mem::size_of::<ClsSlot>() == 16);
+const _: () = assert!(core::mem::size_of::<ClsSlot>() == 32);
 
 /// An interval's start (a 128-bit value as two halves; integers and IPv4
 /// addresses in `lo`) and its bitmap (an index into the bitmap pool).

@@ -50,6 +50,7 @@ pub struct Maps {
     pub cls_slot: Array<MapData, moat_common::rules::ClsSlot>,
     pub cls_key: Array<MapData, moat_common::rules::ClsKey>,
     pub cls_bitmap: Array<MapData, [u64; moat_common::rules::CLS_WORDS]>,
+    pub cls_direct: MmapWords,
     pub cls_term: Array<MapData, moat_common::rules::ClsTerm>,
     pub customer_fw: Array<MapData, u32>,
     pub cls_digest: Array<MapData, u64>,
@@ -223,6 +224,10 @@ impl Source<'_> {
             cls_slot: self.typed("CLS_SLOT")?,
             cls_key: self.typed("CLS_KEY")?,
             cls_bitmap: self.typed("CLS_BITMAP")?,
+            cls_direct: self.mmap(
+                "CLS_DIRECT",
+                2 * moat_common::rules::CLS_DIRECT_TABLES * moat_common::rules::CLS_DIRECT_WORDS,
+            )?,
             cls_term: self.typed("CLS_TERM")?,
             customer_fw: self.typed("CUSTOMER_FW")?,
             cls_digest: self.typed("CLS_DIGEST")?,

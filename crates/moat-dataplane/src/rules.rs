@@ -27,6 +27,8 @@ pub struct SetTables {
     /// Pool positions (per copy).
     pub slot_base: u32,
     pub key_bases: Vec<u32>,
+    /// Per table: its direct table in `CLS_DIRECT`, if it has one.
+    pub directs: Vec<Option<u32>>,
     pub bitmap_base: u32,
     pub term_base: u32,
     /// The first rule's counter (and rate-limit bucket).
@@ -123,6 +125,7 @@ pub(crate) fn compile(
     crate::compile::check_capacity("customers with firewall rules", firewalls.len(), CLS_SETS - 1)?;
     let mut sets = Vec::with_capacity(1 + firewalls.len());
     let (mut slot_next, mut key_next, mut bitmap_next, mut term_next, mut stat_next) = (0u32, 0u32, 0u32, 0u32, 0u32);
+    let mut direct_next = 0u32;
     let owners = std::iter::once(None).chain(firewalls.iter().map(|f| Some((f.0, f.1, f.2))));
     let owners: Vec<_> = owners.collect();
     for owner in owners {
@@ -149,11 +152,29 @@ pub(crate) fn compile(
             key_bases.push(key_next);
             key_next += t.starts.len() as u32;
         }
+        // Direct tables, first come first served: the fields of at most
+        // 16 bits (all but the addresses) with many intervals. The others
+        // are searched, so running out of direct tables costs time only.
+        let directs = tables
+            .tables
+            .iter()
+            .map(|t| {
+                let small = !matches!(t.field, Field::IpSrc | Field::IpDst);
+                let fits = t.starts.iter().all(|s| *s < u128::from(CLS_DIRECT_VALUES));
+                if small && fits && t.starts.len() > CLS_DIRECT_MIN_KEYS as usize && direct_next < CLS_DIRECT_TABLES {
+                    direct_next += 1;
+                    Some(direct_next - 1)
+                } else {
+                    None
+                }
+            })
+            .collect();
         let set = SetTables {
             customer,
             rules: rules.iter().map(|r| (r.name.clone(), r.action)).collect(),
             slot_base: slot_next,
             key_bases,
+            directs,
             bitmap_base: bitmap_next,
             term_base: term_next,
             stat_base: stat_next,
@@ -183,6 +204,25 @@ pub(crate) fn compile(
         h.finish() | 1
     };
     Ok(Some(Arc::new(RuleTables { sets, digest })))
+}
+
+/// Fills direct table `d` of copy `copy`: every value's interval, the
+/// last one starting at or before it (the first for values below all
+/// starts, as the search finds it).
+fn write_direct(words: &crate::mmap::MmapWords, copy: u32, d: u32, starts: &[u128]) {
+    let base = (copy * CLS_DIRECT_TABLES + d) * CLS_DIRECT_WORDS;
+    let mut i = 0usize;
+    for w in 0..CLS_DIRECT_WORDS {
+        let mut word = 0u64;
+        for k in 0..4u32 {
+            let v = u128::from(w * 4 + k);
+            while i + 1 < starts.len() && starts[i + 1] <= v {
+                i += 1;
+            }
+            word |= (i as u64) << (k * 16);
+        }
+        words.set(base + w, word);
+    }
 }
 
 /// A matching term's entry: counter, action, bucket.
@@ -231,19 +271,31 @@ impl Dataplane {
             let n = n as u32;
             let (descs, v4_end, v6_start) = slots(&set.tables);
             for (i, (slot, table, absent)) in descs.iter().enumerate() {
-                let (len, key_base) = match table {
-                    Some(t) => (set.tables.tables[*t].starts.len() as u32, set.key_bases[*t]),
-                    None => (0, 0),
+                let (len, key_base, direct) = match table {
+                    Some(t) => (
+                        set.tables.tables[*t].starts.len() as u32,
+                        set.key_bases[*t],
+                        set.directs[*t].map_or(0, |d| d + 1),
+                    ),
+                    None => (0, 0, 0),
                 };
                 let d = ClsSlot {
                     slot: *slot,
                     len,
                     absent: set.bitmap_base + absent,
                     key_base,
+                    direct,
+                    _pad: [0; 3],
                 };
                 m.cls_slot
                     .set(idle * CLS_SLOT_POOL + set.slot_base + i as u32, d, 0)
                     .map_err(Error::map("CLS_SLOT"))?;
+            }
+            for (t, direct) in set.tables.tables.iter().zip(&set.directs) {
+                if let Some(d) = direct {
+                    write_direct(&m.cls_direct, idle, *d, &t.starts);
+                    written += CLS_DIRECT_WORDS as usize;
+                }
             }
             for (t, key_base) in set.tables.tables.iter().zip(&set.key_bases) {
                 for (i, (start, bitmap)) in t.starts.iter().zip(&t.bitmaps).enumerate() {
@@ -366,5 +418,72 @@ impl Dataplane {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(name: &str, text: &str) -> RuleSpec {
+        let condition = moat_expr::parse(text, &|_| false).expect("expression");
+        let terms = moat_expr::normal::terms(&condition, &|_| Vec::new(), moat_expr::normal::MAX_TERMS).expect("terms");
+        RuleSpec {
+            name: name.into(),
+            condition,
+            terms,
+            action: RuleAction::Drop,
+        }
+    }
+
+    /// `n` rules, each on one port of `field` and one source /24.
+    fn port_rules(field: &str, n: usize) -> Vec<RuleSpec> {
+        (0..n)
+            .map(|i| {
+                rule(
+                    &format!("r{i}"),
+                    &format!("ip.src in {{10.0.{i}.0/24}} and {field} == {}", 1000 + i),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn direct_tables_go_to_small_fields_with_many_intervals_while_they_last() {
+        // A few intervals: searched; many: a direct table; addresses never.
+        let few = port_rules("udp.dstport", 2);
+        let many = port_rules("tcp.dstport", 40);
+        let firewalls: Vec<(u32, String, Vec<RuleSpec>)> = (0..20)
+            .map(|c| (c + 1, format!("c{c}"), port_rules("udp.srcport", 10)))
+            .collect();
+        let fw: Vec<(u32, &str, &[RuleSpec])> = firewalls
+            .iter()
+            .map(|(id, n, r)| (*id, n.as_str(), r.as_slice()))
+            .collect();
+        let r = compile(&[few, many].concat(), &fw).unwrap().unwrap();
+        let direct_fields = |set: &SetTables| -> Vec<(Field, bool)> {
+            set.tables
+                .tables
+                .iter()
+                .zip(&set.directs)
+                .map(|(t, d)| (t.field, d.is_some()))
+                .collect()
+        };
+        let mitigation = direct_fields(&r.sets[0]);
+        assert!(mitigation.contains(&(Field::TcpDstPort, true)), "{mitigation:?}");
+        assert!(mitigation.contains(&(Field::UdpDstPort, false)), "{mitigation:?}");
+        assert!(mitigation.contains(&(Field::IpSrc, false)), "{mitigation:?}");
+        // 15 tables remain for 20 firewalls: the first 15 get one, in order.
+        let with: Vec<bool> = r.sets[1..]
+            .iter()
+            .map(|s| direct_fields(s).contains(&(Field::UdpSrcPort, true)))
+            .collect();
+        assert_eq!(with, [vec![true; 15], vec![false; 5]].concat());
+        let all: Vec<u32> = r
+            .sets
+            .iter()
+            .flat_map(|s| s.directs.iter().flatten().copied())
+            .collect();
+        assert_eq!(all, (0..CLS_DIRECT_TABLES).collect::<Vec<_>>(), "each table once");
     }
 }

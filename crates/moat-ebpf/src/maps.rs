@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use moat_common::rules::{
-    ClsKey, ClsSet, ClsSlot, ClsTerm, RlKey, CLS_BITMAP_POOL, CLS_KEY_POOL, CLS_RULE_POOL, CLS_SETS, CLS_SLOT_POOL,
-    CLS_TERM_POOL, CLS_WORDS, RL_ADDR_ENTRIES,
+    ClsKey, ClsSet, ClsSlot, ClsTerm, RlKey, CLS_BITMAP_POOL, CLS_DIRECT_TABLES, CLS_DIRECT_WORDS, CLS_KEY_POOL,
+    CLS_RULE_POOL, CLS_SETS, CLS_SLOT_POOL, CLS_TERM_POOL, CLS_WORDS, RL_ADDR_ENTRIES,
 };
 use moat_common::{
     limits::*, Counter, CustomerStats, DecapKey, DecapValue, DestValue, EcmpTable, Reason, SourceKey4, SourceKey6,
@@ -116,6 +116,10 @@ pub static CLS_SET: Array<ClsSet> = Array::with_max_entries(2 * CLS_SETS, 0);
 pub static CLS_SLOT: Array<ClsSlot> = Array::with_max_entries(2 * CLS_SLOT_POOL, 0);
 #[map]
 pub static CLS_KEY: Array<ClsKey> = Array::with_max_entries(2 * CLS_KEY_POOL, 0);
+/// Direct tables (value -> interval index, four per word), per copy;
+/// mapped by userspace, which fills the idle copy's tables in place.
+#[map]
+pub static CLS_DIRECT: Array<u64> = Array::with_max_entries(2 * CLS_DIRECT_TABLES * CLS_DIRECT_WORDS, BPF_F_MMAPABLE);
 #[map]
 pub static CLS_BITMAP: Array<[u64; CLS_WORDS]> = Array::with_max_entries(2 * CLS_BITMAP_POOL, 0);
 #[map]

@@ -2,7 +2,9 @@
 //! classification by per-field interval tables and term bitmaps
 //! (moat_common::rules). Per packet and set: for every slot the set's
 //! rules constrain, one binary search for the interval holding the
-//! packet's value (or the "field absent" bitmap) and one 1,024-bit AND;
+//! packet's value (one lookup in the slot's direct table for a field of
+//! 16 bits with many intervals; or the "field absent" bitmap) and one
+//! 1,024-bit AND;
 //! the lowest bit left is the first matching term. The cost follows the
 //! fields the rules use, not how many rules there are. Rate-limit rules
 //! keep token buckets (as "theoretical arrival times") per rule or per
@@ -16,7 +18,10 @@ use aya_ebpf::{
 use moat_common::{limits::MAX_CUSTOMERS, rules::*};
 
 use crate::{
-    maps::{CLS_ACTIVE, CLS_BITMAP, CLS_KEY, CLS_SCRATCH, CLS_SET, CLS_SLOT, CLS_TERM, CUSTOMER_FW, RL_ADDR, RL_RULE},
+    maps::{
+        CLS_ACTIVE, CLS_BITMAP, CLS_DIRECT, CLS_KEY, CLS_SCRATCH, CLS_SET, CLS_SLOT, CLS_TERM, CUSTOMER_FW, RL_ADDR,
+        RL_RULE,
+    },
     parse::{self, Family, Packet},
 };
 
@@ -46,21 +51,35 @@ fn narrow(sc: &mut Scratch, c: u32, d: u32) -> u32 {
     } else {
         let base = c * CLS_KEY_POOL + slot.key_base;
         let [_, vh, vl] = sc.vals[s as usize];
-        // The last interval starting at or before the value: a fixed number
-        // of halvings, each one lookup and one comparison.
-        let (mut lo, mut hi) = (0u32, len);
-        for _ in 0..CLS_SEARCH_STEPS {
-            if hi - lo <= 1 {
-                break;
-            }
-            let mid = (lo + hi) / 2;
-            let Some(k) = CLS_KEY.get(base + mid) else {
+        let mut lo = 0u32;
+        if slot.direct != 0 && slot.direct <= CLS_DIRECT_TABLES && vh == 0 && vl < u64::from(CLS_DIRECT_VALUES) {
+            // The interval straight from the slot's direct table.
+            let v = vl as u32;
+            let at = (c * CLS_DIRECT_TABLES + slot.direct - 1) * CLS_DIRECT_WORDS + v / 4;
+            let Some(w) = CLS_DIRECT.get(at) else {
                 return 0;
             };
-            if (k.hi, k.lo) <= (vh, vl) {
-                lo = mid;
-            } else {
-                hi = mid;
+            lo = ((*w >> ((v % 4) * 16)) & 0xffff) as u32;
+            if lo >= len {
+                return 0;
+            }
+        } else {
+            // The last interval starting at or before the value: a fixed
+            // number of halvings, each one lookup and one comparison.
+            let mut hi = len;
+            for _ in 0..CLS_SEARCH_STEPS {
+                if hi - lo <= 1 {
+                    break;
+                }
+                let mid = (lo + hi) / 2;
+                let Some(k) = CLS_KEY.get(base + mid) else {
+                    return 0;
+                };
+                if (k.hi, k.lo) <= (vh, vl) {
+                    lo = mid;
+                } else {
+                    hi = mid;
+                }
             }
         }
         match CLS_KEY.get(base + lo) {

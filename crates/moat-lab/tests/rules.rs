@@ -5,6 +5,7 @@
 //! (which evaluates each rule's expression directly), and after each set
 //! every rule's match counter must equal the number of packets the model
 //! saw that rule decide: the data plane picked the same rule every time.
+//! Large sets hold fields looked up in direct tables and fields searched.
 
 use std::net::IpAddr;
 
@@ -139,6 +140,27 @@ fn data_plane_picks_the_models_rule_in_sets_of_1_to_1024_rules() {
         spec.customers[0].firewall = rules(&mut rng, n, "f", &sample);
         f.apply(spec.clone());
         f.rule_hits.borrow_mut().clear();
+        // Fields with many intervals look their value up in a direct table
+        // (while tables last), the rest search: both ways are compared.
+        let (direct, searched) =
+            f.dp.applied()
+                .and_then(|a| a.rules())
+                .map(|r| {
+                    r.sets
+                        .iter()
+                        .flat_map(|s| &s.directs)
+                        .fold((0, 0), |(d, n), x| match x {
+                            Some(_) => (d + 1, n),
+                            None => (d, n + 1),
+                        })
+                })
+                .unwrap_or((0, 0));
+        if n >= 100 {
+            assert!(
+                direct > 0 && searched > 0,
+                "{n} rules: {direct} direct, {searched} searched"
+            );
+        }
         let mut dropped_by_rules = 0;
         for i in 0..PACKETS {
             let b = frame(&packet(&mut rng));
@@ -181,7 +203,7 @@ fn data_plane_picks_the_models_rule_in_sets_of_1_to_1024_rules() {
             .unwrap_or(0);
         println!(
             "{n} rules per set: {PACKETS} packets agree; {matched} rule matches, {dropped_by_rules} dropped by rules, \
-             highest mitigation rule matched: m{last_matching}"
+             highest mitigation rule matched: m{last_matching}; fields with a direct table {direct}, searched {searched}"
         );
         assert!(matched > 0, "seed {seed}, {n} rules: no rule ever matched");
         if n >= 100 {
