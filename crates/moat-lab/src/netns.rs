@@ -154,3 +154,18 @@ pub fn veth(ns_a: &NetNs, a: &str, ns_b: &NetNs, b: &str) {
     ns_a.ip(&["link", "set", a, "up"]);
     ns_b.ip(&["link", "set", b, "up"]);
 }
+
+/// Like [`veth`], with `queues` transmit and receive queues on each end
+/// (one per CPU: a sender's frames land on its CPU's queue).
+pub fn veth_queues(ns_a: &NetNs, a: &str, ns_b: &NetNs, b: &str, queues: usize) {
+    let q = queues.to_string();
+    let counts = ["numtxqueues", &q, "numrxqueues", &q];
+    let mut args = vec!["link", "add", a];
+    args.extend(counts);
+    args.extend(["type", "veth", "peer", "name", b]);
+    args.extend(counts);
+    args.extend(["netns", ns_b.name()]);
+    ns_a.ip(&args);
+    ns_a.ip(&["link", "set", a, "up"]);
+    ns_b.ip(&["link", "set", b, "up"]);
+}

@@ -35,29 +35,7 @@ fn rate_limits_hold_within_ten_percent_under_floods_on_every_cpu() {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let gen = NetNs::new("rl-gen").expect("namespace");
     let sink = NetNs::new("rl-sink").expect("namespace");
-    let queues = cpus.to_string();
-    gen.ip(&[
-        "link",
-        "add",
-        "g0",
-        "numtxqueues",
-        &queues,
-        "numrxqueues",
-        &queues,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "s0",
-        "numtxqueues",
-        &queues,
-        "numrxqueues",
-        &queues,
-        "netns",
-        sink.name(),
-    ]);
-    gen.ip(&["link", "set", "g0", "up"]);
-    sink.ip(&["link", "set", "s0", "up"]);
+    moat_lab::netns::veth_queues(&gen, "g0", &sink, "s0", cpus);
     let mut dp = Dataplane::load().expect("load");
     {
         let _in = sink.enter().expect("enter sink");

@@ -488,29 +488,7 @@ fn cpus_row(plan: &Plan, cpus: usize) -> Res<Fig> {
     let all = plan.cpus;
     let gen = NetNs::new("cg")?;
     let sink = NetNs::new("cs")?;
-    let q = all.to_string();
-    gen.ip(&[
-        "link",
-        "add",
-        "g0",
-        "numtxqueues",
-        &q,
-        "numrxqueues",
-        &q,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "s0",
-        "numtxqueues",
-        &q,
-        "numrxqueues",
-        &q,
-        "netns",
-        sink.name(),
-    ]);
-    gen.ip(&["link", "set", "g0", "up"]);
-    sink.ip(&["link", "set", "s0", "up"]);
+    netns::veth_queues(&gen, "g0", &sink, "s0", all);
     let mut dp = Dataplane::load()?;
     {
         let _in = sink.enter()?;
@@ -1210,10 +1188,10 @@ fn targets(r: &mut Report, plan: &Plan, res: &Results) {
             .map(|(m, x)| (m / x, format!("{m:.2} vs {x:.2} ({:.2}x)", m / x))),
         &|v| v >= 1.0,
         "xdp-filter matches one field per rule with one array lookup (no prefix-and-port rules); moat \
-         searches an interval table per field the rules use (here the source and the port) and ANDs \
-         1,024-bit candidate sets, in bpf_loop callbacks: every BPF call and return costs tens of ns \
-         under this CPU's SRSO \"Safe RET\" mitigation. Needs fewer calls per packet (one callback for \
-         all fields, flatter search nodes) and a measurement on a machine without Safe RET.",
+         finds the packet's interval per field the rules use (the port in a direct table, the source by a \
+         binary search) and ANDs 1,024-bit candidate sets, in bpf_loop callbacks: every BPF call and \
+         return costs tens of ns under this CPU's SRSO \"Safe RET\" mitigation. Needs fewer calls per \
+         packet (one callback for all fields) and a measurement on a machine without Safe RET.",
     );
     row(
         "moat with 1,024 rules >= 10x nftables with 1,024 linear rules",
