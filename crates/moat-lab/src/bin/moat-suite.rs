@@ -825,7 +825,7 @@ fn real_main() -> Res<()> {
     r.line("# moat benchmarks");
     r.line("");
     r.line(format!(
-        "Date: {}. Produced by `make bench` (`{command}`){}.",
+        "Date: {}. Produced by `{command}` (`make bench` runs it with `--out target/bench`){}.",
         today(),
         if plan.smoke {
             " in smoke mode: tiny counts, single runs; the figures mean nothing"
