@@ -156,15 +156,22 @@ pub fn iptables_counted(ns: &NetNs) -> std::io::Result<u64> {
 pub struct XdpFilter<'a> {
     ns: &'a NetNs,
     dev: String,
+    /// libxdp's directory on the BPF filesystem, when this load made it.
+    made_dir: Option<PathBuf>,
 }
+
+/// Where libxdp (under xdp-filter) keeps its pins.
+const LIBXDP_DIR: &str = "/sys/fs/bpf/xdp";
 
 impl<'a> XdpFilter<'a> {
     pub fn load(ns: &'a NetNs, dev: &str, n: usize) -> std::io::Result<XdpFilter<'a>> {
         // xdp-filter keeps its maps on the host's BPF filesystem: enter
         // only the network namespace (`ip netns exec` would hide /sys/fs/bpf).
+        let dir = PathBuf::from(LIBXDP_DIR);
         let f = XdpFilter {
             ns,
             dev: dev.to_string(),
+            made_dir: (!dir.exists()).then_some(dir),
         };
         f.cmd(&[
             "load",
@@ -200,6 +207,10 @@ impl<'a> XdpFilter<'a> {
 impl Drop for XdpFilter<'_> {
     fn drop(&mut self) {
         let _ = self.cmd(&["unload", &self.dev.clone()]);
+        if let Some(dir) = &self.made_dir {
+            // Only if empty: anything else there is not ours.
+            let _ = std::fs::remove_dir(dir);
+        }
     }
 }
 
