@@ -56,6 +56,7 @@ pub const GRE_PROTO_IPV4: u16 = 0x0800;
 const IPV4_HEADER_LEN: usize = 20;
 const ICMP_ECHO_HEADER_LEN: usize = 8;
 const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_GRE: u8 = 47;
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO_REQUEST: u8 = 8;
 const GRE_FLAG_CHECKSUM: u16 = 0x8000;
@@ -116,44 +117,114 @@ impl ProbePayload {
 }
 
 /// The inner packet (IPv4 + ICMP echo) of one probe, checksums filled in.
-pub fn build_probe(spec: &ProbeSpec, payload: &ProbePayload) -> Vec<u8> {
+pub fn build_probe(spec: &ProbeSpec, payload: &ProbePayload) -> [u8; PROBE_LEN] {
     let (icmp_type, src, dst) = match spec.style {
         ProbeStyle::Reply => (ICMP_ECHO_REPLY, spec.target, spec.node),
         ProbeStyle::Request => (ICMP_ECHO_REQUEST, spec.node, spec.target),
     };
-    let icmp_seq = payload.seq as u16;
-    let mut p = Vec::with_capacity(PROBE_LEN);
-    p.extend_from_slice(&[0x45, 0]);
-    p.extend_from_slice(&(PROBE_LEN as u16).to_be_bytes());
-    p.extend_from_slice(&icmp_seq.to_be_bytes());
-    p.extend_from_slice(&[0x40, 0, PROBE_TTL, IPPROTO_ICMP, 0, 0]);
-    p.extend_from_slice(&src.octets());
-    p.extend_from_slice(&dst.octets());
-    let ip_sum = internet_checksum(&p);
-    p[10..12].copy_from_slice(&ip_sum.to_be_bytes());
-
-    p.extend_from_slice(&[icmp_type, 0, 0, 0]);
-    p.extend_from_slice(&spec.ident.to_be_bytes());
-    p.extend_from_slice(&icmp_seq.to_be_bytes());
-    p.extend_from_slice(&payload.encode());
-    let icmp_sum = internet_checksum(&p[IPV4_HEADER_LEN..]);
-    p[IPV4_HEADER_LEN + 2..IPV4_HEADER_LEN + 4].copy_from_slice(&icmp_sum.to_be_bytes());
+    let icmp_seq = (payload.seq as u16).to_be_bytes();
+    let mut p = [0u8; PROBE_LEN];
+    ipv4_header(
+        &mut p[..IPV4_HEADER_LEN],
+        PROBE_LEN as u16,
+        icmp_seq,
+        IPPROTO_ICMP,
+        src,
+        dst,
+    );
+    let icmp = &mut p[IPV4_HEADER_LEN..];
+    icmp[0] = icmp_type;
+    icmp[4..6].copy_from_slice(&spec.ident.to_be_bytes());
+    icmp[6..8].copy_from_slice(&icmp_seq);
+    icmp[ICMP_ECHO_HEADER_LEN..].copy_from_slice(&payload.encode());
+    let icmp_sum = internet_checksum(icmp);
+    icmp[2..4].copy_from_slice(&icmp_sum.to_be_bytes());
     p
+}
+
+/// Writes a 20-byte IPv4 header (TTL 64, DF set, no options) with its
+/// checksum into `h`.
+fn ipv4_header(h: &mut [u8], total: u16, ident: [u8; 2], protocol: u8, src: Ipv4Addr, dst: Ipv4Addr) {
+    h[0] = 0x45;
+    h[1] = 0;
+    h[2..4].copy_from_slice(&total.to_be_bytes());
+    h[4..6].copy_from_slice(&ident);
+    h[6..10].copy_from_slice(&[0x40, 0, PROBE_TTL, protocol]);
+    h[10..12].fill(0);
+    h[12..16].copy_from_slice(&src.octets());
+    h[16..20].copy_from_slice(&dst.octets());
+    let sum = internet_checksum(&h[..IPV4_HEADER_LEN]);
+    h[10..12].copy_from_slice(&sum.to_be_bytes());
+}
+
+/// Length of the GRE header [`gre_encap`] writes.
+pub fn gre_header_len(key: Option<u32>) -> usize {
+    if key.is_some() {
+        8
+    } else {
+        4
+    }
 }
 
 /// GRE header (RFC 2784/2890: no checksum, no sequence number, the key when
 /// given) followed by `inner`, an IPv4 packet. The kernel of a raw
 /// `IPPROTO_GRE` socket adds the outer IPv4 header.
 pub fn gre_encap(key: Option<u32>, inner: &[u8]) -> Vec<u8> {
-    let mut p = Vec::with_capacity(8 + inner.len());
-    let flags = if key.is_some() { GRE_FLAG_KEY } else { 0 };
-    p.extend_from_slice(&flags.to_be_bytes());
-    p.extend_from_slice(&GRE_PROTO_IPV4.to_be_bytes());
-    if let Some(key) = key {
-        p.extend_from_slice(&key.to_be_bytes());
-    }
-    p.extend_from_slice(inner);
+    let mut p = vec![0u8; gre_header_len(key) + inner.len()];
+    write_gre(&mut p, key, inner);
     p
+}
+
+/// Writes the GRE header and `inner` at the start of `out`, which must hold
+/// [`gre_header_len`] + `inner.len()` bytes; returns that length.
+pub fn write_gre(out: &mut [u8], key: Option<u32>, inner: &[u8]) -> usize {
+    let flags = if key.is_some() { GRE_FLAG_KEY } else { 0 };
+    out[0..2].copy_from_slice(&flags.to_be_bytes());
+    out[2..4].copy_from_slice(&GRE_PROTO_IPV4.to_be_bytes());
+    if let Some(key) = key {
+        out[4..8].copy_from_slice(&key.to_be_bytes());
+    }
+    let at = gre_header_len(key);
+    out[at..at + inner.len()].copy_from_slice(inner);
+    at + inner.len()
+}
+
+/// Where an encapsulated probe goes on the wire: the tunnel's endpoints
+/// and the Ethernet addresses of the next hop towards the remote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Wire {
+    pub local: Ipv4Addr,
+    pub remote: Ipv4Addr,
+    pub key: Option<u32>,
+    /// The egress interface's MAC.
+    pub smac: [u8; 6],
+    /// The next hop's MAC.
+    pub dmac: [u8; 6],
+}
+
+/// Longest frame [`write_frame`] writes: Ethernet, outer IPv4, GRE with a
+/// key, the probe.
+pub const FRAME_MAX: usize = 14 + IPV4_HEADER_LEN + 8 + PROBE_LEN;
+
+/// Writes a whole Ethernet frame carrying `inner` in the tunnel's GRE
+/// encapsulation (outer IPv4 from `local` to `remote`, TTL 64, DF set,
+/// identification `ident`) at the start of `out` (at least [`FRAME_MAX`]
+/// bytes); returns its length.
+pub fn write_frame(out: &mut [u8], wire: &Wire, ident: u16, inner: &[u8; PROBE_LEN]) -> usize {
+    out[0..6].copy_from_slice(&wire.dmac);
+    out[6..12].copy_from_slice(&wire.smac);
+    out[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let gre_len = gre_header_len(wire.key) + PROBE_LEN;
+    let total = (IPV4_HEADER_LEN + gre_len) as u16;
+    ipv4_header(
+        &mut out[14..14 + IPV4_HEADER_LEN],
+        total,
+        ident.to_be_bytes(),
+        IPPROTO_GRE,
+        wire.local,
+        wire.remote,
+    );
+    14 + IPV4_HEADER_LEN + write_gre(&mut out[14 + IPV4_HEADER_LEN..], wire.key, inner)
 }
 
 /// Splits a GRE packet (starting at the GRE header, the outer IPv4 header
@@ -354,7 +425,7 @@ impl Outstanding {
 
     /// A new probe for `tunnel`, sent at `now`: its inner packet, or `None`
     /// for a tunnel not tracked.
-    pub fn issue(&mut self, tunnel: TunnelId, now: Instant, trigger: Trigger) -> Option<Vec<u8>> {
+    pub fn issue(&mut self, tunnel: TunnelId, now: Instant, trigger: Trigger) -> Option<[u8; PROBE_LEN]> {
         let stream = self.streams.get_mut(&tunnel)?;
         let seq = stream.next_seq;
         stream.next_seq = seq.wrapping_add(1);
@@ -657,6 +728,44 @@ mod tests {
     }
 
     #[test]
+    fn whole_frames_parse_with_an_independent_parser() {
+        let payload = ProbePayload {
+            tunnel: 9,
+            seq: 77,
+            token: 0x0123_4567_89ab_cdef,
+        };
+        let inner = build_probe(&spec(ProbeStyle::Reply), &payload);
+        for key in [Some(0xfeed_0001), None] {
+            let wire = Wire {
+                local: Ipv4Addr::new(198, 51, 100, 7),
+                remote: Ipv4Addr::new(203, 0, 113, 9),
+                key,
+                smac: [2, 0, 0, 0, 0, 1],
+                dmac: [2, 0, 0, 0, 0, 2],
+            };
+            let mut buf = [0xaau8; FRAME_MAX + 4];
+            let len = write_frame(&mut buf, &wire, 0x4242, &inner);
+            assert_eq!(len, 14 + 20 + gre_header_len(key) + PROBE_LEN);
+            assert!(len <= FRAME_MAX);
+            let frame = &buf[..len];
+            let eth = etherparse::Ethernet2HeaderSlice::from_slice(frame).expect("ethernet");
+            assert_eq!(eth.destination(), wire.dmac);
+            assert_eq!(eth.source(), wire.smac);
+            assert_eq!(eth.ether_type(), etherparse::EtherType::IPV4);
+            let ip = Ipv4HeaderSlice::from_slice(&frame[14..]).expect("outer ipv4");
+            let header = ip.to_header();
+            assert_eq!(header.header_checksum, header.calc_header_checksum(), "outer checksum");
+            assert_eq!((ip.source_addr(), ip.destination_addr()), (wire.local, wire.remote));
+            assert_eq!(usize::from(ip.total_len()), len - 14);
+            assert_eq!(ip.protocol(), etherparse::IpNumber::GRE);
+            assert_eq!((ip.ttl(), ip.dont_fragment(), ip.identification()), (64, true, 0x4242));
+            let (got_key, got_inner) = gre_decap(&frame[34..]).expect("gre");
+            assert_eq!(got_key, key);
+            check(got_inner, TARGET, NODE, ICMP_ECHO_REPLY, &payload);
+        }
+    }
+
+    #[test]
     fn checksum_rfc1071_example_and_odd_lengths() {
         // RFC 1071, section 3: the sum of these bytes is 0xddf2.
         assert_eq!(
@@ -824,14 +933,14 @@ mod tests {
             Received::Rejected(Unknown)
         );
         // Broken packets.
-        let mut bad = p.clone();
+        let mut bad = p;
         bad[30] ^= 1;
         assert_eq!(
             o.classify(now, &bad, None),
             Received::Rejected(Malformed),
             "icmp checksum"
         );
-        let mut bad = p.clone();
+        let mut bad = p;
         bad[8] ^= 1;
         assert_eq!(
             o.classify(now, &bad, None),

@@ -120,6 +120,16 @@ impl State {
         check_node(&mut self.resolver, config)
     }
 
+    /// Keeps `hops` as the next hops in force, and gives them to the probe
+    /// thread: probes follow the tunnels' traffic.
+    fn set_next_hops(&mut self, hops: BTreeMap<Ipv4Addr, Resolution>) {
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_next_hops(&hops);
+        self.next_hops = hops;
+    }
+
     /// Resolves every tunnel remote; asks the kernel to keep unresolved
     /// gateways resolved.
     fn resolve_all(&mut self, config: &Config) -> BTreeMap<Ipv4Addr, Resolution> {
@@ -298,7 +308,7 @@ impl State {
                     .unwrap_or_else(|p| p.into_inner())
                     .configure(&config, Instant::now());
                 self.config = Arc::new(config);
-                self.next_hops = hops;
+                self.set_next_hops(hops);
                 self.last_reload = status::Reload {
                     result: "ok".into(),
                     at: now_secs(),
@@ -372,7 +382,7 @@ impl State {
         }
         match self.apply(&config, &hops) {
             Ok(summary) => {
-                self.next_hops = hops;
+                self.set_next_hops(hops);
                 info!(generation = self.generation, "next hops applied: {summary}");
             }
             Err(e) => error!("applying next hops: {e:#}"),
@@ -807,7 +817,7 @@ async fn serve(opts: Options, config: Config) -> Result<()> {
         }
     };
     state.generation = 1;
-    state.next_hops = hops;
+    state.set_next_hops(hops);
     state.last_reload = status::Reload {
         result: "ok".into(),
         at: now_secs(),

@@ -17,15 +17,18 @@ use std::{
 };
 
 use moat_config::{Config, Direction, ProbeKind};
+use moat_dataplane::nexthop::Resolution;
+use moat_health::probe::PROBE_LEN;
 use moat_health::{
-    probe::gre_decap, probe::gre_encap, HealthSnapshot, HealthState, Outcome, Outstanding, ProbeSpec, ProbeStyle,
-    ReceiveCounts, Received as Classified, Schedule, TunnelHealth,
+    probe::{gre_decap, Wire},
+    HealthSnapshot, HealthState, Outcome, Outstanding, ProbeSpec, ProbeStyle, ReceiveCounts, Received as Classified,
+    Schedule, TunnelHealth,
 };
 use rustc_hash::FxHashMap;
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{info, warn};
 
-use crate::probe_io::{ProbeIo, Source};
+use crate::probe_io::{Outgoing, ProbeIo, Source};
 
 /// (local, remote, key): what identifies a tunnel on the wire.
 type Identity = (Ipv4Addr, Ipv4Addr, Option<u32>);
@@ -55,6 +58,9 @@ pub struct Table {
     schedule: Schedule,
     outstanding: Outstanding,
     locals: Vec<Ipv4Addr>,
+    /// (ifindex, interface MAC, next hop MAC) per tunnel remote whose next
+    /// hop is resolved.
+    next_hops: FxHashMap<Ipv4Addr, (u32, [u8; 6], [u8; 6])>,
 }
 
 impl Table {
@@ -96,6 +102,33 @@ impl Table {
 
     pub fn counts(&self) -> ReceiveCounts {
         self.outstanding.counts()
+    }
+
+    /// Takes the next hops the data plane uses: probes to a remote with a
+    /// resolved one leave the way the tunnel's traffic does.
+    pub fn set_next_hops(&mut self, hops: &BTreeMap<Ipv4Addr, Resolution>) {
+        self.next_hops = hops
+            .iter()
+            .filter_map(|(remote, r)| r.next_hop().map(|h| (*remote, (h.ifindex, h.smac, h.dmac))))
+            .collect();
+    }
+
+    /// How a probe of `identity` goes out: its wire and the interface, when
+    /// the remote's next hop is known.
+    fn outgoing(&self, (local, remote, key): Identity, inner: [u8; PROBE_LEN]) -> Outgoing {
+        let hop = self.next_hops.get(&remote);
+        let (smac, dmac) = hop.map_or(([0; 6], [0; 6]), |h| (h.1, h.2));
+        Outgoing {
+            wire: Wire {
+                local,
+                remote,
+                key,
+                smac,
+                dmac,
+            },
+            ifindex: hop.map(|h| h.0),
+            inner,
+        }
     }
 
     /// Makes the table follow `config`: new tunnels start healthy, tunnels
@@ -240,6 +273,7 @@ impl Health {
             schedule: Schedule::new(now),
             outstanding: Outstanding::new(timeout, MAX_IN_FLIGHT),
             locals: Vec::new(),
+            next_hops: FxHashMap::default(),
         };
         table.configure(config, now);
         let mut io = ProbeIo::open(table.locals.iter().copied())?;
@@ -287,13 +321,12 @@ fn open_gre(packet: &[u8]) -> Option<(Identity, &[u8])> {
 /// its timeout.
 const TICK: Duration = Duration::from_millis(5);
 
-/// Probes of one tick from one local address: (remote, GRE packet) and
-/// the tunnel of each.
-type Batch = (Vec<(Ipv4Addr, Vec<u8>)>, Vec<u32>);
-
 fn run(table: &Mutex<Table>, stop: &AtomicBool, io: &mut ProbeIo, changed: &UnboundedSender<()>) {
     let mut next_tick = Instant::now();
-    let mut batches: BTreeMap<Ipv4Addr, Batch> = BTreeMap::new();
+    // Probes of one tick, and the tunnel of each (kept from tick to tick).
+    let mut outgoing: Vec<Outgoing> = Vec::new();
+    let mut ids: Vec<u32> = Vec::new();
+    let mut next_drop_check = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         // The thread wakes once per tick, whatever the traffic: answers wait
         // in the socket buffers and are matched by their arrival time.
@@ -335,6 +368,8 @@ fn run(table: &Mutex<Table>, stop: &AtomicBool, io: &mut ProbeIo, changed: &Unbo
                 warn!(%local, "health probes: {e}");
             }
         }
+        outgoing.clear();
+        ids.clear();
         for (id, trigger) in t.schedule.due(now) {
             let Some(identity) = t.tunnels.get(&id).map(|x| x.identity) else {
                 continue;
@@ -342,21 +377,31 @@ fn run(table: &Mutex<Table>, stop: &AtomicBool, io: &mut ProbeIo, changed: &Unbo
             let Some(inner) = t.outstanding.issue(id, now, trigger) else {
                 continue;
             };
-            let batch = batches.entry(identity.0).or_default();
-            batch.0.push((identity.1, gre_encap(identity.2, &inner)));
-            batch.1.push(id);
+            outgoing.push(t.outgoing(identity, inner));
+            ids.push(id);
         }
-        for (&local, (packets, ids)) in batches.iter_mut() {
-            io.send_many(local, packets, |i, result| match result {
-                Ok(()) => {
-                    if let Some(x) = t.tunnels.get_mut(&ids[i]) {
-                        x.health.on_probe_sent(now);
-                    }
+        let mut failed: Option<(usize, Ipv4Addr, std::io::Error)> = None;
+        io.send(&outgoing, |i, result| match result {
+            Ok(()) => {
+                if let Some(x) = t.tunnels.get_mut(&ids[i]) {
+                    x.health.on_probe_sent(now);
                 }
-                Err(e) => warn!(remote = %packets[i].0, "sending a health probe: {e}"),
-            });
-            packets.clear();
-            ids.clear();
+            }
+            Err(e) => match &mut failed {
+                Some((n, ..)) => *n += 1,
+                None => failed = Some((1, outgoing[i].wire.remote, e)),
+            },
+        });
+        if let Some((n, remote, e)) = failed {
+            // One line per tick, however many tunnels share the cause.
+            warn!(%remote, failed = n, "sending health probes: {e}");
+        }
+        if now >= next_drop_check {
+            next_drop_check = now + Duration::from_secs(1);
+            let dropped = io.ring_drops();
+            if dropped > 0 {
+                warn!(dropped, "health probes: answers dropped, the receive ring was full");
+            }
         }
         if any_change {
             let _ = changed.send(());
