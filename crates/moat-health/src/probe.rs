@@ -335,6 +335,25 @@ struct InFlight {
     token: u64,
     sent: Instant,
     trigger: Trigger,
+    /// Its entry in [`Outstanding`]'s queue of issued probes.
+    pos: u64,
+}
+
+/// An entry of the queue of issued probes, in order of sending.
+#[derive(Clone, Copy, Debug)]
+struct Issued {
+    sent: Instant,
+    tunnel: TunnelId,
+    /// Answered, pushed out or forgotten: its timeout needs no look at
+    /// the tunnel.
+    settled: bool,
+}
+
+/// Marks the entry at queue position `pos` settled.
+fn settle(queue: &mut VecDeque<Issued>, front: u64, pos: u64) {
+    if let Some(e) = pos.checked_sub(front).and_then(|i| queue.get_mut(i as usize)) {
+        e.settled = true;
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -363,8 +382,10 @@ struct Stream {
 /// Timeouts cost nothing per tunnel: every probe issued also joins one queue
 /// in order of sending (so in order of timeout, the timeout being the same
 /// for all), and [`Outstanding::expire`] only looks at the head of that
-/// queue. Entries of probes answered meanwhile are dropped when they reach
-/// the head.
+/// queue. A probe that leaves its tunnel's flight (answered, pushed out,
+/// forgotten) marks its queue entry settled, so that the entry is dropped at
+/// the head without a look at the tunnel's state (with thousands of tunnels
+/// that state is out of cache by then).
 #[derive(Debug)]
 pub struct Outstanding {
     streams: FxHashMap<TunnelId, Stream>,
@@ -373,9 +394,10 @@ pub struct Outstanding {
     rng: StdRng,
     counts: ReceiveCounts,
     pushed_out: Vec<Lost>,
-    /// (sent, tunnel, seq) of every probe issued and not yet past its
-    /// timeout, oldest first.
-    by_sending: VecDeque<(Instant, TunnelId, u32)>,
+    /// Every probe issued and not yet past its timeout, oldest first.
+    by_sending: VecDeque<Issued>,
+    /// Queue position of the front of `by_sending` (entries ever popped).
+    front: u64,
 }
 
 impl Outstanding {
@@ -390,6 +412,7 @@ impl Outstanding {
             counts: ReceiveCounts::default(),
             pushed_out: Vec::new(),
             by_sending: VecDeque::new(),
+            front: 0,
         }
     }
 
@@ -400,7 +423,9 @@ impl Outstanding {
             Some(s) if s.spec == spec => {}
             Some(s) => {
                 s.spec = spec;
-                s.in_flight.clear();
+                for p in s.in_flight.drain(..) {
+                    settle(&mut self.by_sending, self.front, p.pos);
+                }
                 s.resolved.clear();
             }
             None => {
@@ -420,7 +445,13 @@ impl Outstanding {
     /// Stops tracking a tunnel; its probes in flight are forgotten.
     pub fn remove_tunnel(&mut self, tunnel: TunnelId) -> bool {
         self.pushed_out.retain(|l| l.tunnel != tunnel);
-        self.streams.remove(&tunnel).is_some()
+        let Some(s) = self.streams.remove(&tunnel) else {
+            return false;
+        };
+        for p in &s.in_flight {
+            settle(&mut self.by_sending, self.front, p.pos);
+        }
+        true
     }
 
     /// A new probe for `tunnel`, sent at `now`: its inner packet, or `None`
@@ -432,6 +463,7 @@ impl Outstanding {
         let token = self.rng.gen();
         if stream.in_flight.len() >= self.max_in_flight {
             if let Some(old) = stream.in_flight.pop_front() {
+                settle(&mut self.by_sending, self.front, old.pos);
                 remember(&mut stream.resolved, self.max_in_flight, old.seq, old.token, false);
                 self.pushed_out.push(Lost {
                     tunnel,
@@ -441,36 +473,63 @@ impl Outstanding {
                 });
             }
         }
+        // Callers issue with a clock that does not go back; should one, the
+        // entry still goes where its time puts it, and the entries after it
+        // (one place further now) are renumbered in their tunnels.
+        let at = if self.by_sending.back().is_none_or(|b| b.sent <= now) {
+            self.by_sending.len()
+        } else {
+            self.by_sending.partition_point(|b| b.sent <= now)
+        };
+        let probe = build_probe(&stream.spec, &ProbePayload { tunnel, seq, token });
+        let pos = self.front + at as u64;
         stream.in_flight.push_back(InFlight {
             seq,
             token,
             sent: now,
             trigger,
+            pos,
         });
-        // Callers issue with a clock that does not go back; should one, the
-        // entry still goes where its time puts it.
-        let at = if self.by_sending.back().is_none_or(|b| b.0 <= now) {
-            self.by_sending.len()
-        } else {
-            self.by_sending.partition_point(|b| b.0 <= now)
-        };
-        self.by_sending.insert(at, (now, tunnel, seq));
-        Some(build_probe(&stream.spec, &ProbePayload { tunnel, seq, token }))
+        if at < self.by_sending.len() {
+            for (i, e) in self.by_sending.iter().enumerate().skip(at).rev() {
+                let old = self.front + i as u64;
+                if let Some(p) = self.streams.get_mut(&e.tunnel).and_then(|s| {
+                    s.in_flight
+                        .iter_mut()
+                        .find(|p| p.pos == old && !(p.seq == seq && p.token == token))
+                }) {
+                    p.pos = old + 1;
+                }
+            }
+        }
+        self.by_sending.insert(
+            at,
+            Issued {
+                sent: now,
+                tunnel,
+                settled: false,
+            },
+        );
+        Some(probe)
     }
 
     /// The probes lost by `now`: timed out, or pushed out by newer ones.
     pub fn expire(&mut self, now: Instant) -> Vec<Lost> {
         let mut lost = std::mem::take(&mut self.pushed_out);
-        while let Some(&(sent, tunnel, seq)) = self.by_sending.front() {
+        while let Some(&Issued { sent, tunnel, settled }) = self.by_sending.front() {
             if now.saturating_duration_since(sent) < self.timeout {
                 break;
             }
             self.by_sending.pop_front();
-            // Still in flight unless answered, pushed out or forgotten since.
+            let pos = self.front;
+            self.front += 1;
+            if settled {
+                continue;
+            }
             let Some(stream) = self.streams.get_mut(&tunnel) else {
                 continue;
             };
-            let Some(i) = stream.in_flight.iter().position(|p| p.seq == seq && p.sent == sent) else {
+            let Some(i) = stream.in_flight.iter().position(|p| p.pos == pos) else {
                 continue;
             };
             let p = stream.in_flight.remove(i).expect("index from position");
@@ -485,20 +544,27 @@ impl Outstanding {
         lost
     }
 
-    /// When the oldest probe issued times out (it may have been answered
-    /// meanwhile), if any is pending.
+    /// When the oldest probe still in flight times out, if any is.
     pub fn next_expiry(&mut self) -> Option<Instant> {
-        while let Some(&(sent, tunnel, seq)) = self.by_sending.front() {
-            let pending = self
-                .streams
-                .get(&tunnel)
-                .is_some_and(|s| s.in_flight.iter().any(|p| p.seq == seq && p.sent == sent));
-            if pending {
-                return Some(sent + self.timeout);
+        while let Some(e) = self.by_sending.front() {
+            if !e.settled {
+                return Some(e.sent + self.timeout);
             }
             self.by_sending.pop_front();
+            self.front += 1;
         }
         None
+    }
+
+    /// Takes back probe `seq` of `tunnel`, issued but never sent (the node
+    /// had no room to send it): it is neither lost nor answerable. Returns
+    /// its trigger, for issuing it again.
+    pub fn withdraw(&mut self, tunnel: TunnelId, seq: u32) -> Option<Trigger> {
+        let stream = self.streams.get_mut(&tunnel)?;
+        let i = stream.in_flight.iter().position(|p| p.seq == seq)?;
+        let p = stream.in_flight.remove(i)?;
+        settle(&mut self.by_sending, self.front, p.pos);
+        Some(p.trigger)
     }
 
     /// Probes of `tunnel` in flight.
@@ -570,6 +636,7 @@ impl Outstanding {
         let same = |seq: u32, token: u64| seq == payload.seq && token == payload.token;
         if let Some(i) = stream.in_flight.iter().position(|p| same(p.seq, p.token)) {
             let p = stream.in_flight.remove(i).expect("index from position");
+            settle(&mut self.by_sending, self.front, p.pos);
             remember(&mut stream.resolved, self.max_in_flight, p.seq, p.token, true);
             return Received::Match(Matched {
                 tunnel: payload.tunnel,
@@ -990,6 +1057,23 @@ mod tests {
         assert_eq!(o.issue(7, t0, Trigger::Scheduled), None);
         assert_eq!(o.classify(t0, &a, None), Received::Rejected(Rejection::Unknown));
         assert!(o.expire(t0 + Duration::from_secs(5)).is_empty());
+    }
+
+    #[test]
+    fn a_withdrawn_probe_is_neither_lost_nor_answered() {
+        let (mut o, t0) = outstanding();
+        let a = o.issue(7, t0, Trigger::Extra).expect("tracked");
+        let b = o.issue(7, t0 + ms(1), Trigger::Scheduled).expect("tracked");
+        let seq_a = ProbePayload::decode(&a[28..]).expect("payload").seq;
+        assert_eq!(o.withdraw(7, seq_a), Some(Trigger::Extra));
+        assert_eq!(o.withdraw(7, seq_a), None, "only once");
+        assert_eq!(o.withdraw(8, seq_a), None, "another tunnel's");
+        assert_eq!(o.in_flight(7), 1);
+        assert_eq!(o.classify(t0 + ms(5), &a, None), Received::Rejected(Rejection::Unknown));
+        let lost = o.expire(t0 + ms(1001));
+        assert_eq!(lost.len(), 1, "only the probe sent: {lost:?}");
+        assert_eq!(lost[0].seq, ProbePayload::decode(&b[28..]).expect("payload").seq);
+        assert_eq!(o.next_expiry(), None);
     }
 
     #[test]

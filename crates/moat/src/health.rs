@@ -18,7 +18,7 @@ use std::{
 
 use moat_config::{Config, Direction, ProbeKind};
 use moat_dataplane::nexthop::Resolution;
-use moat_health::probe::PROBE_LEN;
+use moat_health::probe::{ProbePayload, PAYLOAD_LEN, PROBE_LEN};
 use moat_health::{
     probe::{gre_decap, Wire},
     HealthSnapshot, HealthState, Outcome, Outstanding, ProbeSpec, ProbeStyle, ReceiveCounts, Received as Classified,
@@ -316,6 +316,12 @@ fn open_gre(packet: &[u8]) -> Option<(Identity, &[u8])> {
     Some(((dst, src, key), inner))
 }
 
+/// Whether a send failed for want of room in the node's own queues
+/// (transient), not because the destination cannot be reached.
+fn no_room(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::ENOBUFS)
+}
+
 /// How often due probes are sent and lost ones collected: probes leave
 /// within this of their slot, and a lost probe is noticed within this of
 /// its timeout.
@@ -326,6 +332,8 @@ fn run(table: &Mutex<Table>, stop: &AtomicBool, io: &mut ProbeIo, changed: &Unbo
     // Probes of one tick, and the tunnel of each (kept from tick to tick).
     let mut outgoing: Vec<Outgoing> = Vec::new();
     let mut ids: Vec<u32> = Vec::new();
+    let mut retry: Vec<(u32, moat_health::Trigger)> = Vec::new();
+    let mut retried: Vec<bool> = Vec::new();
     let mut next_drop_check = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         // The thread wakes once per tick, whatever the traffic: answers wait
@@ -370,7 +378,13 @@ fn run(table: &Mutex<Table>, stop: &AtomicBool, io: &mut ProbeIo, changed: &Unbo
         }
         outgoing.clear();
         ids.clear();
-        for (id, trigger) in t.schedule.due(now) {
+        retried.clear();
+        // Probes the node had no room for last tick go first, as they were,
+        // once: a node that stays out of room cannot check its tunnels, and
+        // their probes then count as lost.
+        let again = retry.len();
+        let due = retry.drain(..).chain(t.schedule.due(now)).collect::<Vec<_>>();
+        for (k, (id, trigger)) in due.into_iter().enumerate() {
             let Some(identity) = t.tunnels.get(&id).map(|x| x.identity) else {
                 continue;
             };
@@ -379,6 +393,7 @@ fn run(table: &Mutex<Table>, stop: &AtomicBool, io: &mut ProbeIo, changed: &Unbo
             };
             outgoing.push(t.outgoing(identity, inner));
             ids.push(id);
+            retried.push(k < again);
         }
         let mut failed: Option<(usize, Ipv4Addr, std::io::Error)> = None;
         io.send(&outgoing, |i, result| match result {
@@ -387,13 +402,22 @@ fn run(table: &Mutex<Table>, stop: &AtomicBool, io: &mut ProbeIo, changed: &Unbo
                     x.health.on_probe_sent(now);
                 }
             }
+            Err(e) if no_room(&e) && !retried[i] => {
+                // The node's own queue is full: not the tunnel's failure.
+                // The probe is taken back and sent next tick.
+                let seq = ProbePayload::decode(&outgoing[i].inner[PROBE_LEN - PAYLOAD_LEN..]).map(|p| p.seq);
+                if let Some(trigger) = seq.and_then(|seq| t.outstanding.withdraw(ids[i], seq)) {
+                    retry.push((ids[i], trigger));
+                }
+            }
             Err(e) => match &mut failed {
                 Some((n, ..)) => *n += 1,
                 None => failed = Some((1, outgoing[i].wire.remote, e)),
             },
         });
         if let Some((n, remote, e)) = failed {
-            // One line per tick, however many tunnels share the cause.
+            // One line per tick, however many tunnels share the cause; those
+            // probes are lost, as the tunnel cannot be reached.
             warn!(%remote, failed = n, "sending health probes: {e}");
         }
         if now >= next_drop_check {

@@ -43,6 +43,7 @@ fn raw_socket(protocol: libc::c_int) -> io::Result<OwnedFd> {
     if set_int(&fd, libc::SO_RCVBUFFORCE, RECEIVE_BUFFER).is_err() {
         let _ = set_int(&fd, libc::SO_RCVBUF, RECEIVE_BUFFER);
     }
+    room_to_send(&fd);
     Ok(fd)
 }
 
@@ -92,7 +93,19 @@ fn link_socket() -> io::Result<OwnedFd> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: the kernel returned a new descriptor we now own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    room_to_send(&fd);
+    Ok(fd)
+}
+
+/// Send buffer asked for each sending socket: a tick's probes of
+/// thousands of tunnels wait there while the interface takes them.
+const SEND_BUFFER: libc::c_int = 4 << 20;
+
+fn room_to_send(fd: &OwnedFd) {
+    if set_int(fd, libc::SO_SNDBUFFORCE, SEND_BUFFER).is_err() {
+        let _ = set_int(fd, libc::SO_SNDBUF, SEND_BUFFER);
+    }
 }
 
 fn link_address(ifindex: u32, dmac: [u8; 6]) -> libc::sockaddr_ll {
