@@ -277,7 +277,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for line in log.lines().filter(|l| !l.contains("tunnel health changed")).take(40) {
             eprintln!("{line}");
         }
-        eprintln!("{} health changes", log.matches("tunnel health changed").count());
+        let changes: Vec<&str> = log.lines().filter(|l| l.contains("tunnel health changed")).collect();
+        for line in changes.iter().take(5) {
+            eprintln!("{line}");
+        }
+        eprintln!("{} health changes", changes.len());
     }
     let _ = d.down();
     Ok(())
