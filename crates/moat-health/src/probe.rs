@@ -416,6 +416,11 @@ impl Outstanding {
         }
     }
 
+    /// Changes the timeout of every probe, those in flight included.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
     /// Starts tracking a tunnel, or changes how it is probed. A changed spec
     /// forgets the tunnel's probes in flight (they are not reported lost).
     pub fn set_tunnel(&mut self, tunnel: TunnelId, spec: ProbeSpec) {
@@ -515,7 +520,15 @@ impl Outstanding {
 
     /// The probes lost by `now`: timed out, or pushed out by newer ones.
     pub fn expire(&mut self, now: Instant) -> Vec<Lost> {
-        let mut lost = std::mem::take(&mut self.pushed_out);
+        let mut lost = Vec::new();
+        self.expire_into(now, &mut lost);
+        lost
+    }
+
+    /// [`Outstanding::expire`], appended to `lost` (a caller's buffer,
+    /// reused from tick to tick).
+    pub fn expire_into(&mut self, now: Instant, lost: &mut Vec<Lost>) {
+        lost.append(&mut self.pushed_out);
         while let Some(&Issued { sent, tunnel, settled }) = self.by_sending.front() {
             if now.saturating_duration_since(sent) < self.timeout {
                 break;
@@ -541,7 +554,6 @@ impl Outstanding {
                 sent: p.sent,
             });
         }
-        lost
     }
 
     /// When the oldest probe still in flight times out, if any is.

@@ -58,6 +58,8 @@ pub struct Schedule {
     tunnels: FxHashMap<TunnelId, Entry>,
     wheel: Wheel,
     extra: VecDeque<TunnelId>,
+    /// Entries taken from the wheel in one call (kept for its capacity).
+    taken: Vec<(u64, u64, TunnelId)>,
     next_generation: u64,
 }
 
@@ -69,6 +71,7 @@ impl Schedule {
             tunnels: FxHashMap::default(),
             wheel: Wheel::new(),
             extra: VecDeque::new(),
+            taken: Vec::new(),
             next_generation: 0,
         }
     }
@@ -162,9 +165,19 @@ impl Schedule {
     /// The probes due at `now`, extra ones first, each scheduled tunnel at
     /// most once; due tunnels move to their next grid point after `now`.
     pub fn due(&mut self, now: Instant) -> Vec<(TunnelId, Trigger)> {
-        let mut out: Vec<_> = self.extra.drain(..).map(|id| (id, Trigger::Extra)).collect();
+        let mut out = Vec::new();
+        self.due_into(now, &mut out);
+        out
+    }
+
+    /// [`Schedule::due`], appended to `out` (a caller's buffer, reused from
+    /// tick to tick).
+    pub fn due_into(&mut self, now: Instant, out: &mut Vec<(TunnelId, Trigger)>) {
+        out.extend(self.extra.drain(..).map(|id| (id, Trigger::Extra)));
         let now = self.nanos(now);
-        for (due, generation, id) in self.wheel.take_due(now) {
+        let mut taken = std::mem::take(&mut self.taken);
+        self.wheel.take_due(now, &mut taken);
+        for &(due, generation, id) in &taken {
             let Some(e) = self.tunnels.get_mut(&id).filter(|e| e.generation == generation) else {
                 continue;
             };
@@ -179,7 +192,8 @@ impl Schedule {
             e.due = next;
             self.wheel.push(next, generation, id);
         }
-        out
+        taken.clear();
+        self.taken = taken;
     }
 
     /// When the next probe is due (in the past when extra probes wait), for
@@ -248,11 +262,10 @@ impl Wheel {
         self.len += 1;
     }
 
-    /// The entries due at or before `now`, earliest first.
-    fn take_due(&mut self, now: u64) -> Vec<(u64, u64, TunnelId)> {
-        let mut out = Vec::new();
+    /// The entries due at or before `now`, earliest first, into `out`.
+    fn take_due(&mut self, now: u64, out: &mut Vec<(u64, u64, TunnelId)>) {
         if now < self.done {
-            return out;
+            return;
         }
         let (first, last) = (self.done / SLOT_NS, now / SLOT_NS);
         for slot in first..=last.min(first + SLOTS - 1) {
@@ -270,7 +283,6 @@ impl Wheel {
         }
         self.done = now + 1;
         out.sort_unstable();
-        out
     }
 }
 

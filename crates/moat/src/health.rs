@@ -61,6 +61,9 @@ pub struct Table {
     /// (ifindex, interface MAC, next hop MAC) per tunnel remote whose next
     /// hop is resolved.
     next_hops: FxHashMap<Ipv4Addr, (u32, [u8; 6], [u8; 6])>,
+    /// The probe thread's tick: [`FAST_TICK`] while some tunnel is probed at
+    /// the high rate, else [`TICK`].
+    tick: Duration,
 }
 
 impl Table {
@@ -216,6 +219,16 @@ impl Table {
         }
         locals.sort();
         locals.dedup();
+        // Answers are awaited for up to 1 s, or 250 ms while some tunnel is
+        // probed at the high rate (so that it fails over within its rate).
+        let high = config
+            .customers
+            .iter()
+            .flat_map(|c| &c.tunnels)
+            .any(|t| t.health_check.enabled && t.health_check.rate.interval() < Duration::from_secs(1));
+        self.outstanding
+            .set_timeout(if high { HIGH_RATE_TIMEOUT } else { MAX_TIMEOUT });
+        self.tick = if high { FAST_TICK } else { TICK };
         self.by_identity = keep;
         self.by_name = by_name;
         self.locals = locals;
@@ -254,26 +267,19 @@ pub struct Health {
 
 impl Health {
     /// Starts probing the tunnels of `config`; `changed` is told whenever a
-    /// tunnel changes state. Answers are awaited for up to 1 s, or 250 ms
-    /// when some tunnel is probed at the high rate (so that it fails over
-    /// within its rate).
+    /// tunnel changes state.
     pub fn start(config: &Config, changed: UnboundedSender<()>) -> anyhow::Result<Health> {
         let now = Instant::now();
-        let high = config
-            .customers
-            .iter()
-            .flat_map(|c| &c.tunnels)
-            .any(|t| t.health_check.enabled && t.health_check.rate.interval() < Duration::from_secs(1));
-        let timeout = if high { HIGH_RATE_TIMEOUT } else { MAX_TIMEOUT };
         let mut table = Table {
             tunnels: FxHashMap::default(),
             by_identity: FxHashMap::default(),
             by_name: HashMap::new(),
             next_id: 0,
             schedule: Schedule::new(now),
-            outstanding: Outstanding::new(timeout, MAX_IN_FLIGHT),
+            outstanding: Outstanding::new(MAX_TIMEOUT, MAX_IN_FLIGHT),
             locals: Vec::new(),
             next_hops: FxHashMap::default(),
+            tick: TICK,
         };
         table.configure(config, now);
         let mut io = ProbeIo::open(table.locals.iter().copied())?;
@@ -324,8 +330,12 @@ fn no_room(e: &std::io::Error) -> bool {
 
 /// How often due probes are sent and lost ones collected: probes leave
 /// within this of their slot, and a lost probe is noticed within this of
-/// its timeout.
-const TICK: Duration = Duration::from_millis(5);
+/// its timeout. Each tick costs a wakeup and a send call, so the tick is
+/// as long as the rates allow: 10 ms for 1 s and 10 s intervals (1% of
+/// the interval), 5 ms while some tunnel is probed every 100 ms.
+const TICK: Duration = Duration::from_millis(10);
+/// The tick while some tunnel is probed at the high rate.
+const FAST_TICK: Duration = Duration::from_millis(5);
 
 fn run(table: &Mutex<Table>, stop: &AtomicBool, io: &mut ProbeIo, changed: &UnboundedSender<()>) {
     let mut next_tick = Instant::now();
@@ -334,6 +344,8 @@ fn run(table: &Mutex<Table>, stop: &AtomicBool, io: &mut ProbeIo, changed: &Unbo
     let mut ids: Vec<u32> = Vec::new();
     let mut retry: Vec<(u32, moat_health::Trigger)> = Vec::new();
     let mut retried: Vec<bool> = Vec::new();
+    let mut due: Vec<(u32, moat_health::Trigger)> = Vec::new();
+    let mut lost: Vec<moat_health::probe::Lost> = Vec::new();
     let mut next_drop_check = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         // The thread wakes once per tick, whatever the traffic: answers wait
@@ -344,10 +356,10 @@ fn run(table: &Mutex<Table>, stop: &AtomicBool, io: &mut ProbeIo, changed: &Unbo
         }
         let now = Instant::now();
         let wall = SystemTime::now();
-        next_tick = now + TICK;
         let mut any_change = false;
         let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
         let t = &mut *t;
+        next_tick = now + t.tick;
 
         // Answers first, so that one that arrived in time is not taken for lost.
         io.drain(|source, packet, arrived| {
@@ -367,8 +379,9 @@ fn run(table: &Mutex<Table>, stop: &AtomicBool, io: &mut ProbeIo, changed: &Unbo
                 any_change |= t.result(m.tunnel, at, m.trigger, Outcome::Success { rtt: m.rtt });
             }
         });
-        for lost in t.outstanding.expire(now) {
-            any_change |= t.result(lost.tunnel, now, lost.trigger, Outcome::Lost);
+        t.outstanding.expire_into(now, &mut lost);
+        for l in lost.drain(..) {
+            any_change |= t.result(l.tunnel, now, l.trigger, Outcome::Lost);
         }
 
         for &local in &t.locals {
@@ -383,8 +396,10 @@ fn run(table: &Mutex<Table>, stop: &AtomicBool, io: &mut ProbeIo, changed: &Unbo
         // once: a node that stays out of room cannot check its tunnels, and
         // their probes then count as lost.
         let again = retry.len();
-        let due = retry.drain(..).chain(t.schedule.due(now)).collect::<Vec<_>>();
-        for (k, (id, trigger)) in due.into_iter().enumerate() {
+        due.clear();
+        due.append(&mut retry);
+        t.schedule.due_into(now, &mut due);
+        for (k, &(id, trigger)) in due.iter().enumerate() {
             let Some(identity) = t.tunnels.get(&id).map(|x| x.identity) else {
                 continue;
             };
