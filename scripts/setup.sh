@@ -10,6 +10,7 @@ APT_PACKAGES=(
   iproute2                   # ip netns / ip link for namespace tests and the demo
   ethtool                    # turning tx offload / gro on test veths
   make
+  gcc                        # builds mimalloc (the daemon's allocator); rustc links with it
   xdp-tools                  # xdp-filter: a peer in the benchmark suite
   nftables                   # nft: a peer in the benchmark suite
   iptables                   # iptables-legacy: a peer in the benchmark suite

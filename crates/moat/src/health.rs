@@ -41,8 +41,9 @@ const MAX_TIMEOUT: Duration = Duration::from_secs(1);
 const HIGH_RATE_TIMEOUT: Duration = Duration::from_millis(250);
 
 struct Tunnel {
-    customer: String,
-    name: String,
+    /// (customer, tunnel) names, for logs (out of line: the probe path
+    /// does not read them).
+    names: Box<(String, String)>,
     identity: Identity,
     interval: Duration,
     health: TunnelHealth,
@@ -93,7 +94,7 @@ impl Table {
                 _ => continue,
             };
             t.health = TunnelHealth::resumed(now, t.health.is_enabled(), state);
-            info!(customer = %t.customer, tunnel = %t.name, %state, "health kept across the restart");
+            info!(customer = %t.names.0, tunnel = %t.names.1, %state, "health kept across the restart");
         }
     }
 
@@ -171,8 +172,7 @@ impl Table {
                 self.outstanding.set_tunnel(id, spec);
                 match self.tunnels.get_mut(&id) {
                     Some(existing) => {
-                        existing.customer = c.name.clone();
-                        existing.name = t.name.clone();
+                        *existing.names = (c.name.clone(), t.name.clone());
                         if existing.health.is_enabled() != hc.enabled {
                             existing.health.set_enabled(now, hc.enabled);
                         }
@@ -185,8 +185,7 @@ impl Table {
                         self.tunnels.insert(
                             id,
                             Tunnel {
-                                customer: c.name.clone(),
-                                name: t.name.clone(),
+                                names: Box::new((c.name.clone(), t.name.clone())),
                                 identity,
                                 interval,
                                 health: TunnelHealth::new(now, hc.enabled),
@@ -244,8 +243,8 @@ impl Table {
         }
         if let Some(change) = effect.change {
             info!(
-                customer = %t.customer,
-                tunnel = %t.name,
+                customer = %t.names.0,
+                tunnel = %t.names.1,
                 from = %change.from,
                 to = %change.to,
                 penalty = t.health.penalty(),

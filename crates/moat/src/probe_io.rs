@@ -48,11 +48,15 @@ fn raw_socket(protocol: libc::c_int) -> io::Result<OwnedFd> {
 }
 
 fn set_int(fd: &OwnedFd, option: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    set_option(fd, libc::SOL_SOCKET, option, value)
+}
+
+fn set_option(fd: &OwnedFd, level: libc::c_int, option: libc::c_int, value: libc::c_int) -> io::Result<()> {
     // SAFETY: setsockopt(2) with a c_int option of the stated size.
     let rc = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
-            libc::SOL_SOCKET,
+            level,
             option,
             (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
@@ -95,6 +99,10 @@ fn link_socket() -> io::Result<OwnedFd> {
     // SAFETY: the kernel returned a new descriptor we now own.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     room_to_send(&fd);
+    // Straight to the driver, as the data plane transmits the tunnel's
+    // traffic (XDP transmit skips the queueing disciplines too). Without
+    // it (an old kernel) probes go through the qdisc: no harm.
+    let _ = set_option(&fd, libc::SOL_PACKET, libc::PACKET_QDISC_BYPASS, 1);
     Ok(fd)
 }
 
