@@ -165,8 +165,14 @@ enum Answers {
 }
 
 impl ProbeIo {
-    /// Opens the sockets in the calling thread's network namespace.
+    /// Opens the sockets in the calling thread's network namespace: answers
+    /// through a receive ring, or raw sockets when the kernel gives no ring.
     pub fn open(locals: impl IntoIterator<Item = Ipv4Addr>) -> io::Result<ProbeIo> {
+        ProbeIo::open_with(locals, true)
+    }
+
+    /// [`ProbeIo::open`], with the receive ring only if `ring`.
+    pub fn open_with(locals: impl IntoIterator<Item = Ipv4Addr>, ring: bool) -> io::Result<ProbeIo> {
         let link = match link_socket() {
             Ok(fd) => Some(fd),
             Err(e) => {
@@ -174,7 +180,12 @@ impl ProbeIo {
                 None
             }
         };
-        let answers = match AnswerRing::open() {
+        let ring = if ring {
+            AnswerRing::open()
+        } else {
+            Err(io::Error::other("not asked for"))
+        };
+        let answers = match ring {
             Ok(ring) => Answers::Ring(ring),
             Err(e) => {
                 tracing::warn!("health probes: no receive ring ({e}); answers are read from raw sockets");
@@ -778,4 +789,79 @@ pub enum Source {
     Gre,
     /// The raw ICMP socket: an IPv4 packet carrying ICMP.
     Icmp,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moat_health::{probe::ProbePayload, Outstanding, ProbeSpec, ProbeStyle, Received, Trigger};
+    use moat_lab::edge::{Edge, ENDPOINT};
+
+    /// The edge topology without a daemon: the site's endpoint answers
+    /// reply-style probes (it decapsulates them and routes the inner echo
+    /// reply back to the node as plain ICMP). Probes leave through each send
+    /// path (whole frames through the packet socket, GRE through kernel
+    /// routing) and come back through each receive path (the ring, the raw
+    /// sockets); every probe must come back, and match.
+    #[test]
+    fn every_send_and_receive_path_carries_probes() {
+        let edge = Edge::new("pio").expect("topology");
+        let site = edge.start_site(0, Some(7)).expect("site endpoint");
+        let router = edge.sites[0].router;
+        let ifindex = edge.node.ifindex("n-site1");
+        let (smac, dmac) = (edge.node.mac("n-site1"), edge.sites[0].ns.mac("s0"));
+        let _in = edge.node.enter().expect("enter the node namespace");
+        for ring in [true, false] {
+            let mut io = ProbeIo::open_with([ENDPOINT], ring).expect("probe sockets");
+            assert_eq!(matches!(io.answers, Answers::Ring(_)), ring);
+            for link in [true, false] {
+                let mut o = Outstanding::new(Duration::from_secs(3), 64);
+                o.set_tunnel(
+                    1,
+                    ProbeSpec {
+                        style: ProbeStyle::Reply,
+                        ident: 1,
+                        node: ENDPOINT,
+                        target: router,
+                    },
+                );
+                let start = std::time::Instant::now();
+                let probes: Vec<Outgoing> = (0..20)
+                    .map(|_| Outgoing {
+                        wire: Wire {
+                            local: ENDPOINT,
+                            remote: router,
+                            key: Some(7),
+                            smac,
+                            dmac,
+                        },
+                        ifindex: link.then_some(ifindex),
+                        inner: o.issue(1, start, Trigger::Scheduled).expect("tracked"),
+                    })
+                    .collect();
+                let mut sent = 0;
+                io.send(&probes, |_, r| {
+                    r.expect("sent");
+                    sent += 1;
+                });
+                assert_eq!(sent, 20);
+                let (mut matched, mut other) = (0, 0);
+                while matched < 20 && start.elapsed() < Duration::from_secs(3) {
+                    std::thread::sleep(Duration::from_millis(10));
+                    io.drain(|source, packet, at| {
+                        assert_eq!(source, Source::Icmp, "answers come as plain ICMP");
+                        assert!(at.is_some(), "arrival time");
+                        match o.classify(std::time::Instant::now(), packet, None) {
+                            Received::Match(_) => matched += 1,
+                            Received::Rejected(_) => other += 1,
+                        }
+                    });
+                }
+                assert_eq!((matched, other), (20, 0), "ring {ring}, link {link}");
+                // The payload of what was sent is what the site decapsulated.
+                assert!(ProbePayload::decode(&probes[0].inner[PROBE_LEN - 20..]).is_some());
+            }
+        }
+        assert!(site.counters.decapsulated.load(std::sync::atomic::Ordering::Relaxed) >= 80);
+    }
 }
