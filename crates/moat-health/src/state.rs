@@ -537,30 +537,30 @@ impl Window {
         self.head = sec;
         // Seconds that left the window leave the totals.
         let cutoff = Window::cutoff(sec);
-        while let Some(r) = self.older.front_mut() {
+        let Window {
+            older,
+            newest,
+            ok,
+            failed,
+            forgiven,
+            ..
+        } = self;
+        let mut trim = |r: &mut Run| {
             let gone = r.before(cutoff);
-            let (ok, failed, forgiven) = r.each.times(gone);
-            self.ok -= ok;
-            self.failed -= failed;
-            self.forgiven -= forgiven;
+            let (o, f, g) = r.each.times(gone);
+            (*ok, *failed, *forgiven) = (*ok - o, *failed - f, *forgiven - g);
             r.start += gone;
             r.len -= gone;
-            if r.len > 0 {
+            r.len == 0
+        };
+        while let Some(r) = older.front_mut() {
+            if !trim(r) {
                 return;
             }
-            self.older.pop_front();
+            older.pop_front();
         }
-        if let Some(r) = &mut self.newest {
-            let gone = r.before(cutoff);
-            let (ok, failed, forgiven) = r.each.times(gone);
-            self.ok -= ok;
-            self.failed -= failed;
-            self.forgiven -= forgiven;
-            r.start += gone;
-            r.len -= gone;
-            if r.len == 0 {
-                self.newest = None;
-            }
+        if newest.as_mut().is_some_and(trim) {
+            *newest = None;
         }
     }
 

@@ -257,15 +257,7 @@ impl ProbeIo {
             }
         }
         if let Some(link) = &self.link {
-            let Outbox {
-                scratch,
-                links,
-                frames,
-                lens,
-                which,
-                ..
-            } = out;
-            send_batch(link.as_raw_fd(), scratch, links, frames, lens, |k, r| sent(which[k], r));
+            out.flush(link.as_raw_fd(), Kind::Link, &mut sent);
         }
 
         // The rest, a run per local address.
@@ -286,15 +278,7 @@ impl ProbeIo {
                 out.lens[slot] = write_gre(&mut out.frames[slot], p.wire.key, &p.inner);
                 out.inets.push(sockaddr(p.wire.remote));
             }
-            let Outbox {
-                scratch,
-                inets,
-                frames,
-                lens,
-                which,
-                ..
-            } = out;
-            send_batch(fd.as_raw_fd(), scratch, inets, frames, lens, |k, r| sent(which[k], r));
+            out.flush(fd.as_raw_fd(), Kind::Routed, &mut sent);
         }
         out.routed = routed;
     }
@@ -582,6 +566,14 @@ impl Drop for AnswerRing {
     }
 }
 
+/// Which destinations an [`Outbox`] holds.
+enum Kind {
+    /// Whole frames, to interfaces.
+    Link,
+    /// GRE packets, to remotes through kernel routing.
+    Routed,
+}
+
 /// Buffers for one sendmmsg call, kept from call to call.
 #[derive(Default)]
 struct Outbox {
@@ -602,6 +594,25 @@ impl Outbox {
         self.which.clear();
         self.links.clear();
         self.inets.clear();
+    }
+
+    /// Sends the messages (to `links` or to `inets`) on `fd`, telling
+    /// `sent` the fate of each message's probe.
+    fn flush(&mut self, fd: RawFd, kind: Kind, sent: &mut impl FnMut(usize, io::Result<()>)) {
+        let Outbox {
+            scratch,
+            links,
+            inets,
+            frames,
+            lens,
+            which,
+            ..
+        } = self;
+        let each = |k: usize, r| sent(which[k], r);
+        match kind {
+            Kind::Link => send_batch(fd, scratch, links, frames, lens, each),
+            Kind::Routed => send_batch(fd, scratch, inets, frames, lens, each),
+        }
     }
 
     /// A message slot for probe `probe`.
