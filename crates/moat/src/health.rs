@@ -330,9 +330,10 @@ fn no_room(e: &std::io::Error) -> bool {
 /// How often due probes are sent and lost ones collected: probes leave
 /// within this of their slot, and a lost probe is noticed within this of
 /// its timeout. Each tick costs a wakeup and a send call, so the tick is
-/// as long as the rates allow: 10 ms for 1 s and 10 s intervals (1% of
-/// the interval), 5 ms while some tunnel is probed every 100 ms.
-const TICK: Duration = Duration::from_millis(10);
+/// as long as the rates allow: 20 ms for 1 s and 10 s intervals (2% of
+/// the interval; 50 batches a second), 5 ms while some tunnel is probed
+/// every 100 ms.
+const TICK: Duration = Duration::from_millis(20);
 /// The tick while some tunnel is probed at the high rate.
 const FAST_TICK: Duration = Duration::from_millis(5);
 
