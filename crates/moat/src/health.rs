@@ -349,7 +349,8 @@ fn run(table: &Mutex<Table>, stop: &AtomicBool, io: &mut ProbeIo, changed: &Unbo
     let mut next_drop_check = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         // The thread wakes once per tick, whatever the traffic: answers wait
-        // in the socket buffers and are matched by their arrival time.
+        // in the receive ring (or socket buffers) and are matched by their
+        // arrival time.
         let wait = next_tick.saturating_duration_since(Instant::now());
         if !wait.is_zero() {
             std::thread::sleep(wait);
