@@ -42,6 +42,19 @@ pub fn route(prefix: &str, tunnel: &str, priority: u32, weight: u16) -> RouteSpe
     }
 }
 
+/// A customer that only fills tables (benchmarks at scale): its prefixes,
+/// tunnels and routes, no firewall.
+pub fn filler(c: usize, prefixes: Vec<IpNet>, tunnels: Vec<TunnelSpec>, routes: Vec<RouteSpec>) -> CustomerSpec {
+    CustomerSpec {
+        name: format!("filler-{c}"),
+        prefixes,
+        egress_prefixes: vec![],
+        tunnels,
+        routes,
+        firewall: vec![],
+    }
+}
+
 /// acme: two /25-ish v4 areas and a v6 /48, tunnels a (no key), b (key
 /// 42), c (next hop unresolved); an ECMP route over a and b weighted 1:3.
 /// globex: the other v4 /25 over a tunnel behind the ingress interface

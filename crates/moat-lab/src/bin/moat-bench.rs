@@ -19,7 +19,7 @@ use std::{
 };
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use moat_dataplane::{CustomerSpec, RateLimit, RatePer, RouteSpec, RuleAction, Spec, TunnelSpec};
+use moat_dataplane::{RateLimit, RatePer, RouteSpec, RuleAction, Spec, TunnelSpec};
 use moat_lab::{
     baseline::BareDrop,
     fixture::{self, Fixture, NODE},
@@ -78,14 +78,7 @@ fn scaled(mut spec: Spec, customers: usize, prefixes: usize) -> Spec {
                 weight: 100,
             })
             .collect();
-        spec.customers.push(CustomerSpec {
-            name: format!("filler-{c}"),
-            prefixes: prefs,
-            egress_prefixes: vec![],
-            tunnels,
-            routes,
-            firewall: Vec::new(),
-        });
+        spec.customers.push(fixture::filler(c, prefs, tunnels, routes));
     }
     spec
 }

@@ -600,14 +600,7 @@ fn scale_spec(customers: usize, prefixes: usize) -> Spec {
             })
             .into_iter()
             .collect();
-        spec.customers.push(CustomerSpec {
-            name: format!("filler-{c}"),
-            prefixes: prefs,
-            egress_prefixes: vec![],
-            tunnels,
-            routes,
-            firewall: vec![],
-        });
+        spec.customers.push(fixture::filler(c, prefs, tunnels, routes));
     }
     spec
 }
