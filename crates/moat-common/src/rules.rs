@@ -13,8 +13,6 @@ pub const CLS_WORDS: usize = CLS_TERMS / 64;
 pub const CLS_SLOTS: u32 = 24;
 /// Intervals one slot of one set may hold.
 pub const CLS_SLOT_KEYS: u32 = 4096;
-/// Halvings that find an interval among [`CLS_SLOT_KEYS`].
-pub const CLS_SEARCH_STEPS: u32 = 13;
 /// Rule sets per copy: the operator's, then one per customer firewall.
 pub const CLS_SETS: u32 = 4096;
 /// Pool sizes per copy.

@@ -153,14 +153,23 @@ mod program {
             None => return Ok((xdp_action::XDP_PASS, Reason::PassNotProtected)),
         };
         let frame_len = pkt.frame_len as u64;
-        let out = if let Err(reason) = protect(&pkt) {
-            Err(reason)
-        } else if let Err(reason) = apply_rules(ctx, &pkt, dest.customer, frame_len) {
-            Err(reason)
-        } else if dest.route_set == NO_ROUTE_SET {
-            Err(Reason::DropNoRoute)
-        } else {
-            encap::encapsulate(ctx, &pkt, dest.route_set)
+        let on = maps::PROTECTIONS.get(0).copied().unwrap_or(0);
+        let (dest, out) = match (protect(&pkt, on), rules::scratch()) {
+            (Err(reason), _) => (dest, Err(reason)),
+            (Ok(()), None) => (dest, Err(Reason::DropInternal)),
+            (Ok(()), Some(sc)) => {
+                let copy = rules::prepare(ctx, &pkt, sc);
+                let reflect = reflected(&pkt, on);
+                // From here on nothing of the parse is used (a pass parses
+                // again), so every way through the parser reaches the
+                // rules in one state and the verifier checks them once.
+                let (dest, reflect) = rules::barrier(sc, dest, reflect);
+                let out = match apply_rules(sc, copy, reflect, dest.customer, frame_len) {
+                    Err(reason) => Err(reason),
+                    Ok(()) => forward(ctx, dest.route_set),
+                };
+                (dest, out)
+            }
         };
         if let Some(s) = stats::customer(dest.customer) {
             stats::bump(&mut s.in_received, frame_len);
@@ -172,33 +181,59 @@ mod program {
         out
     }
 
+    /// Delivery of a packet the rules let through: into a tunnel of the
+    /// destination's route set. The packet is parsed again (it parsed
+    /// before, so this cannot fail).
+    #[inline(always)]
+    fn forward(ctx: &XdpContext, route_set: u32) -> Outcome {
+        if route_set == NO_ROUTE_SET {
+            return Err(Reason::DropNoRoute);
+        }
+        match parse::parse(ctx) {
+            Ok(Some(pkt)) => encap::encapsulate(ctx, &pkt, route_set),
+            _ => Err(Reason::DropInternal),
+        }
+    }
+
     /// The operator's mitigation rules (the first that matches decides:
     /// drop, pass, or pass while its token bucket has credit), then the
     /// customer's firewall (the first that matches decides: block or
-    /// allow; no match allows), then the reflection protection, which an
-    /// operator pass or a firewall allow overrides. Every match is counted
-    /// under its rule.
+    /// allow; no match allows), then the reflection protection (`reflect`:
+    /// the packet is a reflection), which an operator pass or a firewall
+    /// allow overrides. Every match is counted under its rule.
     #[inline(always)]
-    fn apply_rules(ctx: &XdpContext, pkt: &Packet, customer: u32, frame_len: u64) -> Result<(), Reason> {
+    fn apply_rules(
+        sc: &mut rules::Scratch,
+        copy: Option<u32>,
+        reflect: bool,
+        customer: u32,
+        frame_len: u64,
+    ) -> Result<(), Reason> {
         use moat_common::rules::*;
         let mut allowed = false;
-        let v4 = pkt.family == parse::Family::V4;
-        if let Some(c) = rules::prepare(ctx, pkt) {
-            if let Some(t) = rules::classify(c, SET_MITIGATION, v4) {
+        if let Some(c) = copy {
+            if let Some(t) = rules::classify(sc, c, SET_MITIGATION) {
                 stats::count_rule(t.stat, frame_len);
                 match t.action {
                     CLS_DROP => return Err(Reason::DropMitigationRule),
                     CLS_RATE_LIMIT => {
-                        if !rules::rate_allows(t, pkt) {
+                        if !rules::rate_allows(t, sc) {
                             return Err(Reason::DropRateLimit);
                         }
                     }
                     _ => allowed = true,
                 }
             }
-            let set = rules::firewall_set(c, customer);
+            // Every outcome of the operator's rules reaches the firewall
+            // in one state (see `rules::opaque`).
+            let set = rules::opaque(
+                sc,
+                u64::from(rules::firewall_set(c, customer)) | u64::from(allowed) << 32,
+            );
+            allowed = set >> 32 != 0;
+            let set = set as u32;
             if set != SET_NONE {
-                if let Some(t) = rules::classify(c, set, v4) {
+                if let Some(t) = rules::classify(sc, c, set) {
                     stats::count_rule(t.stat, frame_len);
                     if t.action == CLS_DROP {
                         return Err(Reason::DropFirewall);
@@ -207,7 +242,7 @@ mod program {
                 }
             }
         }
-        if !allowed && reflected(pkt) {
+        if !allowed && reflect {
             return Err(Reason::DropReflection);
         }
         Ok(())
@@ -215,14 +250,13 @@ mod program {
 
     /// UDP from a reflector source port, with the reflection protection on.
     #[inline(always)]
-    fn reflected(pkt: &Packet) -> bool {
+    fn reflected(pkt: &Packet, on: u32) -> bool {
         if pkt.proto != parse::IPPROTO_UDP {
             return false;
         }
         let Some(ports) = pkt.ports else {
             return false;
         };
-        let on = maps::PROTECTIONS.get(0).copied().unwrap_or(0);
         if on & moat_common::protect::REFLECTION == 0 {
             return false;
         }
@@ -236,9 +270,8 @@ mod program {
 
     /// The built-in protections in force, for traffic to a protected prefix.
     #[inline(always)]
-    fn protect(pkt: &Packet) -> Result<(), Reason> {
+    fn protect(pkt: &Packet, on: u32) -> Result<(), Reason> {
         use moat_common::protect::*;
-        let on = maps::PROTECTIONS.get(0).copied().unwrap_or(0);
         if on == 0 {
             return Ok(());
         }
