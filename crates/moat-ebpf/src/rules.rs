@@ -60,18 +60,19 @@ fn narrow(acc: &mut Bits, f: &Fields, c: u32, d: u32, zero: u32) -> u32 {
         slot.absent
     } else {
         let base = c * CLS_KEY_POOL + slot.key_base;
-        let mut lo = 0u32;
-        if slot.direct != 0 && slot.direct <= CLS_DIRECT_TABLES && vh == 0 && vl < u64::from(CLS_DIRECT_VALUES) {
+        let lo = if slot.direct != 0 && slot.direct <= CLS_DIRECT_TABLES && vh == 0 && vl < u64::from(CLS_DIRECT_VALUES)
+        {
             // The interval straight from the slot's direct table.
             let v = vl as u32;
             let at = (c * CLS_DIRECT_TABLES + slot.direct - 1) * CLS_DIRECT_WORDS + v / 4;
             let Some(w) = CLS_DIRECT.get(at) else {
                 return 0;
             };
-            lo = ((*w >> ((v % 4) * 16)) & 0xffff) as u32;
+            let lo = ((*w >> ((v % 4) * 16)) & 0xffff) as u32;
             if lo >= len {
                 return 0;
             }
+            lo
         } else {
             // The last interval starting at or before the value (the first
             // starts at 0): the index built bit by bit from the highest,
@@ -80,7 +81,7 @@ fn narrow(acc: &mut Bits, f: &Fields, c: u32, d: u32, zero: u32) -> u32 {
             // know: as a known number it would be decided against what
             // the verifier learnt of the length, and every index tracked
             // apart.
-            lo = zero;
+            let mut lo = zero;
             let mut step = CLS_SLOT_KEYS / 2;
             while step != 0 {
                 let m = lo + step;
@@ -94,7 +95,8 @@ fn narrow(acc: &mut Bits, f: &Fields, c: u32, d: u32, zero: u32) -> u32 {
                 }
                 step /= 2;
             }
-        }
+            lo
+        };
         match CLS_KEY.get(base + lo) {
             Some(k) => k.bitmap,
             None => return 0,
