@@ -1182,9 +1182,9 @@ fn targets(r: &mut Report, plan: &Plan, res: &Results) {
         &|v| v >= 1.0,
         "xdp-filter matches one field per rule with one array lookup (no prefix-and-port rules); moat \
          finds the packet's interval per field the rules use (the port in a direct table, the source by a \
-         binary search) and ANDs 1,024-bit candidate sets, in bpf_loop callbacks: every BPF call and \
-         return costs tens of ns under this CPU's SRSO \"Safe RET\" mitigation. Needs fewer calls per \
-         packet (one callback for all fields) and a measurement on a machine without Safe RET.",
+         binary search) and ANDs 1,024-bit candidate sets, inline (no BPF call, each of which costs tens \
+         of ns under this CPU's SRSO \"Safe RET\" mitigation), then counts the packet per rule, customer \
+         and reason. Needs a measurement on a machine without Safe RET.",
     );
     row(
         "moat with 1,024 rules >= 10x nftables with 1,024 linear rules",
