@@ -468,9 +468,9 @@ impl Dataplane {
         let result = result.and_then(|(mut report, state)| {
             let unknown = prev.as_ref().is_none_or(|p| p.rules_unknown) || want.rules_unknown;
             let same = if unknown {
-                // Not known (adopted, or after a failed apply): the digest
-                // in the maps tells whether they hold these rule sets.
-                self.live_rules_digest()? == want.rules.as_ref().map(|r| r.digest)
+                // Not known (adopted, or after a failed apply or a repair):
+                // the live copy is read back and compared.
+                self.rules_differences(want.rules.as_deref())?.is_empty()
             } else {
                 prev.as_ref().map(|p| &p.rules) == Some(&want.rules)
             };

@@ -206,13 +206,14 @@ pub(crate) fn compile(
     Ok(Some(Arc::new(RuleTables { sets, digest })))
 }
 
-/// Fills direct table `d` of copy `copy`: every value's interval, the
-/// last one starting at or before it (the first for values below all
-/// starts, as the search finds it).
-fn write_direct(words: &crate::mmap::MmapWords, copy: u32, d: u32, starts: &[u128]) {
+/// Direct table `d` of copy `copy`: the first of its words in
+/// `CLS_DIRECT`, and every word, each value's interval (the last one
+/// starting at or before it; the first for values below all starts, as
+/// the search finds it), four to a word.
+fn direct_words(copy: u32, d: u32, starts: &[u128]) -> (u32, impl Iterator<Item = u64> + '_) {
     let base = (copy * CLS_DIRECT_TABLES + d) * CLS_DIRECT_WORDS;
     let mut i = 0usize;
-    for w in 0..CLS_DIRECT_WORDS {
+    let words = (0..CLS_DIRECT_WORDS).map(move |w| {
         let mut word = 0u64;
         for k in 0..4u32 {
             let v = u128::from(w * 4 + k);
@@ -221,8 +222,96 @@ fn write_direct(words: &crate::mmap::MmapWords, copy: u32, d: u32, starts: &[u12
             }
             word |= (i as u64) << (k * 16);
         }
-        words.set(base + w, word);
+        word
+    });
+    (base, words)
+}
+
+/// One entry the rule tables put into a copy of the maps: its map, its
+/// index in the map and its value.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Entry {
+    Slot(u32, ClsSlot),
+    Key(u32, ClsKey),
+    Bitmap(u32, [u64; CLS_WORDS]),
+    Term(u32, ClsTerm),
+    Set(u32, ClsSet),
+    Firewall(u32, u32),
+}
+
+/// An entry's map and index.
+fn place(e: &Entry) -> (&'static str, u32) {
+    match *e {
+        Entry::Slot(i, _) => ("CLS_SLOT", i),
+        Entry::Key(i, _) => ("CLS_KEY", i),
+        Entry::Bitmap(i, _) => ("CLS_BITMAP", i),
+        Entry::Term(i, _) => ("CLS_TERM", i),
+        Entry::Set(i, _) => ("CLS_SET", i),
+        Entry::Firewall(i, _) => ("CUSTOMER_FW", i),
     }
+}
+
+/// Every entry of `r` in copy `copy` (direct tables apart: see
+/// [`direct_words`]), in the order they are written.
+fn entries(r: &RuleTables, copy: u32) -> Vec<Entry> {
+    let mut out = Vec::new();
+    for (n, set) in r.sets.iter().enumerate() {
+        let n = n as u32;
+        let (descs, v4_end, v6_start) = slots(&set.tables);
+        for (i, (slot, table, absent)) in descs.iter().enumerate() {
+            let (len, key_base, direct) = match table {
+                Some(t) => (
+                    set.tables.tables[*t].starts.len() as u32,
+                    set.key_bases[*t],
+                    set.directs[*t].map_or(0, |d| d + 1),
+                ),
+                None => (0, 0, 0),
+            };
+            let d = ClsSlot {
+                slot: *slot,
+                len,
+                absent: set.bitmap_base + absent,
+                key_base,
+                direct,
+                _pad: [0; 3],
+            };
+            out.push(Entry::Slot(copy * CLS_SLOT_POOL + set.slot_base + i as u32, d));
+        }
+        for (t, key_base) in set.tables.tables.iter().zip(&set.key_bases) {
+            for (i, (start, bitmap)) in t.starts.iter().zip(&t.bitmaps).enumerate() {
+                let key = ClsKey {
+                    hi: (start >> 64) as u64,
+                    lo: *start as u64,
+                    bitmap: set.bitmap_base + bitmap,
+                    _pad: 0,
+                };
+                out.push(Entry::Key(copy * CLS_KEY_POOL + key_base + i as u32, key));
+            }
+        }
+        for (id, b) in set.tables.bitmaps.iter().enumerate() {
+            out.push(Entry::Bitmap(copy * CLS_BITMAP_POOL + set.bitmap_base + id as u32, *b));
+        }
+        for (term, rule) in set.tables.term_rule.iter().enumerate() {
+            let rule = u32::from(*rule);
+            let entry = term_entry(copy * CLS_RULE_POOL + set.stat_base + rule, set.rules[rule as usize].1);
+            out.push(Entry::Term(copy * CLS_TERM_POOL + set.term_base + term as u32, entry));
+        }
+        let d = ClsSet {
+            slot_base: set.slot_base,
+            nslots: descs.len() as u32,
+            v4_end,
+            v6_start,
+            all: set.bitmap_base,
+            term_base: set.term_base,
+            nterms: set.tables.term_rule.len() as u32,
+            _pad: 0,
+        };
+        out.push(Entry::Set(copy * CLS_SETS + n, d));
+        if let Some((id, _)) = &set.customer {
+            out.push(Entry::Firewall(copy * MAX_CUSTOMERS + id, n));
+        }
+    }
+    out
 }
 
 /// A matching term's entry: counter, action, bucket.
@@ -267,87 +356,36 @@ impl Dataplane {
         let idle = if active == 0 { 1 } else { 0 };
         let mut written = 0;
         let mut fw_after = Vec::new();
-        for (n, set) in r.sets.iter().enumerate() {
-            let n = n as u32;
-            let (descs, v4_end, v6_start) = slots(&set.tables);
-            for (i, (slot, table, absent)) in descs.iter().enumerate() {
-                let (len, key_base, direct) = match table {
-                    Some(t) => (
-                        set.tables.tables[*t].starts.len() as u32,
-                        set.key_bases[*t],
-                        set.directs[*t].map_or(0, |d| d + 1),
-                    ),
-                    None => (0, 0, 0),
-                };
-                let d = ClsSlot {
-                    slot: *slot,
-                    len,
-                    absent: set.bitmap_base + absent,
-                    key_base,
-                    direct,
-                    _pad: [0; 3],
-                };
-                m.cls_slot
-                    .set(idle * CLS_SLOT_POOL + set.slot_base + i as u32, d, 0)
-                    .map_err(Error::map("CLS_SLOT"))?;
+        for e in entries(r, idle) {
+            match e {
+                Entry::Slot(i, v) => m.cls_slot.set(i, v, 0).map_err(Error::map("CLS_SLOT"))?,
+                Entry::Key(i, v) => m.cls_key.set(i, v, 0).map_err(Error::map("CLS_KEY"))?,
+                Entry::Bitmap(i, v) => m.cls_bitmap.set(i, v, 0).map_err(Error::map("CLS_BITMAP"))?,
+                Entry::Term(i, v) => m.cls_term.set(i, v, 0).map_err(Error::map("CLS_TERM"))?,
+                Entry::Set(i, v) => m.cls_set.set(i, v, 0).map_err(Error::map("CLS_SET"))?,
+                Entry::Firewall(i, v) => {
+                    m.customer_fw.set(i, v, 0).map_err(Error::map("CUSTOMER_FW"))?;
+                    fw_after.push(i - idle * MAX_CUSTOMERS);
+                }
             }
+            written += 1;
+        }
+        for set in &r.sets {
             for (t, direct) in set.tables.tables.iter().zip(&set.directs) {
                 if let Some(d) = direct {
-                    write_direct(&m.cls_direct, idle, *d, &t.starts);
+                    let (base, words) = direct_words(idle, *d, &t.starts);
+                    for (i, w) in words.enumerate() {
+                        m.cls_direct.set(base + i as u32, w);
+                    }
                     written += CLS_DIRECT_WORDS as usize;
                 }
-            }
-            for (t, key_base) in set.tables.tables.iter().zip(&set.key_bases) {
-                for (i, (start, bitmap)) in t.starts.iter().zip(&t.bitmaps).enumerate() {
-                    let key = ClsKey {
-                        hi: (start >> 64) as u64,
-                        lo: *start as u64,
-                        bitmap: set.bitmap_base + bitmap,
-                        _pad: 0,
-                    };
-                    m.cls_key
-                        .set(idle * CLS_KEY_POOL + key_base + i as u32, key, 0)
-                        .map_err(Error::map("CLS_KEY"))?;
-                }
-                written += t.starts.len();
-            }
-            for (id, b) in set.tables.bitmaps.iter().enumerate() {
-                m.cls_bitmap
-                    .set(idle * CLS_BITMAP_POOL + set.bitmap_base + id as u32, *b, 0)
-                    .map_err(Error::map("CLS_BITMAP"))?;
-            }
-            for (term, rule) in set.tables.term_rule.iter().enumerate() {
-                let rule = u32::from(*rule);
-                let entry = term_entry(idle * CLS_RULE_POOL + set.stat_base + rule, set.rules[rule as usize].1);
-                m.cls_term
-                    .set(idle * CLS_TERM_POOL + set.term_base + term as u32, entry, 0)
-                    .map_err(Error::map("CLS_TERM"))?;
             }
             for rule in 0..set.rules.len() as u32 {
                 let stat = idle * CLS_RULE_POOL + set.stat_base + rule;
                 crate::apply::zero_per_cpu(&mut m.rule_stats, "RULE_STATS", stat)?;
                 m.rl_rule.set(stat, 0, 0).map_err(Error::map("RL_RULE"))?;
+                written += 2;
             }
-            let d = ClsSet {
-                slot_base: set.slot_base,
-                nslots: descs.len() as u32,
-                v4_end,
-                v6_start,
-                all: set.bitmap_base,
-                term_base: set.term_base,
-                nterms: set.tables.term_rule.len() as u32,
-                _pad: 0,
-            };
-            m.cls_set
-                .set(idle * CLS_SETS + n, d, 0)
-                .map_err(Error::map("CLS_SET"))?;
-            if let Some((id, _)) = &set.customer {
-                m.customer_fw
-                    .set(idle * MAX_CUSTOMERS + id, n, 0)
-                    .map_err(Error::map("CUSTOMER_FW"))?;
-                fw_after.push(*id);
-            }
-            written += descs.len() + set.tables.bitmaps.len() + set.tables.term_rule.len() + 2 * set.rules.len() + 1;
         }
         m.cls_digest.set(idle, r.digest, 0).map_err(Error::map("CLS_DIGEST"))?;
         fw_after.sort_unstable();
@@ -378,15 +416,80 @@ impl Dataplane {
         ))
     }
 
-    /// A difference when the rule sets in force are not those of `want`.
-    pub fn verify_rules(&self, want: &crate::Compiled) -> Result<Option<String>, Error> {
+    /// The differences between the rule sets in force and those of
+    /// `want`: the digest kept with the live copy, then, when it is
+    /// `want`'s, every entry of the live copy (so that a table changed
+    /// behind moat's back is found even when its digest was left alone).
+    pub fn verify_rules(&self, want: &crate::Compiled) -> Result<Vec<String>, Error> {
+        self.rules_differences(want.rules.as_deref())
+    }
+
+    pub(crate) fn rules_differences(&self, want: Option<&RuleTables>) -> Result<Vec<String>, Error> {
+        /// Differences spelt out; the rest are counted.
+        const SHOWN: usize = 5;
         let live = self.live_rules_digest()?;
-        let wanted = want.rules.as_ref().map(|r| r.digest);
-        Ok((live != wanted).then(|| match (live, wanted) {
-            (None, _) => "rule sets: none in force, this generation has some".to_string(),
-            (_, None) => "rule sets: some in force, this generation has none".to_string(),
-            _ => "rule sets: those in force are not this generation's".to_string(),
-        }))
+        let wanted = want.map(|r| r.digest);
+        if live != wanted {
+            return Ok(vec![match (live, wanted) {
+                (None, _) => "rule sets: none in force, this generation has some".to_string(),
+                (_, None) => "rule sets: some in force, this generation has none".to_string(),
+                _ => "rule sets: those in force are not this generation's".to_string(),
+            }]);
+        }
+        let Some(r) = want else {
+            return Ok(Vec::new());
+        };
+        let m = &self.maps;
+        let active = m.cls_active.get(&0, 0).map_err(Error::map("CLS_ACTIVE"))?;
+        let mut out = Vec::new();
+        let mut more = 0usize;
+        let mut differ = |what: String| {
+            if out.len() < SHOWN {
+                out.push(format!("rule sets: {what} differs from this generation's"));
+            } else {
+                more += 1;
+            }
+        };
+        let mut fw = std::collections::BTreeMap::new();
+        for e in entries(r, active) {
+            let same = match e {
+                Entry::Slot(i, v) => m.cls_slot.get(&i, 0).map_err(Error::map("CLS_SLOT"))? == v,
+                Entry::Key(i, v) => m.cls_key.get(&i, 0).map_err(Error::map("CLS_KEY"))? == v,
+                Entry::Bitmap(i, v) => m.cls_bitmap.get(&i, 0).map_err(Error::map("CLS_BITMAP"))? == v,
+                Entry::Term(i, v) => m.cls_term.get(&i, 0).map_err(Error::map("CLS_TERM"))? == v,
+                Entry::Set(i, v) => m.cls_set.get(&i, 0).map_err(Error::map("CLS_SET"))? == v,
+                Entry::Firewall(i, v) => {
+                    fw.insert(i, v);
+                    true
+                }
+            };
+            if !same {
+                let (map, i) = place(&e);
+                differ(format!("{map}[{i}]"));
+            }
+        }
+        // Every customer's firewall assignment: its set, or none.
+        for id in 0..MAX_CUSTOMERS {
+            let i = active * MAX_CUSTOMERS + id;
+            let want = fw.get(&i).copied().unwrap_or(SET_NONE);
+            if m.customer_fw.get(&i, 0).map_err(Error::map("CUSTOMER_FW"))? != want {
+                differ(format!("the firewall set of customer id {id}"));
+            }
+        }
+        for set in &r.sets {
+            for (t, direct) in set.tables.tables.iter().zip(&set.directs) {
+                if let Some(d) = direct {
+                    let (base, words) = direct_words(active, *d, &t.starts);
+                    if words.enumerate().any(|(i, w)| m.cls_direct.get(base + i as u32) != w) {
+                        differ(format!("direct table {d}"));
+                    }
+                }
+            }
+        }
+        if more > 0 {
+            out.push(format!("rule sets: {more} more entries differ"));
+        }
+        Ok(out)
     }
 
     /// Every rule's match counter, as the live copy counts them (counters

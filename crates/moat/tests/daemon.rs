@@ -409,6 +409,37 @@ fn status_flags_and_verification_repairs_maps_changed_behind_its_back() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(cls.get(&0, 0).expect("active copy") < 2, "the rule is back in force");
+
+    // A rule table changed behind moat's back with its digest left alone
+    // (the mitigation set emptied): found by reading the live copy back,
+    // flagged, then rewritten.
+    let active = cls.get(&0, 0).expect("active copy");
+    let mut sets: Array<MapData, moat_common::rules::ClsSet> = Array::try_from(Map::Array(
+        MapData::from_pin(d.pin_dir.join("maps/CLS_SET")).expect("pin"),
+    ))
+    .expect("array");
+    let at = active * moat_common::rules::CLS_SETS;
+    let good = sets.get(&at, 0).expect("mitigation set");
+    assert!(good.nterms > 0, "{good:?}");
+    sets.set(at, moat_common::rules::ClsSet { nterms: 0, ..good }, 0)
+        .expect("tamper");
+    let out = d.cli(&["status"]).expect("moat status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains(&format!("rule sets: CLS_SET[{at}] differs from this generation's")),
+        "{text}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while status(&d)["data_plane"]["consistent"] != true {
+        assert!(Instant::now() < deadline, "not repaired:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let active = cls.get(&0, 0).expect("active copy");
+    let now = sets
+        .get(&(active * moat_common::rules::CLS_SETS), 0)
+        .expect("mitigation set");
+    assert_eq!(now.nterms, good.nterms, "the mitigation set is whole again");
     let rules = &status(&d)["rules"];
     assert_eq!(rules[0]["rule"], "memcached", "{rules}");
     assert_eq!(rules[0]["set"], "mitigation", "{rules}");
