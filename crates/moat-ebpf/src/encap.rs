@@ -46,15 +46,65 @@ pub fn flow_hash(pkt: &Packet) -> u32 {
     h
 }
 
+/// What encapsulation needs of a parsed packet, in one word (so that it
+/// can pass the verifier's state barrier before the rules, see main.rs):
+/// the flow hash (bits 0-31), the IP length (32-48), the IP header's
+/// offset (49-56) and IPv6 (57).
+#[derive(Clone, Copy)]
+pub struct Deliver(pub u64);
+
+impl Deliver {
+    #[inline(always)]
+    pub fn of(pkt: &Packet) -> Deliver {
+        let v6 = u64::from(pkt.family == Family::V6);
+        Deliver(
+            u64::from(flow_hash(pkt)) | (pkt.ip_len as u64 & 0x1_ffff) << 32 | (pkt.l3 as u64 & 0xff) << 49 | v6 << 57,
+        )
+    }
+
+    #[inline(always)]
+    fn hash(self) -> u32 {
+        self.0 as u32
+    }
+
+    #[inline(always)]
+    fn ip_len(self) -> usize {
+        ((self.0 >> 32) & 0x1_ffff) as usize
+    }
+
+    #[inline(always)]
+    fn l3(self) -> usize {
+        ((self.0 >> 49) & 0xff) as usize
+    }
+
+    #[inline(always)]
+    fn family(self) -> Family {
+        if self.0 >> 57 & 1 != 0 {
+            Family::V6
+        } else {
+            Family::V4
+        }
+    }
+
+    /// The TTL / hop limit byte's offset (as the parser has it).
+    #[inline(always)]
+    fn ttl_off(self) -> usize {
+        match self.family() {
+            Family::V4 => self.l3() + 8,
+            Family::V6 => self.l3() + 7,
+        }
+    }
+}
+
 /// Picks the tunnel of a route set for this packet's flow.
 #[inline(always)]
-fn choose_tunnel(pkt: &Packet, route_set: u32) -> Result<u32, Reason> {
+fn choose_tunnel(hash: u32, route_set: u32) -> Result<u32, Reason> {
     let v = *ROUTE_SETS.get(route_set).ok_or(Reason::DropInternal)?;
     if v & ROUTE_SET_TABLE == 0 {
         return Ok(v);
     }
     let table = ECMP_TABLES.get(v & !ROUTE_SET_TABLE).ok_or(Reason::DropInternal)?;
-    let slot = (flow_hash(pkt) as usize) & (ECMP_SLOTS - 1);
+    let slot = (hash as usize) & (ECMP_SLOTS - 1);
     // SAFETY: slot < ECMP_SLOTS by the mask above.
     Ok(unsafe { *table.slots.as_ptr().add(slot) } as u32)
 }
@@ -71,30 +121,31 @@ fn tunnel(id: u32) -> Result<&'static Tunnel, Reason> {
 }
 
 #[inline(always)]
-pub fn encapsulate(ctx: &XdpContext, pkt: &Packet, route_set: u32) -> Outcome {
-    let tunnel_id = choose_tunnel(pkt, route_set)?;
+pub fn encapsulate(ctx: &XdpContext, d: Deliver, route_set: u32) -> Outcome {
+    let tunnel_id = choose_tunnel(d.hash(), route_set)?;
     let t = tunnel(tunnel_id)?;
 
-    let ttl = ptr::<u16>(ctx, pkt.ttl_off).ok_or(Reason::DropInternal)?;
+    let (l3, ip_len) = (d.l3(), d.ip_len());
+    let ttl = ptr::<u16>(ctx, d.ttl_off()).ok_or(Reason::DropInternal)?;
     // SAFETY: `ptr` checked the bytes lie inside the packet.
     if unsafe { *(ttl as *const u8) } <= 1 {
         return Err(Reason::DropTtlExpired);
     }
-    if pkt.ip_len > t.mtu as usize {
+    if ip_len > t.mtu as usize {
         return Err(Reason::DropMtuExceeded);
     }
     if t.flags & TUNNEL_NEXTHOP_VALID == 0 {
         return Err(Reason::DropNoNextHop);
     }
     let header_len = t.header_len as usize;
-    let outer_len = header_len - 14 + pkt.ip_len;
+    let outer_len = header_len - 14 + ip_len;
     if outer_len > t.link_mtu as usize {
         return Err(Reason::DropNextHopMtu);
     }
 
-    decrement_ttl(ctx, pkt)?;
-    trim(ctx, pkt.frame_len, pkt.l3 + pkt.ip_len)?;
-    let grow = header_len as i32 - pkt.l3 as i32;
+    decrement_ttl_at(ctx, d.family(), l3, d.ttl_off())?;
+    trim(ctx, ctx.data_end() - ctx.data(), l3 + ip_len)?;
+    let grow = header_len as i32 - l3 as i32;
     // SAFETY: the helper only moves the packet's start pointer; every pointer
     // used afterwards is derived again from the context.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -grow) } != 0 {
@@ -107,7 +158,7 @@ pub fn encapsulate(ctx: &XdpContext, pkt: &Packet, route_set: u32) -> Outcome {
     // verifier allows for packet pointers).
     let h = ptr::<[u16; 21]>(ctx, 0).ok_or(Reason::DropInternal)? as *mut u8;
     let src = t.header.as_ptr();
-    let proto: u16 = match pkt.family {
+    let proto: u16 = match d.family() {
         Family::V4 => ETH_P_IPV4,
         Family::V6 => ETH_P_IPV6,
     };
@@ -139,9 +190,15 @@ pub fn encapsulate(ctx: &XdpContext, pkt: &Packet, route_set: u32) -> Outcome {
 /// Decrements the TTL / hop limit in place, fixing the IPv4 checksum.
 #[inline(always)]
 pub fn decrement_ttl(ctx: &XdpContext, pkt: &Packet) -> Result<(), Reason> {
-    match pkt.family {
+    decrement_ttl_at(ctx, pkt.family, pkt.l3, pkt.ttl_off)
+}
+
+/// [`decrement_ttl`] for an IP header at `l3` whose TTL / hop limit is at `ttl_off`.
+#[inline(always)]
+fn decrement_ttl_at(ctx: &XdpContext, family: Family, l3: usize, ttl_off: usize) -> Result<(), Reason> {
+    match family {
         Family::V4 => {
-            let h = ptr::<Ipv4Hdr>(ctx, pkt.l3).ok_or(Reason::DropInternal)?;
+            let h = ptr::<Ipv4Hdr>(ctx, l3).ok_or(Reason::DropInternal)?;
             // SAFETY: `ptr` checked the header lies inside the packet.
             unsafe {
                 (*h).ttl -= 1;
@@ -149,7 +206,7 @@ pub fn decrement_ttl(ctx: &XdpContext, pkt: &Packet) -> Result<(), Reason> {
             }
         }
         Family::V6 => {
-            let p = ptr::<u16>(ctx, pkt.ttl_off).ok_or(Reason::DropInternal)? as *mut u8;
+            let p = ptr::<u16>(ctx, ttl_off).ok_or(Reason::DropInternal)? as *mut u8;
             // SAFETY: `ptr` checked the bytes lie inside the packet.
             unsafe { *p -= 1 };
         }

@@ -160,13 +160,17 @@ mod program {
             (Ok(()), Some(sc)) => {
                 let copy = rules::prepare(ctx, &pkt, sc);
                 let reflect = reflected(&pkt, on);
-                // From here on nothing of the parse is used (a pass parses
-                // again), so every way through the parser reaches the
-                // rules in one state and the verifier checks them once.
+                let deliver = encap::Deliver::of(&pkt);
+                // From here on nothing of the parse is used but what
+                // crosses this barrier, so every way through the parser
+                // reaches the rules in one state and the verifier checks
+                // them once.
                 let (dest, reflect) = rules::barrier(sc, dest, reflect);
+                let deliver = encap::Deliver(rules::opaque(sc, deliver.0));
                 let out = match apply_rules(sc, copy, reflect, dest.customer, frame_len) {
                     Err(reason) => Err(reason),
-                    Ok(()) => forward(ctx, dest.route_set),
+                    Ok(()) if dest.route_set == NO_ROUTE_SET => Err(Reason::DropNoRoute),
+                    Ok(()) => encap::encapsulate(ctx, deliver, dest.route_set),
                 };
                 (dest, out)
             }
@@ -179,20 +183,6 @@ mod program {
             }
         }
         out
-    }
-
-    /// Delivery of a packet the rules let through: into a tunnel of the
-    /// destination's route set. The packet is parsed again (it parsed
-    /// before, so this cannot fail).
-    #[inline(always)]
-    fn forward(ctx: &XdpContext, route_set: u32) -> Outcome {
-        if route_set == NO_ROUTE_SET {
-            return Err(Reason::DropNoRoute);
-        }
-        match parse::parse(ctx) {
-            Ok(Some(pkt)) => encap::encapsulate(ctx, &pkt, route_set),
-            _ => Err(Reason::DropInternal),
-        }
     }
 
     /// The operator's mitigation rules (the first that matches decides:
