@@ -154,10 +154,10 @@ mod program {
         };
         let frame_len = pkt.frame_len as u64;
         let on = maps::PROTECTIONS.get(0).copied().unwrap_or(0);
-        let (dest, out) = match (protect(&pkt, on), rules::scratch()) {
-            (Err(reason), _) => (dest, Err(reason)),
-            (Ok(()), None) => (dest, Err(Reason::DropInternal)),
-            (Ok(()), Some(sc)) => {
+        let scratch = protect(&pkt, on).and_then(|()| rules::scratch().ok_or(Reason::DropInternal));
+        let (dest, out) = match scratch {
+            Err(reason) => (dest, Err(reason)),
+            Ok(sc) => {
                 let copy = rules::prepare(ctx, &pkt, sc);
                 let reflect = reflected(&pkt, on);
                 let deliver = encap::Deliver::of(&pkt);
