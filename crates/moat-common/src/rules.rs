@@ -41,6 +41,24 @@ pub const SET_MITIGATION: u32 = 0;
 /// `CUSTOMER_FW` for a customer without firewall rules.
 pub const SET_NONE: u32 = 0;
 
+/// A term bitmap's summary, kept beside every reference to the bitmap:
+/// bit `k` is set when any of terms `[32k, 32k + 32)` is. The data plane
+/// ANDs the summaries of a packet's bitmaps first and reads only the
+/// bitmap words whose summary bit survives, lowest first.
+pub const fn summary(b: &[u64; CLS_WORDS]) -> u32 {
+    let mut s = 0u32;
+    let mut k = 0;
+    while k < 32 {
+        let half = (b[k / 2] >> (32 * (k % 2))) as u32;
+        if half != 0 {
+            s |= 1 << k;
+        }
+        k += 1;
+    }
+    s
+}
+const _: () = assert!(CLS_WORDS * 2 == 32);
+
 /// One rule set of one copy: its slot descriptors, the bitmap of all its
 /// terms and its terms, as indexes into the copy's pools.
 #[repr(C)]
@@ -57,7 +75,8 @@ pub struct ClsSet {
     pub term_base: u32,
     /// 0: the set is empty (nothing to classify).
     pub nterms: u32,
-    pub _pad: u32,
+    /// [`summary`] of the bitmap `all`.
+    pub all_summary: u32,
 }
 const _: () = assert!(core::mem::size_of::<ClsSet>() == 32);
 
@@ -100,19 +119,22 @@ pub struct ClsSlot {
     pub absent: u32,
     pub key_base: u32,
     pub direct: u32,
-    pub _pad: [u32; 3],
+    /// [`summary`] of the bitmap `absent`.
+    pub absent_summary: u32,
+    pub _pad: [u32; 2],
 }
 const _: () = assert!(core::mem::size_of::<ClsSlot>() == 32);
 
 /// An interval's start (a 128-bit value as two halves; integers and IPv4
-/// addresses in `lo`) and its bitmap (an index into the bitmap pool).
+/// addresses in `lo`) and its bitmap (an index into the bitmap pool, and
+/// the bitmap's [`summary`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClsKey {
     pub hi: u64,
     pub lo: u64,
     pub bitmap: u32,
-    pub _pad: u32,
+    pub summary: u32,
 }
 const _: () = assert!(core::mem::size_of::<ClsKey>() == 24);
 
@@ -171,4 +193,23 @@ mod pod {
     unsafe impl aya::Pod for super::ClsTerm {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::RlKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_marks_each_32_term_span_holding_a_term() {
+        let mut b = [0u64; CLS_WORDS];
+        assert_eq!(summary(&b), 0);
+        for term in [0usize, 31, 32, 63, 64, 500, 1023] {
+            let mut one = [0u64; CLS_WORDS];
+            one[term / 64] |= 1 << (term % 64);
+            assert_eq!(summary(&one), 1 << (term / 32), "term {term}");
+            b[term / 64] |= 1 << (term % 64);
+        }
+        assert_eq!(summary(&b), 1 | 1 << 1 | 1 << 2 | 1 << 15 | 1 << 31);
+        assert_eq!(summary(&[u64::MAX; CLS_WORDS]), u32::MAX);
+    }
 }

@@ -273,7 +273,8 @@ fn entries(r: &RuleTables, copy: u32) -> Vec<Entry> {
                 absent: set.bitmap_base + absent,
                 key_base,
                 direct,
-                _pad: [0; 3],
+                absent_summary: summary(&set.tables.bitmaps[*absent as usize]),
+                _pad: [0; 2],
             };
             out.push(Entry::Slot(copy * CLS_SLOT_POOL + set.slot_base + i as u32, d));
         }
@@ -283,7 +284,7 @@ fn entries(r: &RuleTables, copy: u32) -> Vec<Entry> {
                     hi: (start >> 64) as u64,
                     lo: *start as u64,
                     bitmap: set.bitmap_base + bitmap,
-                    _pad: 0,
+                    summary: summary(&set.tables.bitmaps[*bitmap as usize]),
                 };
                 out.push(Entry::Key(copy * CLS_KEY_POOL + key_base + i as u32, key));
             }
@@ -304,7 +305,7 @@ fn entries(r: &RuleTables, copy: u32) -> Vec<Entry> {
             all: set.bitmap_base,
             term_base: set.term_base,
             nterms: set.tables.term_rule.len() as u32,
-            _pad: 0,
+            all_summary: summary(&set.tables.bitmaps[0]),
         };
         out.push(Entry::Set(copy * CLS_SETS + n, d));
         if let Some((id, _)) = &set.customer {

@@ -5,12 +5,7 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use moat_common::{
-    flowhash::{mix, SEED},
-    header,
-    limits::ECMP_SLOTS,
-    Reason, Tunnel, ROUTE_SET_TABLE, TUNNEL_NEXTHOP_VALID, TUNNEL_PRESENT,
-};
+use moat_common::{header, limits::ECMP_SLOTS, Reason, Tunnel, ROUTE_SET_TABLE, TUNNEL_NEXTHOP_VALID, TUNNEL_PRESENT};
 
 use crate::{
     csum,
@@ -20,36 +15,12 @@ use crate::{
     stats,
 };
 
-/// The flow hash of moat_common::flowhash's specification (words are the
-/// address words as stored, i.e. little-endian readings of the bytes).
-#[inline(always)]
-pub fn flow_hash(pkt: &Packet) -> u32 {
-    let mut h = SEED;
-    match pkt.family {
-        Family::V4 => {
-            h = mix(h, pkt.src[0]);
-            h = mix(h, pkt.dst[0]);
-        }
-        Family::V6 => {
-            for w in pkt.src {
-                h = mix(h, w);
-            }
-            for w in pkt.dst {
-                h = mix(h, w);
-            }
-        }
-    }
-    h = mix(h, pkt.proto as u32);
-    if let Some(ports) = pkt.ports {
-        h = mix(h, ports);
-    }
-    h
-}
-
 /// What encapsulation needs of a parsed packet, in one word (so that it
 /// can pass the verifier's state barrier before the rules, see main.rs):
-/// the flow hash (bits 0-31), the IP length (32-48), the IP header's
-/// offset (49-56) and IPv6 (57).
+/// the IP length (bits 0-16), the IP header's offset (17-24) and IPv6
+/// (25). The flow hash is not in it: only a route set of several tunnels
+/// needs it, and then it is computed from the classifier's copy of the
+/// packet's values (`rules::flow_hash`).
 #[derive(Clone, Copy)]
 pub struct Deliver(pub u64);
 
@@ -57,29 +28,22 @@ impl Deliver {
     #[inline(always)]
     pub fn of(pkt: &Packet) -> Deliver {
         let v6 = u64::from(pkt.family == Family::V6);
-        Deliver(
-            u64::from(flow_hash(pkt)) | (pkt.ip_len as u64 & 0x1_ffff) << 32 | (pkt.l3 as u64 & 0xff) << 49 | v6 << 57,
-        )
-    }
-
-    #[inline(always)]
-    fn hash(self) -> u32 {
-        self.0 as u32
+        Deliver((pkt.ip_len as u64 & 0x1_ffff) | (pkt.l3 as u64 & 0xff) << 17 | v6 << 25)
     }
 
     #[inline(always)]
     fn ip_len(self) -> usize {
-        ((self.0 >> 32) & 0x1_ffff) as usize
+        (self.0 & 0x1_ffff) as usize
     }
 
     #[inline(always)]
     fn l3(self) -> usize {
-        ((self.0 >> 49) & 0xff) as usize
+        ((self.0 >> 17) & 0xff) as usize
     }
 
     #[inline(always)]
     fn family(self) -> Family {
-        if self.0 >> 57 & 1 != 0 {
+        if self.0 >> 25 & 1 != 0 {
             Family::V6
         } else {
             Family::V4
@@ -96,15 +60,16 @@ impl Deliver {
     }
 }
 
-/// Picks the tunnel of a route set for this packet's flow.
+/// Picks the tunnel of a route set for this packet's flow (`hash`: its
+/// flow hash, computed only for a route set of several tunnels).
 #[inline(always)]
-fn choose_tunnel(hash: u32, route_set: u32) -> Result<u32, Reason> {
+fn choose_tunnel(hash: impl FnOnce() -> u32, route_set: u32) -> Result<u32, Reason> {
     let v = *ROUTE_SETS.get(route_set).ok_or(Reason::DropInternal)?;
     if v & ROUTE_SET_TABLE == 0 {
         return Ok(v);
     }
     let table = ECMP_TABLES.get(v & !ROUTE_SET_TABLE).ok_or(Reason::DropInternal)?;
-    let slot = (hash as usize) & (ECMP_SLOTS - 1);
+    let slot = (hash() as usize) & (ECMP_SLOTS - 1);
     // SAFETY: slot < ECMP_SLOTS by the mask above.
     Ok(unsafe { *table.slots.as_ptr().add(slot) } as u32)
 }
@@ -121,8 +86,8 @@ fn tunnel(id: u32) -> Result<&'static Tunnel, Reason> {
 }
 
 #[inline(always)]
-pub fn encapsulate(ctx: &XdpContext, d: Deliver, route_set: u32) -> Outcome {
-    let tunnel_id = choose_tunnel(d.hash(), route_set)?;
+pub fn encapsulate(ctx: &XdpContext, d: Deliver, route_set: u32, hash: impl FnOnce() -> u32) -> Outcome {
+    let tunnel_id = choose_tunnel(hash, route_set)?;
     let t = tunnel(tunnel_id)?;
 
     let (l3, ip_len) = (d.l3(), d.ip_len());

@@ -170,7 +170,7 @@ mod program {
                 let out = match apply_rules(sc, copy, reflect, dest.customer, frame_len) {
                     Err(reason) => Err(reason),
                     Ok(()) if dest.route_set == NO_ROUTE_SET => Err(Reason::DropNoRoute),
-                    Ok(()) => encap::encapsulate(ctx, deliver, dest.route_set),
+                    Ok(()) => encap::encapsulate(ctx, deliver, dest.route_set, || rules::flow_hash(sc)),
                 };
                 (dest, out)
             }

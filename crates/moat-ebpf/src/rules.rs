@@ -3,10 +3,11 @@
 //! (moat_common::rules). Per packet and set: for every slot the set's
 //! rules constrain, one binary search for the interval holding the
 //! packet's value (one lookup in the slot's direct table for a field of
-//! 16 bits with many intervals; or the "field absent" bitmap) and one
-//! 1,024-bit AND;
-//! the lowest bit left is the first matching term. The cost follows the
-//! fields the rules use, not how many rules there are. Rate-limit rules
+//! 16 bits with many intervals; or the "field absent" bitmap), whose
+//! bitmap's 32-bit summary is ANDed in; then the bitmaps themselves are
+//! ANDed one 32-term span at a time, over the spans the summaries leave,
+//! lowest first; the lowest bit left is the first matching term. The cost
+//! follows the fields the rules use, not how many rules there are. Rate-limit rules
 //! keep token buckets (as "theoretical arrival times") per rule or per
 //! address.
 
@@ -21,13 +22,20 @@ use crate::{
     parse::{self, Family, Packet},
 };
 
-type Bits = [u64; CLS_WORDS];
+/// Bitmaps one classification may select: the set's own and one per slot.
+const IDS: usize = 32;
+const _: () =
+    assert!((CLS_SLOTS as usize) < IDS && CLS_BITMAP_POOL.is_power_of_two() && CLS_SLOT_KEYS.is_power_of_two());
 
-/// ANDs the bitmap for the packet's value in the slot described by pool
-/// entry `d` of copy `c` into `acc`; 0 when nothing is left (no rule can
-/// match) or a table is out of bounds.
+/// [`find`]: the slot does not narrow the set for this packet.
+const UNCONSTRAINED: u64 = u64::MAX;
+
+/// The bitmap for the packet's value in the slot described by pool entry
+/// `d` of copy `c`, as `summary << 32 | bitmap id`; [`UNCONSTRAINED`]
+/// when the slot is not for this packet; 0 when no term can match (an
+/// empty summary) or a table is out of bounds.
 #[inline(always)]
-fn narrow(acc: &mut Bits, f: &Fields, c: u32, d: u32, zero: u32) -> u32 {
+fn find(f: &Fields, c: u32, d: u32, zero: u32) -> u64 {
     let Some(slot) = CLS_SLOT.get(c * CLS_SLOT_POOL + d) else {
         return 0;
     };
@@ -43,7 +51,7 @@ fn narrow(acc: &mut Bits, f: &Fields, c: u32, d: u32, zero: u32) -> u32 {
         )
     };
     if (skip >> s) & 1 != 0 {
-        return 1;
+        return UNCONSTRAINED;
     }
     let absent = (absent >> s) & 1 != 0;
     let vh = if s >= slot::IP_SRC6 {
@@ -54,10 +62,10 @@ fn narrow(acc: &mut Bits, f: &Fields, c: u32, d: u32, zero: u32) -> u32 {
     };
     let len = slot.len.min(CLS_SLOT_KEYS);
     if len == 0 {
-        return 1;
+        return UNCONSTRAINED;
     }
-    let id = if absent {
-        slot.absent
+    let (id, summary) = if absent {
+        (slot.absent, slot.absent_summary)
     } else {
         let base = c * CLS_KEY_POOL + slot.key_base;
         let lo = if slot.direct != 0 && slot.direct <= CLS_DIRECT_TABLES && vh == 0 && vl < u64::from(CLS_DIRECT_VALUES)
@@ -98,43 +106,26 @@ fn narrow(acc: &mut Bits, f: &Fields, c: u32, d: u32, zero: u32) -> u32 {
             lo
         };
         match CLS_KEY.get(base + lo) {
-            Some(k) => k.bitmap,
+            Some(k) => (k.bitmap, k.summary),
             None => return 0,
         }
     };
-    if id >= CLS_BITMAP_POOL {
+    if id >= CLS_BITMAP_POOL || summary == 0 {
         return 0;
     }
-    let Some(b) = CLS_BITMAP.get(c * CLS_BITMAP_POOL + id) else {
-        return 0;
-    };
-    let mut any = 0;
-    for (a, w) in acc.iter_mut().zip(b) {
-        *a &= w;
-        any |= *a;
-    }
-    u32::from(any != 0)
+    u64::from(summary) << 32 | u64::from(id)
 }
 
-/// Index of the lowest set bit of a non-zero word.
+/// Index of the lowest set bit of a non-zero word, without branches:
+/// the verifier would follow each outcome of a branch apart.
 #[inline(always)]
 fn lowest(x: u64) -> u32 {
-    let mut v = x & x.wrapping_neg();
-    let mut n = 0;
-    for (shift, mask) in [
-        (32, 0xffff_ffff_0000_0000u64),
-        (16, 0xffff_0000_ffff_0000),
-        (8, 0xff00_ff00_ff00_ff00),
-        (4, 0xf0f0_f0f0_f0f0_f0f0),
-        (2, 0xcccc_cccc_cccc_cccc),
-        (1, 0xaaaa_aaaa_aaaa_aaaa),
-    ] {
-        if v & mask != 0 {
-            n += shift;
-            v &= mask;
-        }
-    }
-    n
+    // The bits below the lowest set bit, counted.
+    let v = (x & x.wrapping_neg()).wrapping_sub(1);
+    let v = v - ((v >> 1) & 0x5555_5555_5555_5555);
+    let v = (v & 0x3333_3333_3333_3333) + ((v >> 2) & 0x3333_3333_3333_3333);
+    let v = (v + (v >> 4)) & 0x0f0f_0f0f_0f0f_0f0f;
+    (v.wrapping_mul(0x0101_0101_0101_0101) >> 56) as u32
 }
 
 /// The packet's value for every slot (see `moat_common::rules::slot`),
@@ -166,15 +157,21 @@ pub fn scratch() -> Option<&'static mut Scratch> {
     CLS_SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 
-/// The copy of the rule sets in force, or `None` when no rule set is in
-/// force; the packet's values for classification go into `sc`.
+/// The packet's values go into `sc` (for classification and the flow
+/// hash); returns the copy of the rule sets in force, or `None` when no
+/// rule set is in force.
 #[inline(always)]
 pub fn prepare(ctx: &XdpContext, pkt: &Packet, sc: &mut Scratch) -> Option<u32> {
-    use slot::*;
+    fill(ctx, pkt, &mut sc.f)?;
     let c = *CLS_ACTIVE.get(0)?;
-    if c > 1 {
-        return None;
-    }
+    (c <= 1).then_some(c)
+}
+
+/// The packet's values for every slot; `None` when the packet is too
+/// short for one of them.
+#[inline(always)]
+fn fill(ctx: &XdpContext, pkt: &Packet, f: &mut Fields) -> Option<()> {
+    use slot::*;
     let v4 = pkt.family == Family::V4;
     let whole_l4 = !pkt.frag;
     let tcp = whole_l4 && pkt.proto == parse::IPPROTO_TCP;
@@ -190,7 +187,6 @@ pub fn prepare(ctx: &XdpContext, pkt: &Packet, sc: &mut Scratch) -> Option<u32> 
     };
     let ttl = u64::from(parse::load::<[u8; 2]>(ctx, pkt.ttl_off)?[0]);
     let w = |a: &[u32; 4], i: usize| u64::from(u32::from_be(a[i]));
-    let f = &mut sc.f;
     let flags = u64::from(pkt.tcp_flags);
     let sport = u64::from(u16::from_be_bytes([ports[0], ports[1]]));
     let dport = u64::from(u16::from_be_bytes([ports[2], ports[3]]));
@@ -224,31 +220,76 @@ pub fn prepare(ctx: &XdpContext, pkt: &Packet, sc: &mut Scratch) -> Option<u32> 
     v[ICMP_CODE as usize] = icode;
     f.absent = if tcp { 0 } else { TCP_SLOTS } | if udp { 0 } else { UDP_SLOTS } | if icmp { 0 } else { ICMP_SLOTS };
     f.skip = NO_SLOTS | if v4 { V6_SLOTS } else { V4_SLOTS };
-    Some(c)
+    Some(())
+}
+
+/// The flow hash of moat_common::flowhash's specification, from the
+/// packet's values in `sc` (see [`prepare`]): its words are the address
+/// words as on the wire, read little-endian.
+#[inline(always)]
+pub fn flow_hash(sc: &Scratch) -> u32 {
+    use moat_common::flowhash::{mix, SEED};
+    let f = &sc.f;
+    // SAFETY: fields of this CPU's scratch, written for this packet; read
+    // from memory for the reason given in `find`.
+    let (skip, absent, frag, proto, sport, dport) = unsafe {
+        (
+            core::ptr::read_volatile(&f.skip),
+            core::ptr::read_volatile(&f.absent),
+            core::ptr::read_volatile(&f.lo[slot::IP_FRAG as usize]),
+            core::ptr::read_volatile(&f.lo[slot::IP_PROTO as usize]),
+            core::ptr::read_volatile(&f.lo[slot::TCP_SRCPORT as usize]),
+            core::ptr::read_volatile(&f.lo[slot::TCP_DSTPORT as usize]),
+        )
+    };
+    let mut h = SEED;
+    let v4 = skip & V6_SLOTS != 0;
+    for dst in [false, true] {
+        let a = address(f, dst, v4);
+        h = mix(h, a[0]);
+        if !v4 {
+            h = mix(h, a[1]);
+            h = mix(h, a[2]);
+            h = mix(h, a[3]);
+        }
+    }
+    h = mix(h, proto as u32);
+    // Ports for unfragmented TCP and UDP.
+    let ports = 1 << slot::TCP_SRCPORT | 1 << slot::UDP_SRCPORT;
+    if frag == 0 && absent & ports != ports {
+        h = mix(
+            h,
+            u32::from((sport as u16).to_be()) | u32::from((dport as u16).to_be()) << 16,
+        );
+    }
+    h
 }
 
 /// The packet's source (or destination) address as network-order words
-/// (IPv4: the first).
+/// (IPv4, `v4`: the first).
 #[inline(always)]
-fn address(f: &Fields, dst: bool) -> [u32; 4] {
+fn address(f: &Fields, dst: bool, v4: bool) -> [u32; 4] {
     let i = usize::from(dst);
     let w = |v: u64| [((v >> 32) as u32).to_be(), (v as u32).to_be()];
-    if f.skip & V6_SLOTS != 0 {
-        [(f.lo[slot::IP_SRC as usize + i] as u32).to_be(), 0, 0, 0]
+    // SAFETY: fields of this CPU's scratch, written for this packet.
+    let get = |v: &u64| unsafe { core::ptr::read_volatile(v) };
+    if v4 {
+        [(get(&f.lo[slot::IP_SRC as usize + i]) as u32).to_be(), 0, 0, 0]
     } else {
         let (h, l) = (
-            w(f.hi[(slot::IP_SRC6 as usize + i) & 1]),
-            w(f.lo[slot::IP_SRC6 as usize + i]),
+            w(get(&f.hi[(slot::IP_SRC6 as usize + i) & 1])),
+            w(get(&f.lo[slot::IP_SRC6 as usize + i])),
         );
         [h[0], h[1], l[0], l[1]]
     }
 }
 
-/// The classifier's per-CPU working memory: the running bitmap and the
-/// packet's values (too large for the stack).
+/// The classifier's per-CPU working memory: the bitmaps a packet's
+/// values select in the set being classified, and the packet's values
+/// (too large for the stack).
 #[repr(C)]
 pub struct Scratch {
-    acc: Bits,
+    ids: [u32; IDS],
     f: Fields,
     /// What crosses [`opaque`].
     carry: u64,
@@ -306,6 +347,13 @@ pub fn classify(sc: &mut Scratch, c: u32, set: u32) -> Option<&'static ClsTerm> 
 /// The classification proper: `1 +` the matching term's index in
 /// `CLS_TERM`, or 0 for no match. Inline, with no call on the way: on
 /// this machine every call costs tens of nanoseconds.
+///
+/// First every slot's bitmap is found and only the summaries are ANDed
+/// (a packet no term can match stops there); then, lowest first, each
+/// bitmap word holding a 32-term span the summaries leave is ANDed over
+/// the bitmaps (masked to those spans) until one leaves a term. A span the summaries keep but the bitmaps empty costs
+/// one more round; a set's cost follows the fields its rules use and how
+/// many spans the packet's bitmaps share, not how many rules there are.
 #[inline(always)]
 fn classify_set(sc: &mut Scratch, c: u32, set: u32) -> u32 {
     if c > 1 || set >= CLS_SETS {
@@ -317,31 +365,66 @@ fn classify_set(sc: &mut Scratch, c: u32, set: u32) -> u32 {
     if d.nterms == 0 || d.all >= CLS_BITMAP_POOL {
         return 0;
     }
-    let Some(all) = CLS_BITMAP.get(c * CLS_BITMAP_POOL + d.all) else {
-        return 0;
-    };
     let zero = opaque(sc, 0) as u32;
-    let (acc, f) = (&mut sc.acc, &sc.f);
-    crate::mem::copy(acc, all);
+    let mut spans = d.all_summary;
     // Only the slots for the packet's address family.
-    // SAFETY: as in `narrow`.
-    let v4 = unsafe { core::ptr::read_volatile(&f.skip) } & V6_SLOTS != 0;
+    // SAFETY: as in `find`.
+    let v4 = unsafe { core::ptr::read_volatile(&sc.f.skip) } & V6_SLOTS != 0;
     let (first, end) = if v4 { (0, d.v4_end) } else { (d.v6_start, d.nslots) };
     let n = end.saturating_sub(first).min(CLS_SLOTS);
     let base = d.slot_base + first;
+    // SAFETY: this CPU's scratch; every `ids` entry read below is written
+    // first, for this classification.
+    unsafe { core::ptr::write_volatile(&mut sc.ids[0], d.all) };
     let mut i = 0;
     while i < n {
-        if narrow(acc, f, c, base + i, zero) == 0 {
+        // A slot that does not narrow the set selects the set's own
+        // bitmap again (ANDing it changes nothing), so that slot `i`'s
+        // bitmap is always `ids[i + 1]`.
+        let found = match find(&sc.f, c, base + i, zero) {
+            UNCONSTRAINED => u64::from(d.all_summary) << 32 | u64::from(d.all),
+            found => found,
+        };
+        spans &= (found >> 32) as u32;
+        if spans == 0 {
             return 0;
         }
+        // SAFETY: as above.
+        unsafe { core::ptr::write_volatile(&mut sc.ids[(i + 1) as usize & (IDS - 1)], found as u32) };
         i += 1;
     }
     let mut term = None;
-    for (w, word) in acc.iter().enumerate() {
-        if *word != 0 {
-            term = Some(w as u32 * 64 + lowest(*word));
+    let mut round = 0;
+    while round < CLS_WORDS && spans != 0 {
+        // The number of bitmaps, from memory each round: carried over,
+        // the verifier would know it exactly after the first round's
+        // loop and follow every count apart.
+        let m = (opaque(sc, u64::from(n)) as usize).min(CLS_SLOTS as usize) + 1;
+        // The word of the lowest span left, and both its spans at once
+        // when the summaries left both.
+        let w = (lowest(u64::from(spans)) / 2) as usize & (CLS_WORDS - 1);
+        let pair = u64::from(spans >> (2 * w)) & 3;
+        let mut acc = ((pair & 1) * 0xffff_ffff) | ((pair >> 1) * 0xffff_ffff_0000_0000);
+        let mut j = 0;
+        // Few branches here: the verifier keeps one pending state per
+        // branch it has yet to follow, and this loop runs inside another.
+        // The ids were checked against the pool in `find`; the mask only
+        // shows the verifier that the lookup stays inside the map.
+        while j < m {
+            // SAFETY: as above.
+            let id = unsafe { core::ptr::read_volatile(&sc.ids[j & (IDS - 1)]) } & (CLS_BITMAP_POOL - 1);
+            let Some(b) = CLS_BITMAP.get(c * CLS_BITMAP_POOL + id) else {
+                return 0;
+            };
+            acc &= b[w];
+            j += 1;
+        }
+        if acc != 0 {
+            term = Some(w as u32 * 64 + lowest(acc));
             break;
         }
+        spans &= !(3 << (2 * w));
+        round += 1;
     }
     let Some(term) = term else {
         return 0;
@@ -369,7 +452,7 @@ pub fn rate_allows(t: &ClsTerm, sc: &Scratch) -> bool {
     } else {
         let key = RlKey {
             stat: t.stat,
-            addr: address(&sc.f, t.per == RL_PER_DST),
+            addr: address(&sc.f, t.per == RL_PER_DST, sc.f.skip & V6_SLOTS != 0),
         };
         match RL_ADDR.get_ptr_mut(key) {
             Some(b) => b,

@@ -225,3 +225,83 @@ fn data_plane_picks_the_models_rule_in_sets_of_1_to_1024_rules() {
     }
     println!("{total} packets compared");
 }
+
+/// The data plane first ANDs 32-bit summaries of the packet's bitmaps
+/// (one bit per 32 terms), then reads the bitmaps span by span. Here the
+/// source's and the port's bitmaps both have terms in the first span but
+/// none in common, so that span is a false lead: the match in the second
+/// span must still be found, and a packet whose only common span is a
+/// false lead must match nothing.
+#[test]
+fn a_span_that_only_the_summaries_share_is_passed_over() {
+    let mut f = Fixture::new("rulespan");
+    let mut spec = standard_spec();
+    let mut rules: Vec<RuleSpec> = (0..40)
+        .map(|i| {
+            moat_lab::rules::spec_rule(
+                &format!("m{i}"),
+                &format!("ip.src == 192.0.2.{} and udp.dstport == {}", i + 1, 1000 + i),
+                RuleAction::Drop,
+            )
+        })
+        .collect();
+    rules.push(moat_lab::rules::spec_rule(
+        "late",
+        "ip.src == 192.0.2.1 and udp.dstport == 1001",
+        RuleAction::Drop,
+    ));
+    spec.mitigation = rules;
+    f.apply(spec);
+    let udp = |src: &str, dport: u16| {
+        packet::eth(
+            Frame::default(),
+            &packet::ip(
+                src.parse().unwrap(),
+                "203.0.113.5".parse().unwrap(),
+                64,
+                L4::Udp { sport: 4000, dport },
+                &[0u8; 22],
+            ),
+        )
+    };
+    let hits = |f: &Fixture, rule: &str| {
+        f.dp.rule_counters()
+            .unwrap()
+            .into_iter()
+            .find(|c| c.rule == rule)
+            .map(|c| c.packets)
+            .unwrap()
+    };
+    // Terms 0 (the source) and 1 (the port) share the first span only in
+    // the summaries; term 40 ("late") matches both, in the second span.
+    for (src, dport, rule) in [
+        ("192.0.2.1", 1001, Some("late")),
+        ("192.0.2.1", 1002, None),
+        ("192.0.2.2", 1001, Some("m1")),
+    ] {
+        let before: Vec<u64> = ["m0", "m1", "m2", "late"].iter().map(|r| hits(&f, r)).collect();
+        let frame = udp(src, dport);
+        let got = f.run(&frame);
+        let want = f.with_model(|m| m.process(&frame)).expect("the model predicts it");
+        assert_eq!(
+            (got.action, &got.data),
+            (want.action.code(), &want.output),
+            "{src} -> {dport}"
+        );
+        let after: Vec<u64> = ["m0", "m1", "m2", "late"].iter().map(|r| hits(&f, r)).collect();
+        let moved: Vec<&str> = ["m0", "m1", "m2", "late"]
+            .iter()
+            .zip(before.iter().zip(&after))
+            .filter(|(_, (b, a))| a > b)
+            .map(|(r, _)| *r)
+            .collect();
+        assert_eq!(moved, rule.into_iter().collect::<Vec<_>>(), "{src} -> {dport}");
+        assert_eq!(got.action, if rule.is_some() { 1 } else { want.action.code() });
+        assert_eq!(
+            want.reason == moat_common::Reason::DropMitigationRule,
+            rule.is_some(),
+            "{src} -> {dport}: {:?}",
+            want.reason
+        );
+    }
+}
