@@ -180,6 +180,24 @@ pub struct RlKey {
 }
 const _: () = assert!(core::mem::size_of::<RlKey>() == 20);
 
+/// A fragmented datagram: source, destination (IPv4 in the first word,
+/// network order), IPv4 identification or IPv6 fragment identification,
+/// and protocol (the fragment header's next header for IPv6).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub id: u32,
+    pub proto: u32,
+}
+const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
+
+/// Datagrams whose first fragment a rule set or the reflection protection
+/// dropped (LRU: a flood of them evicts the oldest). Their later fragments
+/// are dropped under the same reason.
+pub const FRAG_DROPS_ENTRIES: u32 = 65_536;
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: #[repr(C)], integers only, no implicit padding (sizes pinned
@@ -193,6 +211,8 @@ mod pod {
     unsafe impl aya::Pod for super::ClsTerm {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::RlKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FragKey {}
 }
 
 #[cfg(test)]

@@ -167,8 +167,15 @@ mod program {
                 // them once.
                 let (dest, reflect) = rules::barrier(sc, dest, reflect);
                 let deliver = encap::Deliver(rules::opaque(sc, deliver.0));
-                let out = match apply_rules(sc, copy, reflect, dest.customer, frame_len) {
-                    Err(reason) => Err(reason),
+                // A later fragment the rules let through is still dropped
+                // when its datagram's first fragment was.
+                let ruled = apply_rules(sc, copy, reflect, dest.customer, frame_len)
+                    .and_then(|()| rules::FragDrop::earlier(sc).map_or(Ok(()), Err));
+                let out = match ruled {
+                    Err(reason) => {
+                        rules::FragDrop::record(sc, reason);
+                        Err(reason)
+                    }
                     Ok(()) if dest.route_set == NO_ROUTE_SET => Err(Reason::DropNoRoute),
                     Ok(()) => encap::encapsulate(ctx, deliver, dest.route_set, || rules::flow_hash(sc)),
                 };
@@ -270,7 +277,7 @@ mod program {
         }
         if on & INVALID_TCP_FLAGS != 0
             && pkt.proto == parse::IPPROTO_TCP
-            && !pkt.frag
+            && !pkt.later_frag
             && invalid_tcp_flags(pkt.tcp_flags)
         {
             return Err(Reason::DropInvalidTcpFlags);

@@ -7,8 +7,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use moat_common::rules::{
-    ClsKey, ClsSet, ClsSlot, ClsTerm, RlKey, CLS_BITMAP_POOL, CLS_DIRECT_TABLES, CLS_DIRECT_WORDS, CLS_KEY_POOL,
-    CLS_RULE_POOL, CLS_SETS, CLS_SLOT_POOL, CLS_TERM_POOL, CLS_WORDS, RL_ADDR_ENTRIES,
+    ClsKey, ClsSet, ClsSlot, ClsTerm, FragKey, RlKey, CLS_BITMAP_POOL, CLS_DIRECT_TABLES, CLS_DIRECT_WORDS,
+    CLS_KEY_POOL, CLS_RULE_POOL, CLS_SETS, CLS_SLOT_POOL, CLS_TERM_POOL, CLS_WORDS, FRAG_DROPS_ENTRIES,
+    RL_ADDR_ENTRIES,
 };
 use moat_common::{
     limits::*, Counter, CustomerStats, DecapKey, DecapValue, DestValue, EcmpTable, Reason, SourceKey4, SourceKey6,
@@ -141,6 +142,10 @@ pub static RL_RULE: Array<u64> = Array::with_max_entries(2 * CLS_RULE_POOL, 0);
 /// Token buckets per destination or source address.
 #[map]
 pub static RL_ADDR: LruHashMap<RlKey, u64> = LruHashMap::with_max_entries(RL_ADDR_ENTRIES, 0);
+/// Fragmented datagrams whose first fragment the rules or the reflection
+/// protection dropped -> that reason (see `rules::FragDrop`).
+#[map]
+pub static FRAG_DROPS: LruHashMap<FragKey, u32> = LruHashMap::with_max_entries(FRAG_DROPS_ENTRIES, 0);
 /// Reflector source ports (one bit per port) for the reflection protection.
 #[map]
 pub static REFLECT_PORTS: Array<u64> = Array::with_max_entries(moat_common::protect::PORT_WORDS, 0);

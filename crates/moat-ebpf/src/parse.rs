@@ -67,11 +67,17 @@ pub struct Packet {
     pub proto: u8,
     /// Any fragment (first, middle or last).
     pub frag: bool,
-    /// Offset of the L4 header (only meaningful when not a fragment).
+    /// A fragment after the first: it carries no L4 header.
+    pub later_frag: bool,
+    /// The fragment's datagram id (IPv4 identification, IPv6 fragment
+    /// header identification); 0 when not a fragment.
+    pub frag_id: u32,
+    /// Offset of the L4 header (only meaningful when not a later fragment).
     pub l4: usize,
-    /// Source and destination port bytes as on the wire, for unfragmented TCP/UDP.
+    /// Source and destination port bytes as on the wire, for TCP/UDP that
+    /// is not a later fragment.
     pub ports: Option<u32>,
-    /// TCP flags byte of unfragmented TCP (else 0).
+    /// TCP flags byte of TCP that is not a later fragment (else 0).
     pub tcp_flags: u8,
     /// Offset of the IPv4 TTL / IPv6 hop limit byte.
     pub ttl_off: usize,
@@ -140,7 +146,7 @@ pub fn parse_ip(ctx: &XdpContext, family: Family, l3: usize, limit: usize) -> Re
     // Set whole in each branch: zeroing first would be a memset call.
     let src: [u32; 4];
     let dst: [u32; 4];
-    let (ip_len, proto, frag, l4, ttl_off) = match family {
+    let (ip_len, proto, frag, later_frag, frag_id, l4, ttl_off) = match family {
         Family::V4 => {
             let h = ptr::<Ipv4Hdr>(ctx, l3).ok_or(Reason::DropTruncatedIp)?;
             // SAFETY: `ptr` checked that the header lies inside the packet.
@@ -158,8 +164,10 @@ pub fn parse_ip(ctx: &XdpContext, family: Family, l3: usize, limit: usize) -> Re
             }
             src = [h.src, 0, 0, 0];
             dst = [h.dst, 0, 0, 0];
-            let frag = u16::from_be(h.frag_off) & 0x3fff != 0;
-            (tot, h.proto, frag, l3 + hl, l3 + 8)
+            let fo = u16::from_be(h.frag_off);
+            let (frag, later) = (fo & 0x3fff != 0, fo & 0x1fff != 0);
+            let id = if frag { u32::from(u16::from_be(h.id)) } else { 0 };
+            (tot, h.proto, frag, later, id, l3 + hl, l3 + 8)
         }
         Family::V6 => {
             let h = ptr::<Ipv6Hdr>(ctx, l3).ok_or(Reason::DropTruncatedIp)?;
@@ -178,6 +186,8 @@ pub fn parse_ip(ctx: &XdpContext, family: Family, l3: usize, limit: usize) -> Re
             let mut next = h.next;
             let mut off = l3 + 40;
             let mut frag = false;
+            let mut later = false;
+            let mut id = 0;
             for _ in 0..MAX_EXT_HEADERS {
                 match next {
                     IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
@@ -192,14 +202,18 @@ pub fn parse_ip(ctx: &XdpContext, family: Family, l3: usize, limit: usize) -> Re
                         if off + 8 > end {
                             return Err(Reason::DropMalformedIp);
                         }
-                        let e = load::<u32>(ctx, off).ok_or(Reason::DropMalformedIp)?.to_le_bytes();
+                        let [w, ident] = load::<[u32; 2]>(ctx, off).ok_or(Reason::DropMalformedIp)?;
+                        let e = w.to_le_bytes();
                         let fo = u16::from_be_bytes([e[2], e[3]]);
                         next = e[0];
                         off += 8;
                         frag = fo & 0xfff9 != 0;
                         if frag {
+                            later = fo & 0xfff8 != 0;
+                            id = u32::from_be(ident);
                             // The hash uses the fragment header's next header,
-                            // the same in every fragment of a datagram.
+                            // the same in every fragment of a datagram; a
+                            // first fragment's L4 header follows it here.
                             break;
                         }
                     }
@@ -215,13 +229,15 @@ pub fn parse_ip(ctx: &XdpContext, family: Family, l3: usize, limit: usize) -> Re
             if off > end {
                 return Err(Reason::DropMalformedIp);
             }
-            (tot, next, frag, off, l3 + 7)
+            (tot, next, frag, later, id, off, l3 + 7)
         }
     };
     let ip_end = l3 + ip_len;
     let mut ports = None;
     let mut tcp_flags = 0;
-    if !frag {
+    // A first fragment must carry its whole L4 header (a port rule could
+    // otherwise be dodged by splitting the header across fragments).
+    if !later_frag {
         let need = match proto {
             IPPROTO_TCP => 20,
             IPPROTO_UDP => 8,
@@ -247,6 +263,8 @@ pub fn parse_ip(ctx: &XdpContext, family: Family, l3: usize, limit: usize) -> Re
         ip_len,
         proto,
         frag,
+        later_frag,
+        frag_id,
         l4,
         ports,
         tcp_flags,

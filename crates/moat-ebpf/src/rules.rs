@@ -12,12 +12,12 @@
 //! address.
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, programs::XdpContext};
-use moat_common::{limits::MAX_CUSTOMERS, rules::*};
+use moat_common::{limits::MAX_CUSTOMERS, rules::*, Reason};
 
 use crate::{
     maps::{
-        CLS_ACTIVE, CLS_BITMAP, CLS_DIRECT, CLS_KEY, CLS_SCRATCH, CLS_SET, CLS_SLOT, CLS_TERM, CUSTOMER_FW, RL_ADDR,
-        RL_RULE,
+        CLS_ACTIVE, CLS_BITMAP, CLS_DIRECT, CLS_KEY, CLS_SCRATCH, CLS_SET, CLS_SLOT, CLS_TERM, CUSTOMER_FW, FRAG_DROPS,
+        RL_ADDR, RL_RULE,
     },
     parse::{self, Family, Packet},
 };
@@ -163,9 +163,27 @@ pub fn scratch() -> Option<&'static mut Scratch> {
 #[inline(always)]
 pub fn prepare(ctx: &XdpContext, pkt: &Packet, sc: &mut Scratch) -> Option<u32> {
     fill(ctx, pkt, &mut sc.f)?;
+    sc.frag_kind = match (pkt.frag, pkt.later_frag) {
+        (false, _) => FRAG_NONE,
+        (true, false) => FRAG_FIRST,
+        (true, true) => FRAG_LATER,
+    };
+    if pkt.frag {
+        sc.frag = FragKey {
+            src: pkt.src,
+            dst: pkt.dst,
+            id: pkt.frag_id,
+            proto: u32::from(pkt.proto),
+        };
+    }
     let c = *CLS_ACTIVE.get(0)?;
     (c <= 1).then_some(c)
 }
+
+/// [`Scratch::frag_kind`]: not a fragment, a first fragment, a later one.
+const FRAG_NONE: u32 = 0;
+const FRAG_FIRST: u32 = 1;
+const FRAG_LATER: u32 = 2;
 
 /// The packet's values for every slot; `None` when the packet is too
 /// short for one of them.
@@ -173,7 +191,8 @@ pub fn prepare(ctx: &XdpContext, pkt: &Packet, sc: &mut Scratch) -> Option<u32> 
 fn fill(ctx: &XdpContext, pkt: &Packet, f: &mut Fields) -> Option<()> {
     use slot::*;
     let v4 = pkt.family == Family::V4;
-    let whole_l4 = !pkt.frag;
+    // A first fragment carries its L4 header whole (the parser checks).
+    let whole_l4 = !pkt.later_frag;
     let tcp = whole_l4 && pkt.proto == parse::IPPROTO_TCP;
     let udp = whole_l4 && pkt.proto == parse::IPPROTO_UDP;
     let icmp = whole_l4 && ((v4 && pkt.proto == parse::IPPROTO_ICMP) || (!v4 && pkt.proto == parse::IPPROTO_ICMPV6));
@@ -254,7 +273,8 @@ pub fn flow_hash(sc: &Scratch) -> u32 {
         }
     }
     h = mix(h, proto as u32);
-    // Ports for unfragmented TCP and UDP.
+    // Ports for unfragmented TCP and UDP (a first fragment has them, but
+    // its datagram's other fragments do not).
     let ports = 1 << slot::TCP_SRCPORT | 1 << slot::UDP_SRCPORT;
     if frag == 0 && absent & ports != ports {
         h = mix(
@@ -291,6 +311,10 @@ fn address(f: &Fields, dst: bool, v4: bool) -> [u32; 4] {
 pub struct Scratch {
     ids: [u32; IDS],
     f: Fields,
+    /// The packet's datagram, when it is a fragment, and which fragment
+    /// it is (`FRAG_*`).
+    frag: FragKey,
+    frag_kind: u32,
     /// What crosses [`opaque`].
     carry: u64,
 }
@@ -321,6 +345,51 @@ pub fn barrier(sc: &mut Scratch, dest: moat_common::DestValue, reflect: bool) ->
         },
         d as u32 & REFLECT != 0,
     )
+}
+
+/// Fragments of datagrams whose first fragment was dropped: a first
+/// fragment carries the L4 header that rules and the reflection protection
+/// judge; the later ones carry none, but are worth nothing without it.
+pub struct FragDrop;
+
+impl FragDrop {
+    /// The reason the packet's datagram lost its first fragment, when the
+    /// packet is a later fragment of such a datagram.
+    #[inline(always)]
+    pub fn earlier(sc: &Scratch) -> Option<Reason> {
+        // SAFETY: a field of this CPU's scratch, written for this packet.
+        if unsafe { core::ptr::read_volatile(&sc.frag_kind) } != FRAG_LATER {
+            return None;
+        }
+        // SAFETY: the value is only read; it is a plain integer.
+        match unsafe { FRAG_DROPS.get(sc.frag) }.copied()? {
+            1 => Some(Reason::DropMitigationRule),
+            2 => Some(Reason::DropRateLimit),
+            3 => Some(Reason::DropFirewall),
+            4 => Some(Reason::DropReflection),
+            _ => None,
+        }
+    }
+
+    /// Records that the packet, when it is a first fragment, was dropped
+    /// for `reason` (the reasons of the rules and the reflection
+    /// protection only).
+    #[inline(always)]
+    pub fn record(sc: &Scratch, reason: Reason) {
+        let code: u32 = match reason {
+            Reason::DropMitigationRule => 1,
+            Reason::DropRateLimit => 2,
+            Reason::DropFirewall => 3,
+            Reason::DropReflection => 4,
+            _ => return,
+        };
+        // SAFETY: as above.
+        if unsafe { core::ptr::read_volatile(&sc.frag_kind) } == FRAG_FIRST {
+            // A full table evicts its oldest entry; nothing else can fail
+            // that the packet could do anything about.
+            let _ = FRAG_DROPS.insert(sc.frag, code, 0);
+        }
+    }
 }
 
 /// The firewall set of `customer` in copy `c` (`SET_NONE`: none).

@@ -109,6 +109,9 @@ pub struct Fixture {
     pub spec: Spec,
     /// Rule matches the model saw (see [`Model::rule_hits`]).
     pub rule_hits: std::cell::RefCell<std::collections::BTreeMap<(Option<String>, String), u64>>,
+    /// Datagrams the model saw lose their first fragment (see
+    /// [`Model::frag_drops`]).
+    pub frag_drops: std::cell::RefCell<crate::model::FragDrops>,
     _peer: NetNs,
 }
 
@@ -163,6 +166,7 @@ impl Fixture {
             up_mac,
             spec: standard_spec(),
             rule_hits: Default::default(),
+            frag_drops: Default::default(),
             _peer: peer,
         };
         f.apply(standard_spec());
@@ -274,6 +278,7 @@ impl Fixture {
             fib: &fib,
             ingress_ifindex: self.ingress,
             rule_hits: &self.rule_hits,
+            frag_drops: &self.frag_drops,
         };
         f(&model)
     }

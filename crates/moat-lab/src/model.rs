@@ -69,7 +69,15 @@ pub struct Model<'a> {
     /// Matches per rule, as the data plane counts them: (customer whose
     /// firewall, or `None` for the mitigation rules; rule name) -> packets.
     pub rule_hits: &'a std::cell::RefCell<std::collections::BTreeMap<(Option<String>, String), u64>>,
+    /// Datagrams whose first fragment the rules or the reflection
+    /// protection dropped, and why: their later fragments are dropped for
+    /// the same reason.
+    pub frag_drops: &'a std::cell::RefCell<FragDrops>,
 }
+
+/// A fragmented datagram: (source, destination, id, protocol) -> the
+/// reason its first fragment was dropped.
+pub type FragDrops = std::collections::HashMap<(IpAddr, IpAddr, u32, u8), Reason>;
 
 struct Ip {
     v6: bool,
@@ -77,9 +85,13 @@ struct Ip {
     ip_len: usize,
     proto: u8,
     frag: bool,
+    /// A fragment after the first (no L4 header).
+    later_frag: bool,
+    /// The datagram's id (fragments only).
+    frag_id: u32,
     l4: usize,
     ports: Option<[u8; 4]>,
-    /// Flags byte of unfragmented TCP (else 0).
+    /// Flags byte of TCP that is not a later fragment (else 0).
     tcp_flags: u8,
     ttl_pos: usize,
     src: IpAddr,
@@ -96,6 +108,7 @@ const MAX_OFFSET: usize = 1024;
 /// Parses an IP packet at `l3` that must end by `limit` (exclusive).
 fn parse_ip(b: &[u8], v6: bool, l3: usize, limit: usize) -> Result<Ip, Reason> {
     let (ip_len, proto, frag, l4, ttl_pos, src, dst);
+    let (mut later_frag, mut frag_id) = (false, 0);
     if !v6 {
         if b.len() < l3 + 20 {
             return Err(Reason::DropTruncatedIp);
@@ -110,7 +123,12 @@ fn parse_ip(b: &[u8], v6: bool, l3: usize, limit: usize) -> Result<Ip, Reason> {
         }
         ip_len = total;
         proto = b[l3 + 9];
-        frag = be16(b, l3 + 6) & 0x3fff != 0;
+        let fo = be16(b, l3 + 6);
+        frag = fo & 0x3fff != 0;
+        if frag {
+            later_frag = fo & 0x1fff != 0;
+            frag_id = be16(b, l3 + 4) as u32;
+        }
         l4 = l3 + hl;
         ttl_pos = l3 + 8;
         src = IpAddr::V4(Ipv4Addr::new(b[l3 + 12], b[l3 + 13], b[l3 + 14], b[l3 + 15]));
@@ -145,10 +163,13 @@ fn parse_ip(b: &[u8], v6: bool, l3: usize, limit: usize) -> Result<Ip, Reason> {
             }
             if next == 44 {
                 let fo = be16(b, at + 2);
+                let id = u32::from_be_bytes([b[at + 4], b[at + 5], b[at + 6], b[at + 7]]);
                 next = b[at];
                 at += 8;
                 if fo & 0xfff9 != 0 {
                     is_frag = true;
+                    later_frag = fo & 0xfff8 != 0;
+                    frag_id = id;
                     break;
                 }
             } else {
@@ -176,7 +197,8 @@ fn parse_ip(b: &[u8], v6: bool, l3: usize, limit: usize) -> Result<Ip, Reason> {
     }
     let mut ports = None;
     let mut tcp_flags = 0;
-    if !frag {
+    // A first fragment must hold its whole L4 header, as a whole packet.
+    if !later_frag {
         let need = match proto {
             6 => 20,
             17 => 8,
@@ -200,6 +222,8 @@ fn parse_ip(b: &[u8], v6: bool, l3: usize, limit: usize) -> Result<Ip, Reason> {
         ip_len,
         proto,
         frag,
+        later_frag,
+        frag_id,
         l4,
         ports,
         tcp_flags,
@@ -343,7 +367,7 @@ impl Model<'_> {
     fn fields(&self, b: &[u8], ip: &Ip) -> moat_expr::Packet {
         use moat_expr::Transport;
         let l4 = ip.l4;
-        let transport = match (ip.frag, ip.proto, ip.v6) {
+        let transport = match (ip.later_frag, ip.proto, ip.v6) {
             (true, _, _) => Transport::None,
             (_, 6, _) => Transport::Tcp {
                 src: u16::from_be_bytes([b[l4], b[l4 + 1]]),
@@ -411,7 +435,7 @@ impl Model<'_> {
         if on & moat_common::protect::LAND != 0 && ip.src == ip.dst {
             return self.drop(b, Reason::DropLand);
         }
-        if on & moat_common::protect::INVALID_TCP_FLAGS != 0 && ip.proto == 6 && !ip.frag {
+        if on & moat_common::protect::INVALID_TCP_FLAGS != 0 && ip.proto == 6 && !ip.later_frag {
             let f = ip.tcp_flags & 0x3f;
             let (fin, syn, rst) = (f & 1 != 0, f & 2 != 0, f & 4 != 0);
             if f == 0 || f == 0x3f || (syn && fin) || (syn && rst) {
@@ -425,6 +449,15 @@ impl Model<'_> {
                 }
             }
         }
+        // A first fragment dropped by the rules or the reflection
+        // protection takes its datagram's later fragments with it.
+        let datagram = (ip.src, ip.dst, ip.frag_id, ip.proto);
+        let ruled = |r: Reason| {
+            if ip.frag && !ip.later_frag {
+                self.frag_drops.borrow_mut().insert(datagram, r);
+            }
+            self.drop(b, r)
+        };
         // Operator mitigation rules: the first whose expression matches
         // (by the language's reference evaluation) decides.
         let fields = self.fields(b, &ip);
@@ -440,7 +473,7 @@ impl Model<'_> {
         {
             self.hit(None, &r.name);
             match r.action {
-                moat_dataplane::RuleAction::Drop => return self.drop(b, Reason::DropMitigationRule),
+                moat_dataplane::RuleAction::Drop => return ruled(Reason::DropMitigationRule),
                 moat_dataplane::RuleAction::Pass => allowed = true,
                 // Token buckets depend on time: the tests that use them
                 // check rates, not single packets.
@@ -452,7 +485,7 @@ impl Model<'_> {
         if let Some(r) = c.firewall.iter().find(|r| r.condition.matches(&fields, &no_lists)) {
             self.hit(Some(&c.name), &r.name);
             match r.action {
-                moat_dataplane::RuleAction::Drop => return self.drop(b, Reason::DropFirewall),
+                moat_dataplane::RuleAction::Drop => return ruled(Reason::DropFirewall),
                 _ => allowed = true,
             }
         }
@@ -460,8 +493,15 @@ impl Model<'_> {
             if let Some(p) = ip.ports {
                 let sport = u16::from_be_bytes([p[0], p[1]]);
                 if moat_common::protect::REFLECTOR_PORTS.contains(&sport) {
-                    return self.drop(b, Reason::DropReflection);
+                    return ruled(Reason::DropReflection);
                 }
+            }
+        }
+        // A later fragment the rules let through, of a datagram whose first
+        // fragment they or the reflection protection dropped.
+        if ip.later_frag {
+            if let Some(r) = self.frag_drops.borrow().get(&datagram).copied() {
+                return self.drop(b, r);
             }
         }
         let Some(longest) = c
@@ -499,7 +539,10 @@ impl Model<'_> {
         let ti = if members.len() == 1 {
             members[0].0
         } else {
-            let slot = flow_hash(ip.src, ip.dst, ip.proto, ip.ports) as usize % moat_common::limits::ECMP_SLOTS;
+            // Ports only for unfragmented TCP/UDP: every fragment of a
+            // datagram takes one tunnel.
+            let ports = if ip.frag { None } else { ip.ports };
+            let slot = flow_hash(ip.src, ip.dst, ip.proto, ports) as usize % moat_common::limits::ECMP_SLOTS;
             let scored: Vec<(u64, u32)> = members
                 .iter()
                 .map(|&(ti, w)| {

@@ -825,3 +825,99 @@ fn rate_limit_rules_pass_a_burst_then_drop() {
         assert!(drops >= (60 - passed) as u64, "{per:?}: drops counted: {drops}");
     }
 }
+
+/// A first fragment carries its datagram's L4 header: rules and the
+/// reflection protection judge it by its ports, and when they drop it, the
+/// datagram's later fragments (which carry no ports) are dropped for the
+/// same reason. Other datagrams' later fragments are not. A first fragment
+/// too short for its L4 header is dropped as truncated.
+#[test]
+fn fragmented_attacks_are_dropped_whole() {
+    use moat_dataplane::RuleAction::Drop;
+    let mut f = Fixture::new("cases-fragatk");
+    let mut spec = moat_lab::fixture::standard_spec();
+    spec.mitigation = vec![moat_lab::rules::spec_rule("memcached", "udp.srcport == 11211", Drop)];
+    f.apply(spec);
+    let hits = |f: &Fixture| {
+        f.dp.rule_counters()
+            .unwrap()
+            .iter()
+            .find(|c| c.rule == "memcached")
+            .map(|c| c.packets)
+            .unwrap()
+    };
+    let dst = a4("203.0.113.5");
+    let mut id = 100u16;
+    for (sport, reason) in [(53u16, Reason::DropReflection), (11211, Reason::DropMitigationRule)] {
+        id += 1;
+        let whole = packet::ip(a4("198.51.100.7"), dst, 64, udp(sport, 4444), &vec![7u8; 3000]);
+        let frags = packet::ipv4_fragments(&whole, 1400, id);
+        assert_eq!(frags.len(), 3);
+        let before = hits(&f);
+        // A later fragment that arrives before its first is not known yet.
+        let early = packet::ipv4_fragments(
+            &packet::ip(a4("198.51.100.7"), dst, 64, udp(sport, 4444), &vec![7u8; 3000]),
+            1400,
+            id + 1000,
+        );
+        run(
+            &f,
+            &packet::eth(Frame::default(), &early[2]),
+            XDP_REDIRECT,
+            Reason::ForwardEncap,
+        );
+        for fr in &frags {
+            run(&f, &packet::eth(Frame::default(), fr), XDP_DROP, reason);
+        }
+        // The rule matched the first fragment only; the later ones were
+        // dropped as its datagram's.
+        let want = u64::from(reason == Reason::DropMitigationRule);
+        assert_eq!(hits(&f) - before, want, "rule counter after {sport}");
+        // The same source's next datagram is judged on its own.
+        let other = packet::ipv4_fragments(&whole, 1400, id + 2000);
+        run(
+            &f,
+            &packet::eth(Frame::default(), &other[1]),
+            XDP_REDIRECT,
+            Reason::ForwardEncap,
+        );
+    }
+    // IPv6: the fragment header's identification names the datagram.
+    let whole6 = packet::ip(
+        a6("2001:db8:1::1"),
+        a6("2001:db8:100::5"),
+        64,
+        udp(123, 4444),
+        &vec![9u8; 3000],
+    );
+    let frags6 = packet::ipv6_fragments(&whole6, 1400, 0x0102_0304);
+    for fr in &frags6 {
+        run(&f, &packet::eth(Frame::default(), fr), XDP_DROP, Reason::DropReflection);
+    }
+    let other6 = packet::ipv6_fragments(&whole6, 1400, 0x0102_0305);
+    run(
+        &f,
+        &packet::eth(Frame::default(), &other6[1]),
+        XDP_REDIRECT,
+        Reason::ForwardEncap,
+    );
+    // A TCP first fragment of 8 bytes holds less than the TCP header.
+    let syn = packet::ip(
+        a4("198.51.100.8"),
+        dst,
+        64,
+        L4::Tcp {
+            sport: 40000,
+            dport: 80,
+            syn: true,
+        },
+        &[1u8; 64],
+    );
+    let tiny = packet::ipv4_fragments(&syn, 8, 77);
+    run(
+        &f,
+        &packet::eth(Frame::default(), &tiny[0]),
+        XDP_DROP,
+        Reason::DropTruncatedL4,
+    );
+}
