@@ -830,13 +830,19 @@ fn rate_limit_rules_pass_a_burst_then_drop() {
 /// reflection protection judge it by its ports, and when they drop it, the
 /// datagram's later fragments (which carry no ports) are dropped for the
 /// same reason. Other datagrams' later fragments are not. A first fragment
-/// too short for its L4 header is dropped as truncated.
+/// too short for its L4 header is dropped as truncated; a customer's allow
+/// by source port lets a whole fragmented datagram through.
 #[test]
 fn fragmented_attacks_are_dropped_whole() {
     use moat_dataplane::RuleAction::Drop;
     let mut f = Fixture::new("cases-fragatk");
     let mut spec = moat_lab::fixture::standard_spec();
     spec.mitigation = vec![moat_lab::rules::spec_rule("memcached", "udp.srcport == 11211", Drop)];
+    spec.customers[0].firewall = vec![moat_lab::rules::spec_rule(
+        "resolver",
+        "udp.srcport == 53 and ip.src == 198.51.100.9",
+        moat_dataplane::RuleAction::Pass,
+    )];
     f.apply(spec);
     let hits = |f: &Fixture| {
         f.dp.rule_counters()
@@ -847,6 +853,7 @@ fn fragmented_attacks_are_dropped_whole() {
             .unwrap()
     };
     let dst = a4("203.0.113.5");
+    let send = |ip: &[u8], action, reason| run(&f, &packet::eth(Frame::default(), ip), action, reason);
     let mut id = 100u16;
     for (sport, reason) in [(53u16, Reason::DropReflection), (11211, Reason::DropMitigationRule)] {
         id += 1;
@@ -855,19 +862,10 @@ fn fragmented_attacks_are_dropped_whole() {
         assert_eq!(frags.len(), 3);
         let before = hits(&f);
         // A later fragment that arrives before its first is not known yet.
-        let early = packet::ipv4_fragments(
-            &packet::ip(a4("198.51.100.7"), dst, 64, udp(sport, 4444), &vec![7u8; 3000]),
-            1400,
-            id + 1000,
-        );
-        run(
-            &f,
-            &packet::eth(Frame::default(), &early[2]),
-            XDP_REDIRECT,
-            Reason::ForwardEncap,
-        );
+        let early = packet::ipv4_fragments(&whole, 1400, id + 1000);
+        send(&early[2], XDP_REDIRECT, Reason::ForwardEncap);
         for fr in &frags {
-            run(&f, &packet::eth(Frame::default(), fr), XDP_DROP, reason);
+            send(fr, XDP_DROP, reason);
         }
         // The rule matched the first fragment only; the later ones were
         // dropped as its datagram's.
@@ -875,12 +873,7 @@ fn fragmented_attacks_are_dropped_whole() {
         assert_eq!(hits(&f) - before, want, "rule counter after {sport}");
         // The same source's next datagram is judged on its own.
         let other = packet::ipv4_fragments(&whole, 1400, id + 2000);
-        run(
-            &f,
-            &packet::eth(Frame::default(), &other[1]),
-            XDP_REDIRECT,
-            Reason::ForwardEncap,
-        );
+        send(&other[1], XDP_REDIRECT, Reason::ForwardEncap);
     }
     // IPv6: the fragment header's identification names the datagram.
     let whole6 = packet::ip(
@@ -892,15 +885,10 @@ fn fragmented_attacks_are_dropped_whole() {
     );
     let frags6 = packet::ipv6_fragments(&whole6, 1400, 0x0102_0304);
     for fr in &frags6 {
-        run(&f, &packet::eth(Frame::default(), fr), XDP_DROP, Reason::DropReflection);
+        send(fr, XDP_DROP, Reason::DropReflection);
     }
     let other6 = packet::ipv6_fragments(&whole6, 1400, 0x0102_0305);
-    run(
-        &f,
-        &packet::eth(Frame::default(), &other6[1]),
-        XDP_REDIRECT,
-        Reason::ForwardEncap,
-    );
+    send(&other6[1], XDP_REDIRECT, Reason::ForwardEncap);
     // A TCP first fragment of 8 bytes holds less than the TCP header.
     let syn = packet::ip(
         a4("198.51.100.8"),
@@ -914,10 +902,11 @@ fn fragmented_attacks_are_dropped_whole() {
         &[1u8; 64],
     );
     let tiny = packet::ipv4_fragments(&syn, 8, 77);
-    run(
-        &f,
-        &packet::eth(Frame::default(), &tiny[0]),
-        XDP_DROP,
-        Reason::DropTruncatedL4,
-    );
+    send(&tiny[0], XDP_DROP, Reason::DropTruncatedL4);
+    // A customer's allow of the resolver's answers covers their first
+    // fragments, and so the whole datagram passes.
+    let answer = packet::ip(a4("198.51.100.9"), dst, 64, udp(53, 4444), &vec![5u8; 3000]);
+    for fr in &packet::ipv4_fragments(&answer, 1400, 300) {
+        send(fr, XDP_REDIRECT, Reason::ForwardEncap);
+    }
 }
