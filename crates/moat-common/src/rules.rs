@@ -121,7 +121,10 @@ pub struct ClsSlot {
     pub direct: u32,
     /// [`summary`] of the bitmap `absent`.
     pub absent_summary: u32,
-    pub _pad: [u32; 2],
+    /// The first interval's bitmap and its summary (what a search that
+    /// moves past no interval finds).
+    pub first: u32,
+    pub first_summary: u32,
 }
 const _: () = assert!(core::mem::size_of::<ClsSlot>() == 32);
 

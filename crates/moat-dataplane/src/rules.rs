@@ -259,13 +259,14 @@ fn entries(r: &RuleTables, copy: u32) -> Vec<Entry> {
         let n = n as u32;
         let (descs, v4_end, v6_start) = slots(&set.tables);
         for (i, (slot, table, absent)) in descs.iter().enumerate() {
-            let (len, key_base, direct) = match table {
+            let (len, key_base, direct, first) = match table {
                 Some(t) => (
                     set.tables.tables[*t].starts.len() as u32,
                     set.key_bases[*t],
                     set.directs[*t].map_or(0, |d| d + 1),
+                    set.tables.tables[*t].bitmaps.first().copied(),
                 ),
-                None => (0, 0, 0),
+                None => (0, 0, 0, None),
             };
             let d = ClsSlot {
                 slot: *slot,
@@ -274,7 +275,8 @@ fn entries(r: &RuleTables, copy: u32) -> Vec<Entry> {
                 key_base,
                 direct,
                 absent_summary: summary(&set.tables.bitmaps[*absent as usize]),
-                _pad: [0; 2],
+                first: first.map_or(0, |b| set.bitmap_base + b),
+                first_summary: first.map_or(0, |b| summary(&set.tables.bitmaps[b as usize])),
             };
             out.push(Entry::Slot(copy * CLS_SLOT_POOL + set.slot_base + i as u32, d));
         }

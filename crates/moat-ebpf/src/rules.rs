@@ -68,8 +68,7 @@ fn find(f: &Fields, c: u32, d: u32, zero: u32) -> u64 {
         (slot.absent, slot.absent_summary)
     } else {
         let base = c * CLS_KEY_POOL + slot.key_base;
-        let lo = if slot.direct != 0 && slot.direct <= CLS_DIRECT_TABLES && vh == 0 && vl < u64::from(CLS_DIRECT_VALUES)
-        {
+        if slot.direct != 0 && slot.direct <= CLS_DIRECT_TABLES && vh == 0 && vl < u64::from(CLS_DIRECT_VALUES) {
             // The interval straight from the slot's direct table.
             let v = vl as u32;
             let at = (c * CLS_DIRECT_TABLES + slot.direct - 1) * CLS_DIRECT_WORDS + v / 4;
@@ -80,40 +79,59 @@ fn find(f: &Fields, c: u32, d: u32, zero: u32) -> u64 {
             if lo >= len {
                 return 0;
             }
-            lo
-        } else {
-            // The last interval starting at or before the value (the first
-            // starts at 0): the index built bit by bit from the highest,
-            // each bit kept if the interval there starts at or before the
-            // value. The index starts as a value the verifier does not
-            // know: as a known number it would be decided against what
-            // the verifier learnt of the length, and every index tracked
-            // apart.
-            let mut lo = zero;
-            let mut step = CLS_SLOT_KEYS / 2;
-            while step != 0 {
-                let m = lo + step;
-                if m < len {
-                    let Some(k) = CLS_KEY.get(base + m) else {
-                        return 0;
-                    };
-                    if (k.hi, k.lo) <= (vh, vl) {
-                        lo = m;
-                    }
-                }
-                step /= 2;
+            match CLS_KEY.get(base + lo) {
+                Some(k) => (k.bitmap, k.summary),
+                None => return 0,
             }
-            lo
-        };
-        match CLS_KEY.get(base + lo) {
-            Some(k) => (k.bitmap, k.summary),
-            None => return 0,
+        } else {
+            // Few intervals (most rule sets): a search of 4 steps instead
+            // of 12. The first interval's bitmap is in the descriptor.
+            let first = (slot.first, slot.first_summary);
+            let found = if len <= SHORT_SEARCH {
+                search::<{ SHORT_SEARCH / 2 }>(base, len, vh, vl, zero, first)
+            } else {
+                search::<{ CLS_SLOT_KEYS / 2 }>(base, len, vh, vl, zero, first)
+            };
+            match found {
+                Some(found) => found,
+                None => return 0,
+            }
         }
     };
     if id >= CLS_BITMAP_POOL || summary == 0 {
         return 0;
     }
     u64::from(summary) << 32 | u64::from(id)
+}
+
+/// Slots of at most this many intervals are searched in fewer steps.
+const SHORT_SEARCH: u32 = 16;
+
+/// The bitmap (id, summary) of the last of the `len` intervals from
+/// `base` in the key pool starting at or before the value `(vh, vl)`, for
+/// `len` up to `2 * FIRST`; `first`: the first interval's (it starts at
+/// 0). The interval's index is built bit by bit from `FIRST` down, each bit
+/// kept if the interval there starts at or before the value. The index
+/// starts as `zero`, a value the verifier does not know: as a known number
+/// it would be decided against what the verifier learnt of the length,
+/// and every index tracked apart. `None`: out of the pool.
+#[inline(always)]
+fn search<const FIRST: u32>(base: u32, len: u32, vh: u64, vl: u64, zero: u32, first: (u32, u32)) -> Option<(u32, u32)> {
+    let mut lo = zero;
+    let mut found = first;
+    let mut step = FIRST;
+    while step != 0 {
+        let m = lo + step;
+        if m < len {
+            let k = CLS_KEY.get(base + m)?;
+            if (k.hi, k.lo) <= (vh, vl) {
+                lo = m;
+                found = (k.bitmap, k.summary);
+            }
+        }
+        step /= 2;
+    }
+    Some(found)
 }
 
 /// Index of the lowest set bit of a non-zero word, without branches:
