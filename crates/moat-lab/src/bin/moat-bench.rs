@@ -11,7 +11,8 @@
 //! verdict of a plain run, and the miss path (which rewrites nothing) is also timed
 //! directly as a check of the correction.
 //!
-//! Usage: moat-bench [--quick]
+//! Usage: moat-bench [--quick] [--live-only]
+//! (`--live-only`: only the live-frames table)
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -208,6 +209,10 @@ fn main() {
         plan.repeat, plan.rounds
     );
     println!();
+    if std::env::args().any(|a| a == "--live-only") {
+        live(&plan);
+        return;
+    }
 
     let bare = BareDrop::load().expect("loading the bare XDP_DROP program");
     let cases = cases();
@@ -298,55 +303,61 @@ fn main() {
 }
 
 /// Mpps through a veth: the flood generator (live frames, on this CPU)
-/// sends UDP to port 9999 into a veth pair whose far end runs the bare
-/// XDP_DROP, or moat dropping the flood by the last of 1 / 100 / 1,024
-/// operator rules. The sending CPU also runs the receiving side's XDP, so
-/// the rate reflects both; the bare drop's row is the ceiling.
+/// sends UDP to port 9999 into a veth pair whose far end runs moat,
+/// dropping the flood by the last of 1 / 100 / 1,024 operator rules (and
+/// the other rows), and the same flood into a second pair whose far end
+/// runs the bare XDP_DROP. Every round sends to both, one after the
+/// other, so each row's ratio is to the bare drop measured beside it. The
+/// sending CPU also runs the receiving side's XDP, so the rate reflects
+/// both; the bare drop is the ceiling.
 fn live(plan: &Plan) {
     use moat_dataplane::{compile, flood::Flood, Dataplane, XdpMode};
     use moat_lab::{flood, netns::NetNs};
     let frames: u64 = if plan.rounds > 3 { 4_000_000 } else { 200_000 };
+    let rounds = plan.rounds.min(7);
     let gen = NetNs::new("bench-gen").expect("namespace");
     let sink = NetNs::new("bench-sink").expect("namespace");
     moat_lab::netns::veth(&gen, "g0", &sink, "s0");
-    let target = flood::Target::acme(&gen, "g0", &sink, "s0");
+    moat_lab::netns::veth(&gen, "g1", &sink, "s1");
     // From 192.0.2.0/24, as the last rule of `rule_set` asks.
-    let template = flood::udp(
-        &flood::Target {
-            src: Ipv4Addr::new(192, 0, 2, 0),
-            random_bits: 8,
-            ..target
-        },
-        9999,
-        22,
-    );
-    let g0 = gen.ifindex("g0");
-    let mut generator = Flood::load().expect("load the generator");
-    let mut run = || -> f64 {
-        let mut rates = Vec::new();
-        for _ in 0..plan.rounds.min(5) {
-            let _in = gen.enter().expect("enter generator");
-            let r = generator
-                .run(&template, g0, frames, std::time::Duration::from_secs(10))
-                .expect("flood");
-            rates.push(r.rate() / 1e6);
-        }
-        median(rates)
+    let template = |from: &str, to: &str| {
+        flood::udp(
+            &flood::Target {
+                src: Ipv4Addr::new(192, 0, 2, 0),
+                random_bits: 8,
+                ..flood::Target::acme(&gen, from, &sink, to)
+            },
+            9999,
+            22,
+        )
     };
-    // The ceiling: the bare XDP_DROP on the receiving end.
-    moat_lab::baseline::PinnedBareDrop::new()
-        .expect("pin the bare drop")
-        .attach(&sink, "s0");
-    let ceiling = run();
-    sink.ip(&["link", "set", "dev", "s0", "xdpdrv", "off"]);
+    let (to_moat, to_bare) = (template("g0", "s0"), template("g1", "s1"));
+    let (g0, g1) = (gen.ifindex("g0"), gen.ifindex("g1"));
+    let mut generator = Flood::load().expect("load the generator");
+    // The bare XDP_DROP on the second pair's receiving end, for the run's length.
+    let bare = moat_lab::baseline::PinnedBareDrop::new().expect("pin the bare drop");
+    bare.attach(&sink, "s1");
+    // Per round: (bare Mpps, moat Mpps).
+    let mut run = || -> Vec<(f64, f64)> {
+        let _in = gen.enter().expect("enter generator");
+        let mut send = |t: &moat_dataplane::flood::Template, ifindex: u32| {
+            generator
+                .run(t, ifindex, frames, std::time::Duration::from_secs(10))
+                .expect("flood")
+                .rate()
+                / 1e6
+        };
+        (0..rounds).map(|_| (send(&to_bare, g1), send(&to_moat, g0))).collect()
+    };
+    println!("## Live frames through a veth ({frames} frames per run, {rounds} rounds)");
+    println!();
     println!(
-        "## Live frames through a veth ({frames} frames per run, median of {} runs)",
-        plan.rounds.min(5)
+        "Each round floods the bare XDP_DROP's veth, then moat's. Mpps are medians over the rounds; \
+         time per packet is the median of the per-round ratios bare Mpps / moat Mpps."
     );
     println!();
-    println!("| receiving XDP program | Mpps | x bare drop |");
-    println!("|---|---:|---:|");
-    println!("| bare XDP_DROP | {ceiling:.2} | 1.00 |");
+    println!("| receiving XDP program | Mpps | bare XDP_DROP, same rounds, Mpps | time per packet, x bare drop |");
+    println!("|---|---:|---:|---:|");
     let mut dp = Dataplane::load().expect("load moat");
     {
         let _in = sink.enter().expect("enter sink");
@@ -407,7 +418,7 @@ fn live(plan: &Plan) {
         dp.apply(&compiled).expect("apply");
         prev = Some(compiled);
         let before = dp.counters([], []).expect("counters");
-        let mpps = run();
+        let rates = run();
         let after = dp.counters([], []).expect("counters");
         let counted = after.packets(reason) - before.packets(reason);
         let moved: Vec<(Reason, u64)> = Reason::ALL
@@ -415,13 +426,16 @@ fn live(plan: &Plan) {
             .map(|r| (*r, after.packets(*r) - before.packets(*r)))
             .filter(|(_, n)| *n > 0)
             .collect();
-        let sent = frames * plan.rounds.min(5) as u64;
+        let sent = frames * rounds as u64;
         // (A rate limit lets its first packets through.)
         assert!(
             counted >= sent * 9 / 10,
             "{label}: {counted} of {sent} ended as {reason:?} (counted: {moved:?})"
         );
-        println!("| {label} | {mpps:.2} | {:.2} |", mpps / ceiling);
+        let bare_mpps = median(rates.iter().map(|r| r.0).collect());
+        let mpps = median(rates.iter().map(|r| r.1).collect());
+        let time = median(rates.iter().map(|r| r.0 / r.1).collect());
+        println!("| {label} | {mpps:.2} | {bare_mpps:.2} | {time:.2} |");
     }
 }
 
