@@ -36,7 +36,7 @@ pub const DIR_NODES: u32 = 4096;
 /// Deepest node level: IPv4 needs 2 (bytes 3 and 4), IPv6 14.
 pub const DIR_LEVELS4: usize = 2;
 pub const DIR_LEVELS6: usize = 14;
-/// `DIR_ACTIVE` value meaning "no table: use the LPM tables".
+/// The `ACTIVE` destination-buffer word meaning "no table: use the LPM tables".
 pub const DIR_NONE: u32 = 2;
 
 /// Route set value meaning "no route covers this address".

@@ -214,7 +214,22 @@ pub mod tcp_flag {
     pub const SIX: u8 = 0x3f;
 }
 
-/// Built-in protections, bits of the one value of the `PROTECTIONS` array
+/// The words of the one value of the `ACTIVE` array: what the data plane
+/// uses now, read with one lookup per packet. Userspace maps the array
+/// into its memory and changes each word with one store.
+pub mod active {
+    /// The live multibit destination buffer of IPv4 and of IPv6 (0 or 1),
+    /// or `DIR_NONE`: use the LPM tables.
+    pub const DIR4: u32 = 0;
+    pub const DIR6: u32 = 1;
+    /// The built-in protections in force (`protect` bits).
+    pub const PROTECTIONS: u32 = 2;
+    /// The live copy of the rule sets (0 or 1), or `CLS_NONE`.
+    pub const RULES: u32 = 3;
+    pub const WORDS: u32 = 4;
+}
+
+/// Built-in protections, bits of the `ACTIVE` array's protections word
 /// (applied to traffic for protected prefixes, before routing).
 pub mod protect {
     /// Drop TCP with SYN+FIN, SYN+RST, no flags, or all six flags set.

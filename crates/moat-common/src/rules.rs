@@ -3,7 +3,8 @@
 //! interval tables and term bitmaps (see moat-dataplane's classify.rs).
 //! Every set lives in shared pools (slot descriptors, intervals, bitmaps,
 //! terms), all held twice: userspace fills the idle copy and flips
-//! `CLS_ACTIVE` with one store, so a packet sees the old sets or the new.
+//! the rules word of `ACTIVE` with one store, so a packet sees the old
+//! sets or the new.
 
 /// Terms (bits) one rule set may hold.
 pub const CLS_TERMS: usize = 1024;
@@ -29,12 +30,25 @@ pub const CLS_DIRECT_MIN_KEYS: u32 = 8;
 /// indexes each, the lowest value in the low bits).
 pub const CLS_DIRECT_VALUES: u32 = 65_536;
 pub const CLS_DIRECT_WORDS: u32 = CLS_DIRECT_VALUES / 4;
+/// Search-tree nodes per copy (see [`ClsNode`]): a slot of a field of at
+/// most 32 bits without a direct table gets a tree while they last; the
+/// others are searched step by step, so running out costs time only.
+pub const CLS_NODE_POOL: u32 = 16_384;
+/// Keys of a search-tree node.
+pub const CLS_NODE_KEYS: u32 = 16;
+/// Levels of a search tree: enough for a slot's most intervals.
+pub const CLS_NODE_LEVELS: u32 = 3;
+const _: () = assert!(CLS_NODE_KEYS.pow(CLS_NODE_LEVELS) >= CLS_SLOT_KEYS);
+/// The start of a node's unused keys: above every value a tree slot holds
+/// (and every start below it), so that the data plane can compare starts
+/// and values by the sign of their difference.
+pub const CLS_NODE_END: u64 = i64::MAX as u64;
 /// Rules (each with its counter and rate-limit bucket) per copy.
 pub const CLS_RULE_POOL: u32 = 16_384;
 /// Per-address rate-limit buckets (LRU: a flood of spoofed sources evicts
 /// old buckets instead of exhausting memory).
 pub const RL_ADDR_ENTRIES: u32 = 131_072;
-/// `CLS_ACTIVE` when no rule set is in force.
+/// The rules word of `ACTIVE` when no rule set is in force.
 pub const CLS_NONE: u32 = 2;
 /// The operator's mitigation rules.
 pub const SET_MITIGATION: u32 = 0;
@@ -125,8 +139,65 @@ pub struct ClsSlot {
     /// moves past no interval finds).
     pub first: u32,
     pub first_summary: u32,
+    /// Its search tree: `1 +` the index of its root in the copy's node
+    /// pool (0: none), and its number of levels.
+    pub tree: u32,
+    pub levels: u32,
 }
-const _: () = assert!(core::mem::size_of::<ClsSlot>() == 32);
+const _: () = assert!(core::mem::size_of::<ClsSlot>() == 40);
+
+/// A node of a slot's search tree, a static 16-ary tree over the slot's
+/// intervals (a field of at most 32 bits: every start and value is below
+/// [`CLS_NODE_END`]). Its nodes are numbered level by level from the
+/// root (0); key `i` of node `j` leads to node `16 * j + 1 + i` of the
+/// next level. A leaf (the last level) holds 16 intervals: their starts,
+/// bitmaps and summaries, in order. An inner node holds the start of the
+/// first interval under each child. Unused keys start at
+/// [`CLS_NODE_END`]. Per level, the data plane reads one node and counts
+/// the keys starting at or before the value, with no branch: the last of
+/// them is the key to follow, or in a leaf the interval holding the value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClsNode {
+    pub start: [u64; CLS_NODE_KEYS as usize],
+    pub bitmap: [u32; CLS_NODE_KEYS as usize],
+    pub summary: [u32; CLS_NODE_KEYS as usize],
+}
+const _: () = assert!(core::mem::size_of::<ClsNode>() == 256);
+
+impl Default for ClsNode {
+    fn default() -> ClsNode {
+        ClsNode {
+            start: [CLS_NODE_END; CLS_NODE_KEYS as usize],
+            bitmap: [0; CLS_NODE_KEYS as usize],
+            summary: [0; CLS_NODE_KEYS as usize],
+        }
+    }
+}
+
+/// The levels of the search tree over `len` intervals (at least one).
+pub const fn tree_levels(len: u32) -> u32 {
+    let mut levels = 1;
+    let mut reach = CLS_NODE_KEYS;
+    while reach < len {
+        reach *= CLS_NODE_KEYS;
+        levels += 1;
+    }
+    levels
+}
+
+/// The number of the first node of `level` (0: the root's).
+pub const fn tree_level_first(level: u32) -> u32 {
+    let mut first = 0;
+    let mut width = 1;
+    let mut l = 0;
+    while l < level {
+        first += width;
+        width *= CLS_NODE_KEYS;
+        l += 1;
+    }
+    first
+}
 
 /// An interval's start (a 128-bit value as two halves; integers and IPv4
 /// addresses in `lo`) and its bitmap (an index into the bitmap pool, and
@@ -142,7 +213,7 @@ pub struct ClsKey {
 const _: () = assert!(core::mem::size_of::<ClsKey>() == 24);
 
 /// A matching term's rule: its counter (an index into `RULE_STATS`, whose
-/// copy-sized halves follow `CLS_ACTIVE`), its action and, for rate
+/// copy-sized halves follow the live copy), its action and, for rate
 /// limits, the bucket's parameters.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -208,6 +279,8 @@ mod pod {
     unsafe impl aya::Pod for super::ClsSlot {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ClsKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ClsNode {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ClsSet {}
     // SAFETY: as above.

@@ -194,7 +194,7 @@ impl Default for Protections {
 }
 
 impl Protections {
-    /// As the data plane's `PROTECTIONS` bits.
+    /// As the data plane's protection bits (`moat_common::protect`).
     pub fn bits(&self) -> u32 {
         use moat_common::protect::*;
         let mut b = 0;

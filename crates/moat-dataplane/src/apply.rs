@@ -184,7 +184,8 @@ fn write_all(root: &MmapWords, nodes: &MmapWords, buf: u32, dir: &Dir) {
     }
 }
 
-/// Makes `model` the live multibit table of `family` (0: IPv4, 1: IPv6)
+/// Makes `model` the live multibit table of `family` (its `ACTIVE` word:
+/// `active::DIR4` or `active::DIR6`)
 /// after a full build: a table equal to the live one is left alone,
 /// another is written into the idle buffer and then made live with one
 /// store.
@@ -414,7 +415,7 @@ impl Dataplane {
                 .collect(),
             decap: read_hash(&m.decap, "DECAP")?,
             local_addrs: read_hash(&m.local_addrs, "LOCAL_ADDRS")?,
-            protections: m.protections.get(&0, 0).map_err(Error::map("PROTECTIONS"))?,
+            protections: m.active.get(moat_common::active::PROTECTIONS) as u32,
             ..Entries::default()
         };
         let mut tunnel_ids: BTreeSet<u32> = out.decap.iter().map(|(_, d)| d.tunnel).collect();
@@ -606,9 +607,8 @@ impl Dataplane {
             for (w, bits) in words {
                 m.reflect_ports.set(w, bits, 0).map_err(Error::map("REFLECT_PORTS"))?;
             }
-            m.protections
-                .set(0, want.protections, 0)
-                .map_err(Error::map("PROTECTIONS"))?;
+            m.active
+                .set(moat_common::active::PROTECTIONS, u64::from(want.protections));
             report.changed += 1;
         }
 
@@ -631,8 +631,8 @@ impl Dataplane {
         };
         report.lpm_fallback[0] = !update_dir(
             &mut state.dir4,
-            &m.dir_active,
-            0,
+            &m.active,
+            moat_common::active::DIR4,
             &m.dir4_root,
             &m.dir4_nodes,
             &have.dest4,
@@ -641,8 +641,8 @@ impl Dataplane {
         );
         report.lpm_fallback[1] = !update_dir(
             &mut state.dir6,
-            &m.dir_active,
-            1,
+            &m.active,
+            moat_common::active::DIR6,
             &m.dir6_root,
             &m.dir6_nodes,
             &have.dest6,

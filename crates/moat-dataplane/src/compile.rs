@@ -60,7 +60,7 @@ pub struct Contents {
     pub tunnels: BTreeMap<u32, Tunnel>,
     pub decap: BTreeMap<DecapKey, DecapValue>,
     pub local_addrs: BTreeMap<[u8; 4], u32>,
-    /// The `PROTECTIONS` value.
+    /// The protections word of `ACTIVE`.
     pub protections: u32,
     /// Customer id -> name.
     pub customers: BTreeMap<u32, String>,

@@ -35,7 +35,8 @@ pub struct Maps {
     pub dir4_nodes: MmapWords,
     pub dir6_root: MmapWords,
     pub dir6_nodes: MmapWords,
-    pub dir_active: MmapWords,
+    /// The `ACTIVE` words (`moat_common::active`).
+    pub active: MmapWords,
     pub source4: LpmTrie<MapData, [u8; 8], u32>,
     pub source6: LpmTrie<MapData, [u8; 20], u32>,
     pub route_sets: Array<MapData, u32>,
@@ -44,11 +45,10 @@ pub struct Maps {
     pub tunnel_slot: Array<MapData, u32>,
     pub decap: HashMap<MapData, DecapKey, DecapValue>,
     pub local_addrs: HashMap<MapData, [u8; 4], u32>,
-    pub protections: Array<MapData, u32>,
-    pub cls_active: Array<MapData, u32>,
     pub cls_set: Array<MapData, moat_common::rules::ClsSet>,
     pub cls_slot: Array<MapData, moat_common::rules::ClsSlot>,
     pub cls_key: Array<MapData, moat_common::rules::ClsKey>,
+    pub cls_node: Array<MapData, moat_common::rules::ClsNode>,
     pub cls_bitmap: Array<MapData, [u64; moat_common::rules::CLS_WORDS]>,
     pub cls_direct: MmapWords,
     pub cls_term: Array<MapData, moat_common::rules::ClsTerm>,
@@ -80,28 +80,6 @@ pub struct Dataplane {
     /// The last state applied successfully (ids, names), for the next compile.
     pub(crate) applied: Option<crate::compile::Compiled>,
 }
-
-/// Every map of the object, by name.
-pub const MAP_NAMES: [&str; 18] = [
-    "DEST4",
-    "DEST6",
-    "DIR4_ROOT",
-    "DIR4_NODES",
-    "DIR6_ROOT",
-    "DIR6_NODES",
-    "DIR_ACTIVE",
-    "SOURCE4",
-    "SOURCE6",
-    "ROUTE_SETS",
-    "ECMP_TABLES",
-    "TUNNELS",
-    "TUNNEL_SLOT",
-    "DECAP",
-    "LOCAL_ADDRS",
-    "REASON_STATS",
-    "CUSTOMER_STATS",
-    "TUNNEL_STATS",
-];
 
 /// Identifies this build's BPF object (FNV-1a of its bytes): a pinned
 /// program is adopted only by the build that loaded it.
@@ -209,7 +187,7 @@ impl Source<'_> {
             dir4_nodes: self.mmap("DIR4_NODES", 2 * DIR_NODES * DIR_NODE)?,
             dir6_root: self.mmap("DIR6_ROOT", 2 * DIR_ROOT)?,
             dir6_nodes: self.mmap("DIR6_NODES", 2 * DIR_NODES * DIR_NODE)?,
-            dir_active: self.mmap("DIR_ACTIVE", 2)?,
+            active: self.mmap("ACTIVE", moat_common::active::WORDS)?,
             source4: self.typed("SOURCE4")?,
             source6: self.typed("SOURCE6")?,
             route_sets: self.typed("ROUTE_SETS")?,
@@ -218,11 +196,10 @@ impl Source<'_> {
             tunnel_slot: self.typed("TUNNEL_SLOT")?,
             decap: self.typed("DECAP")?,
             local_addrs: self.typed("LOCAL_ADDRS")?,
-            protections: self.typed("PROTECTIONS")?,
-            cls_active: self.typed("CLS_ACTIVE")?,
             cls_set: self.typed("CLS_SET")?,
             cls_slot: self.typed("CLS_SLOT")?,
             cls_key: self.typed("CLS_KEY")?,
+            cls_node: self.typed("CLS_NODE")?,
             cls_bitmap: self.typed("CLS_BITMAP")?,
             cls_direct: self.mmap(
                 "CLS_DIRECT",

@@ -1,12 +1,12 @@
 //! Rule sets in the maps: the operator's mitigation rules (set 0) and each
 //! customer's firewall, compiled by [`crate::classify`], laid out in the
 //! shared pools of the idle copy of the `CLS_*` maps and made live with
-//! one store to `CLS_ACTIVE` (a packet sees the old sets or the new ones,
+//! one store to the rules word of `ACTIVE` (a packet sees the old sets or the new ones,
 //! never a mix).
 
 use std::sync::Arc;
 
-use moat_common::{limits::MAX_CUSTOMERS, rules::*};
+use moat_common::{active, limits::MAX_CUSTOMERS, rules::*};
 use moat_expr::Field;
 
 use crate::{
@@ -29,6 +29,8 @@ pub struct SetTables {
     pub key_bases: Vec<u32>,
     /// Per table: its direct table in `CLS_DIRECT`, if it has one.
     pub directs: Vec<Option<u32>>,
+    /// Per table: the root of its search tree in `CLS_NODE`, if it has one.
+    pub trees: Vec<Option<u32>>,
     pub bitmap_base: u32,
     pub term_base: u32,
     /// The first rule's counter (and rate-limit bucket).
@@ -125,7 +127,7 @@ pub(crate) fn compile(
     crate::compile::check_capacity("customers with firewall rules", firewalls.len(), CLS_SETS - 1)?;
     let mut sets = Vec::with_capacity(1 + firewalls.len());
     let (mut slot_next, mut key_next, mut bitmap_next, mut term_next, mut stat_next) = (0u32, 0u32, 0u32, 0u32, 0u32);
-    let mut direct_next = 0u32;
+    let (mut direct_next, mut node_next) = (0u32, 0u32);
     let owners = std::iter::once(None).chain(firewalls.iter().map(|f| Some((f.0, f.1, f.2))));
     let owners: Vec<_> = owners.collect();
     for owner in owners {
@@ -168,13 +170,15 @@ pub(crate) fn compile(
                     None
                 }
             })
-            .collect();
+            .collect::<Vec<_>>();
+        let trees = trees_for(&tables, &directs, &mut node_next, CLS_NODE_POOL);
         let set = SetTables {
             customer,
             rules: rules.iter().map(|r| (r.name.clone(), r.action)).collect(),
             slot_base: slot_next,
             key_bases,
             directs,
+            trees,
             bitmap_base: bitmap_next,
             term_base: term_next,
             stat_base: stat_next,
@@ -227,12 +231,71 @@ fn direct_words(copy: u32, d: u32, starts: &[u128]) -> (u32, impl Iterator<Item 
     (base, words)
 }
 
+/// Search trees for the tables of one set, first come first served from
+/// `*next` in a pool of `pool` nodes: the fields of at most 32 bits (all
+/// but the IPv6 addresses) without a direct table. The others are
+/// searched step by step.
+fn trees_for(tables: &Tables, directs: &[Option<u32>], next: &mut u32, pool: u32) -> Vec<Option<u32>> {
+    tables
+        .tables
+        .iter()
+        .zip(directs)
+        .map(|(t, direct)| {
+            let span = tree_span(t.starts.len() as u32);
+            let fits = t.starts.iter().all(|s| *s < u128::from(CLS_NODE_END));
+            if direct.is_none() && fits && !t.starts.is_empty() && *next + span <= pool {
+                *next += span;
+                Some(*next - span)
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+/// The nodes a search tree over `len` intervals spans (the number of its
+/// last node, plus one: see [`ClsNode`]).
+fn tree_span(len: u32) -> u32 {
+    tree_level_first(tree_levels(len) - 1) + len.div_ceil(CLS_NODE_KEYS)
+}
+
+/// The search tree over a slot's intervals (their starts, and their
+/// bitmaps as (pool id, summary)): its nodes, numbered as [`ClsNode`]
+/// says. Numbers left out are never reached.
+fn tree_nodes(starts: &[u64], bitmaps: &[(u32, u32)]) -> Vec<(u32, ClsNode)> {
+    let len = starts.len() as u32;
+    let levels = tree_levels(len);
+    let mut out = Vec::new();
+    for level in 0..levels {
+        // Intervals under one key of this level's nodes.
+        let per_key = CLS_NODE_KEYS.pow(levels - 1 - level);
+        let per_node = per_key * CLS_NODE_KEYS;
+        for p in 0..len.div_ceil(per_node) {
+            let mut node = ClsNode::default();
+            for i in 0..CLS_NODE_KEYS {
+                let first = (p * per_node + i * per_key) as usize;
+                if first >= starts.len() {
+                    break;
+                }
+                let i = i as usize;
+                node.start[i] = starts[first];
+                if level + 1 == levels {
+                    (node.bitmap[i], node.summary[i]) = bitmaps[first];
+                }
+            }
+            out.push((tree_level_first(level) + p, node));
+        }
+    }
+    out
+}
+
 /// One entry the rule tables put into a copy of the maps: its map, its
 /// index in the map and its value.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Entry {
     Slot(u32, ClsSlot),
     Key(u32, ClsKey),
+    Node(u32, ClsNode),
     Bitmap(u32, [u64; CLS_WORDS]),
     Term(u32, ClsTerm),
     Set(u32, ClsSet),
@@ -244,6 +307,7 @@ fn place(e: &Entry) -> (&'static str, u32) {
     match *e {
         Entry::Slot(i, _) => ("CLS_SLOT", i),
         Entry::Key(i, _) => ("CLS_KEY", i),
+        Entry::Node(i, _) => ("CLS_NODE", i),
         Entry::Bitmap(i, _) => ("CLS_BITMAP", i),
         Entry::Term(i, _) => ("CLS_TERM", i),
         Entry::Set(i, _) => ("CLS_SET", i),
@@ -259,14 +323,15 @@ fn entries(r: &RuleTables, copy: u32) -> Vec<Entry> {
         let n = n as u32;
         let (descs, v4_end, v6_start) = slots(&set.tables);
         for (i, (slot, table, absent)) in descs.iter().enumerate() {
-            let (len, key_base, direct, first) = match table {
+            let (len, key_base, direct, first, tree) = match table {
                 Some(t) => (
                     set.tables.tables[*t].starts.len() as u32,
                     set.key_bases[*t],
                     set.directs[*t].map_or(0, |d| d + 1),
                     set.tables.tables[*t].bitmaps.first().copied(),
+                    set.trees[*t],
                 ),
-                None => (0, 0, 0, None),
+                None => (0, 0, 0, None, None),
             };
             let d = ClsSlot {
                 slot: *slot,
@@ -277,6 +342,8 @@ fn entries(r: &RuleTables, copy: u32) -> Vec<Entry> {
                 absent_summary: summary(&set.tables.bitmaps[*absent as usize]),
                 first: first.map_or(0, |b| set.bitmap_base + b),
                 first_summary: first.map_or(0, |b| summary(&set.tables.bitmaps[b as usize])),
+                tree: tree.map_or(0, |root| root + 1),
+                levels: tree.map_or(0, |_| tree_levels(len)),
             };
             out.push(Entry::Slot(copy * CLS_SLOT_POOL + set.slot_base + i as u32, d));
         }
@@ -289,6 +356,18 @@ fn entries(r: &RuleTables, copy: u32) -> Vec<Entry> {
                     summary: summary(&set.tables.bitmaps[*bitmap as usize]),
                 };
                 out.push(Entry::Key(copy * CLS_KEY_POOL + key_base + i as u32, key));
+            }
+        }
+        for (t, tree) in set.tables.tables.iter().zip(&set.trees) {
+            let Some(root) = tree else { continue };
+            let starts: Vec<u64> = t.starts.iter().map(|s| *s as u64).collect();
+            let bitmaps: Vec<(u32, u32)> = t
+                .bitmaps
+                .iter()
+                .map(|b| (set.bitmap_base + b, summary(&set.tables.bitmaps[*b as usize])))
+                .collect();
+            for (j, node) in tree_nodes(&starts, &bitmaps) {
+                out.push(Entry::Node(copy * CLS_NODE_POOL + root + j, node));
             }
         }
         for (id, b) in set.tables.bitmaps.iter().enumerate() {
@@ -348,12 +427,12 @@ impl Dataplane {
     /// the new copy start from zero. Returns the number of map entries written.
     pub(crate) fn write_rules(&mut self, rules: Option<&RuleTables>) -> Result<usize, Error> {
         let m = &mut self.maps;
-        let active = m.cls_active.get(&0, 0).map_err(Error::map("CLS_ACTIVE"))?;
+        let active = m.active.get(active::RULES) as u32;
         let Some(r) = rules else {
             if active == CLS_NONE {
                 return Ok(0);
             }
-            m.cls_active.set(0, CLS_NONE, 0).map_err(Error::map("CLS_ACTIVE"))?;
+            m.active.set(active::RULES, u64::from(CLS_NONE));
             return Ok(1);
         };
         let idle = if active == 0 { 1 } else { 0 };
@@ -363,6 +442,7 @@ impl Dataplane {
             match e {
                 Entry::Slot(i, v) => m.cls_slot.set(i, v, 0).map_err(Error::map("CLS_SLOT"))?,
                 Entry::Key(i, v) => m.cls_key.set(i, v, 0).map_err(Error::map("CLS_KEY"))?,
+                Entry::Node(i, v) => m.cls_node.set(i, v, 0).map_err(Error::map("CLS_NODE"))?,
                 Entry::Bitmap(i, v) => m.cls_bitmap.set(i, v, 0).map_err(Error::map("CLS_BITMAP"))?,
                 Entry::Term(i, v) => m.cls_term.set(i, v, 0).map_err(Error::map("CLS_TERM"))?,
                 Entry::Set(i, v) => m.cls_set.set(i, v, 0).map_err(Error::map("CLS_SET"))?,
@@ -403,14 +483,14 @@ impl Dataplane {
                 written += 1;
             }
         }
-        m.cls_active.set(0, idle, 0).map_err(Error::map("CLS_ACTIVE"))?;
+        m.active.set(active::RULES, u64::from(idle));
         Ok(written + 1)
     }
 
     /// The digest of the rule sets in force in the maps (`None`: no rule
     /// set is in force).
     pub(crate) fn live_rules_digest(&self) -> Result<Option<u64>, Error> {
-        let active = self.maps.cls_active.get(&0, 0).map_err(Error::map("CLS_ACTIVE"))?;
+        let active = self.maps.active.get(active::RULES) as u32;
         if active > 1 {
             return Ok(None);
         }
@@ -443,7 +523,7 @@ impl Dataplane {
             return Ok(Vec::new());
         };
         let m = &self.maps;
-        let active = m.cls_active.get(&0, 0).map_err(Error::map("CLS_ACTIVE"))?;
+        let active = m.active.get(active::RULES) as u32;
         let mut out = Vec::new();
         let mut more = 0usize;
         let mut differ = |what: String| {
@@ -458,6 +538,7 @@ impl Dataplane {
             let same = match e {
                 Entry::Slot(i, v) => m.cls_slot.get(&i, 0).map_err(Error::map("CLS_SLOT"))? == v,
                 Entry::Key(i, v) => m.cls_key.get(&i, 0).map_err(Error::map("CLS_KEY"))? == v,
+                Entry::Node(i, v) => m.cls_node.get(&i, 0).map_err(Error::map("CLS_NODE"))? == v,
                 Entry::Bitmap(i, v) => m.cls_bitmap.get(&i, 0).map_err(Error::map("CLS_BITMAP"))? == v,
                 Entry::Term(i, v) => m.cls_term.get(&i, 0).map_err(Error::map("CLS_TERM"))? == v,
                 Entry::Set(i, v) => m.cls_set.get(&i, 0).map_err(Error::map("CLS_SET"))? == v,
@@ -501,7 +582,7 @@ impl Dataplane {
         let Some(r) = self.applied.as_ref().and_then(|a| a.rules.clone()) else {
             return Ok(Vec::new());
         };
-        let active = self.maps.cls_active.get(&0, 0).map_err(Error::map("CLS_ACTIVE"))?;
+        let active = self.maps.active.get(active::RULES) as u32;
         if active > 1 {
             return Ok(Vec::new());
         }
@@ -591,5 +672,87 @@ mod tests {
             .flat_map(|s| s.directs.iter().flatten().copied())
             .collect();
         assert_eq!(all, (0..CLS_DIRECT_TABLES).collect::<Vec<_>>(), "each table once");
+    }
+
+    /// The data plane's walk (moat-ebpf's `walk`), over `nodes` by number.
+    fn walk(nodes: &std::collections::HashMap<u32, ClsNode>, levels: u32, v: u64) -> (u32, u32) {
+        let mut j = 0;
+        for level in 1..=levels {
+            let node = &nodes[&j];
+            let mut i = 0;
+            let mut step = CLS_NODE_KEYS / 2;
+            while step != 0 {
+                let m = (i + step) & (CLS_NODE_KEYS - 1);
+                if node.start[m as usize] <= v {
+                    i = m;
+                }
+                step /= 2;
+            }
+            if level == levels {
+                return (node.bitmap[i as usize], node.summary[i as usize]);
+            }
+            j = j * CLS_NODE_KEYS + 1 + i;
+        }
+        unreachable!("a tree has at least one level")
+    }
+
+    #[test]
+    fn search_trees_find_the_interval_holding_each_value() {
+        for len in [1u32, 2, 3, 15, 16, 17, 100, 255, 256, 257, 1000, 1025, 4095, 4096] {
+            // Starts 0, 7, 14, ...; interval k's bitmap is (k, k + 1).
+            let starts: Vec<u64> = (0..u64::from(len)).map(|k| 7 * k).collect();
+            let bitmaps: Vec<(u32, u32)> = (0..len).map(|k| (k, k + 1)).collect();
+            let levels = tree_levels(len);
+            let nodes: std::collections::HashMap<u32, ClsNode> = tree_nodes(&starts, &bitmaps).into_iter().collect();
+            let span = tree_span(len);
+            assert!(nodes.keys().all(|j| *j < span), "len {len}: a node past the span");
+            assert!(levels <= CLS_NODE_LEVELS && CLS_NODE_KEYS.pow(levels) >= len);
+            for v in (0..7 * u64::from(len) + 20).step_by(3).chain([u64::from(u32::MAX)]) {
+                let k = (v / 7).min(u64::from(len) - 1) as u32;
+                assert_eq!(walk(&nodes, levels, v), (k, k + 1), "len {len}, value {v}");
+            }
+        }
+    }
+
+    #[test]
+    fn search_trees_go_to_fields_of_at_most_32_bits_while_nodes_last() {
+        let mut rules = port_rules("udp.dstport", 3);
+        rules.extend(port_rules("tcp.dstport", 40));
+        rules.push(rule("v6", "ip.src in {2001:db8::/32}"));
+        let r = compile(&rules, &[]).unwrap().unwrap();
+        let set = &r.sets[0];
+        let kinds: Vec<(Field, Space, bool)> = set
+            .tables
+            .tables
+            .iter()
+            .zip(&set.trees)
+            .map(|(t, tree)| (t.field, t.space, tree.is_some()))
+            .collect();
+        // The IPv4 sources and the UDP port: trees; the TCP port has a
+        // direct table, the IPv6 sources are searched.
+        for want in [
+            (Field::IpSrc, Space::Main, true),
+            (Field::UdpDstPort, Space::Main, true),
+            (Field::TcpDstPort, Space::Main, false),
+            (Field::IpSrc, Space::V6, false),
+        ] {
+            assert!(kinds.contains(&want), "{want:?} in {kinds:?}");
+        }
+        // Trees are laid out one after the other from the start of the pool.
+        let spans: Vec<(u32, u32)> = set
+            .tables
+            .tables
+            .iter()
+            .zip(&set.trees)
+            .filter_map(|(t, tree)| tree.map(|root| (root, tree_span(t.starts.len() as u32))))
+            .collect();
+        assert_eq!(spans[0].0, 0);
+        assert!(spans.windows(2).all(|w| w[1].0 == w[0].0 + w[0].1), "{spans:?}");
+        // With room for only the first, the second is searched.
+        let room = spans[0].1 + spans[1].1 - 1;
+        let mut next = 0;
+        let trees = trees_for(&set.tables, &set.directs, &mut next, room);
+        assert_eq!(trees.iter().filter(|t| t.is_some()).count(), 1, "{trees:?}");
+        assert_eq!(next, spans[0].1);
     }
 }

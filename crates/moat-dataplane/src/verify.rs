@@ -197,7 +197,7 @@ impl Dataplane {
         let mut out = Vec::new();
         check(
             "IPv4",
-            m.dir_active.get(0) as u32,
+            m.active.get(moat_common::active::DIR4) as u32,
             &m.dir4_root,
             &m.dir4_nodes,
             &want.dest4,
@@ -205,7 +205,7 @@ impl Dataplane {
         );
         check(
             "IPv6",
-            m.dir_active.get(1) as u32,
+            m.active.get(moat_common::active::DIR6) as u32,
             &m.dir6_root,
             &m.dir6_nodes,
             &want.dest6,

@@ -148,25 +148,28 @@ mod program {
                 }
             }
         }
-        let dest = match lookup_dest(&pkt) {
+        let Some(active) = maps::ACTIVE.get(0) else {
+            return Err(Reason::DropInternal);
+        };
+        let dest = match lookup_dest(&pkt, active) {
             Some(d) => d,
             None => return Ok((xdp_action::XDP_PASS, Reason::PassNotProtected)),
         };
         let frame_len = pkt.frame_len as u64;
-        let on = maps::PROTECTIONS.get(0).copied().unwrap_or(0);
+        let on = active[moat_common::active::PROTECTIONS as usize] as u32;
         let scratch = protect(&pkt, on).and_then(|()| rules::scratch().ok_or(Reason::DropInternal));
         let (dest, out) = match scratch {
             Err(reason) => (dest, Err(reason)),
             Ok(sc) => {
-                let copy = rules::prepare(ctx, &pkt, sc);
-                let reflect = reflected(&pkt, on);
+                let copy = rules::prepare(ctx, &pkt, sc, active[moat_common::active::RULES as usize]);
                 let deliver = encap::Deliver::of(&pkt);
                 // From here on nothing of the parse is used but what
                 // crosses this barrier, so every way through the parser
                 // reaches the rules in one state and the verifier checks
                 // them once.
-                let (dest, reflect) = rules::barrier(sc, dest, reflect);
+                let dest = rules::barrier(sc, dest);
                 let deliver = encap::Deliver(rules::opaque(sc, deliver.0));
+                let reflect = rules::opaque(sc, reflect_port(&pkt, on));
                 // A later fragment the rules let through is still dropped
                 // when its datagram's first fragment was.
                 let ruled = apply_rules(sc, copy, reflect, dest.customer, frame_len)
@@ -196,13 +199,13 @@ mod program {
     /// drop, pass, or pass while its token bucket has credit), then the
     /// customer's firewall (the first that matches decides: block or
     /// allow; no match allows), then the reflection protection (`reflect`:
-    /// the packet is a reflection), which an operator pass or a firewall
-    /// allow overrides. Every match is counted under its rule.
+    /// see [`reflect_port`]), which an operator pass or a firewall allow
+    /// overrides. Every match is counted under its rule.
     #[inline(always)]
     fn apply_rules(
         sc: &mut rules::Scratch,
         copy: Option<u32>,
-        reflect: bool,
+        reflect: u64,
         customer: u32,
         frame_len: u64,
     ) -> Result<(), Reason> {
@@ -239,28 +242,33 @@ mod program {
                 }
             }
         }
-        if !allowed && reflect {
+        if !allowed && reflect != 0 && reflector(reflect - 1) {
             return Err(Reason::DropReflection);
         }
         Ok(())
     }
 
-    /// UDP from a reflector source port, with the reflection protection on.
+    /// For UDP with the reflection protection on: `1 +` its source port,
+    /// which [`reflector`] checks once the rules have not decided (most
+    /// often they have, and the port is never looked up); else 0.
     #[inline(always)]
-    fn reflected(pkt: &Packet, on: u32) -> bool {
-        if pkt.proto != parse::IPPROTO_UDP {
-            return false;
+    fn reflect_port(pkt: &Packet, on: u32) -> u64 {
+        if pkt.proto != parse::IPPROTO_UDP || on & moat_common::protect::REFLECTION == 0 {
+            return 0;
         }
         let Some(ports) = pkt.ports else {
-            return false;
+            return 0;
         };
-        if on & moat_common::protect::REFLECTION == 0 {
-            return false;
-        }
         let b = ports.to_ne_bytes();
-        let sport = u32::from(u16::from_be_bytes([b[0], b[1]]));
-        match maps::REFLECT_PORTS.get(sport / 64) {
-            Some(w) => w & (1 << (sport % 64)) != 0,
+        1 + u64::from(u16::from_be_bytes([b[0], b[1]]))
+    }
+
+    /// Whether `port` is a reflector's source port.
+    #[inline(always)]
+    fn reflector(port: u64) -> bool {
+        let port = port as u32 & 0xffff;
+        match maps::REFLECT_PORTS.get(port / 64) {
+            Some(w) => w & (1 << (port % 64)) != 0,
             None => false,
         }
     }
@@ -295,16 +303,20 @@ mod program {
     }
 
     /// Destination lookup in the multibit table (inlined array loads, no
-    /// kernel call), or in the LPM table when no multibit table is live.
+    /// kernel call), or in the LPM table when no multibit table is live
+    /// (the family's word of `active`).
     /// Each lookup names its map directly: a call site shared by two maps is
     /// not inlined by the verifier and costs an indirect call.
     #[inline(always)]
-    fn lookup_dest(pkt: &Packet) -> Option<moat_common::DestValue> {
-        use moat_common::{dir_value, limits::*, DIR_CHILD, DIR_LEAF};
+    fn lookup_dest(
+        pkt: &Packet,
+        active: &[u64; moat_common::active::WORDS as usize],
+    ) -> Option<moat_common::DestValue> {
+        use moat_common::{active::*, dir_value, limits::*, DIR_CHILD, DIR_LEAF};
         let top = u32::from_be(pkt.dst[0]);
         match pkt.family {
             Family::V4 => {
-                let buf = *maps::DIR_ACTIVE.get(0)? as u32;
+                let buf = active[DIR4 as usize] as u32;
                 if buf >= DIR_NONE {
                     let k = maps::Key4 {
                         prefix_len: 32,
@@ -324,7 +336,7 @@ mod program {
                 (e & DIR_LEAF != 0).then(|| dir_value(e))
             }
             Family::V6 => {
-                let buf = *maps::DIR_ACTIVE.get(1)? as u32;
+                let buf = active[DIR6 as usize] as u32;
                 if buf >= DIR_NONE {
                     let k = maps::Key6 {
                         prefix_len: 128,

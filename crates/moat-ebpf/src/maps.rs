@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use moat_common::rules::{
-    ClsKey, ClsSet, ClsSlot, ClsTerm, FragKey, RlKey, CLS_BITMAP_POOL, CLS_DIRECT_TABLES, CLS_DIRECT_WORDS,
-    CLS_KEY_POOL, CLS_RULE_POOL, CLS_SETS, CLS_SLOT_POOL, CLS_TERM_POOL, CLS_WORDS, FRAG_DROPS_ENTRIES,
+    ClsKey, ClsNode, ClsSet, ClsSlot, ClsTerm, FragKey, RlKey, CLS_BITMAP_POOL, CLS_DIRECT_TABLES, CLS_DIRECT_WORDS,
+    CLS_KEY_POOL, CLS_NODE_POOL, CLS_RULE_POOL, CLS_SETS, CLS_SLOT_POOL, CLS_TERM_POOL, CLS_WORDS, FRAG_DROPS_ENTRIES,
     RL_ADDR_ENTRIES,
 };
 use moat_common::{
@@ -53,7 +53,7 @@ pub fn as_key<W, K>(w: &W) -> &aya_ebpf::maps::lpm_trie::Key<K> {
 /// Multibit destination tables, two buffers each (root: buffer * DIR_ROOT +
 /// top 16 bits; nodes: (buffer * DIR_NODES + node) * DIR_NODE + byte).
 /// Memory-mapped by userspace, which fills the idle buffer and flips
-/// DIR_ACTIVE[family] with one store.
+/// the family's word of ACTIVE with one store.
 #[map]
 pub static DIR4_ROOT: Array<u64> = Array::with_max_entries(2 * DIR_ROOT, BPF_F_MMAPABLE);
 #[map]
@@ -62,9 +62,11 @@ pub static DIR4_NODES: Array<u64> = Array::with_max_entries(2 * DIR_NODES * DIR_
 pub static DIR6_ROOT: Array<u64> = Array::with_max_entries(2 * DIR_ROOT, BPF_F_MMAPABLE);
 #[map]
 pub static DIR6_NODES: Array<u64> = Array::with_max_entries(2 * DIR_NODES * DIR_NODE, BPF_F_MMAPABLE);
-/// Live buffer per family (0, 1), or DIR_NONE: use the LPM tables.
+/// What is in force (`moat_common::active` words): the live destination
+/// buffer per family, the built-in protections, the live copy of the rule
+/// sets. Memory-mapped by userspace, which changes each word with one store.
 #[map]
-pub static DIR_ACTIVE: Array<u64> = Array::with_max_entries(2, BPF_F_MMAPABLE);
+pub static ACTIVE: Array<[u64; moat_common::active::WORDS as usize]> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 /// Protected prefixes and customer routes, flattened: longest match gives
 /// the customer and the route set.
@@ -97,10 +99,6 @@ pub static DECAP: HashMap<DecapKey, DecapValue> = HashMap::with_max_entries(MAX_
 #[map]
 pub static LOCAL_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
 
-/// The built-in protections in force (`moat_common::protect` bits).
-#[map]
-pub static PROTECTIONS: Array<u32> = Array::with_max_entries(1, 0);
-
 #[map]
 pub static REASON_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
 #[map]
@@ -110,13 +108,14 @@ pub static TUNNEL_STATS: PerCpuArray<TunnelStats> = PerCpuArray::with_max_entrie
 
 // Rule sets (moat_common::rules): two copies of every pool, one live.
 #[map]
-pub static CLS_ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
-#[map]
 pub static CLS_SET: Array<ClsSet> = Array::with_max_entries(2 * CLS_SETS, 0);
 #[map]
 pub static CLS_SLOT: Array<ClsSlot> = Array::with_max_entries(2 * CLS_SLOT_POOL, 0);
 #[map]
 pub static CLS_KEY: Array<ClsKey> = Array::with_max_entries(2 * CLS_KEY_POOL, 0);
+/// Search trees over the intervals of the slots of at most 32 bits.
+#[map]
+pub static CLS_NODE: Array<ClsNode> = Array::with_max_entries(2 * CLS_NODE_POOL, 0);
 /// Direct tables (value -> interval index, four per word), per copy;
 /// mapped by userspace, which fills the idle copy's tables in place.
 #[map]

@@ -16,13 +16,13 @@ use moat_common::{limits::MAX_CUSTOMERS, rules::*, Reason};
 
 use crate::{
     maps::{
-        CLS_ACTIVE, CLS_BITMAP, CLS_DIRECT, CLS_KEY, CLS_SCRATCH, CLS_SET, CLS_SLOT, CLS_TERM, CUSTOMER_FW, FRAG_DROPS,
+        CLS_BITMAP, CLS_DIRECT, CLS_KEY, CLS_NODE, CLS_SCRATCH, CLS_SET, CLS_SLOT, CLS_TERM, CUSTOMER_FW, FRAG_DROPS,
         RL_ADDR, RL_RULE,
     },
     parse::{self, Family, Packet},
 };
 
-/// Bitmaps one classification may select: the set's own and one per slot.
+/// Bitmaps one classification may select: one per slot (or the set's own).
 const IDS: usize = 32;
 const _: () =
     assert!((CLS_SLOTS as usize) < IDS && CLS_BITMAP_POOL.is_power_of_two() && CLS_SLOT_KEYS.is_power_of_two());
@@ -83,6 +83,11 @@ fn find(f: &Fields, c: u32, d: u32, zero: u32) -> u64 {
                 Some(k) => (k.bitmap, k.summary),
                 None => return 0,
             }
+        } else if slot.tree != 0 && vh == 0 {
+            match walk(c * CLS_NODE_POOL + slot.tree - 1, slot.levels, vl, zero) {
+                Some(found) => found,
+                None => return 0,
+            }
         } else {
             // Few intervals (most rule sets): a search of 4 steps instead
             // of 12. The first interval's bitmap is in the descriptor.
@@ -134,6 +139,40 @@ fn search<const FIRST: u32>(base: u32, len: u32, vh: u64, vl: u64, zero: u32, fi
     Some(found)
 }
 
+/// The bitmap (id, summary) of the interval holding `v` in the search
+/// tree of `levels` levels whose root is `root` in `CLS_NODE` (see
+/// `ClsNode`): per level one node, in which the last key starting at or
+/// before `v` is found in 4 steps, as in [`search`] (from `zero`, for
+/// the same reason). `None`: out of the pool.
+#[inline(always)]
+fn walk(root: u32, levels: u32, v: u64, zero: u32) -> Option<(u32, u32)> {
+    const KEYS: u32 = CLS_NODE_KEYS;
+    // Bounded for the verifier, which then ends the walk by itself.
+    let levels = levels.min(CLS_NODE_LEVELS);
+    let mut j = 0;
+    let mut level = 1;
+    loop {
+        let node = CLS_NODE.get(root + j)?;
+        // The first key starts at or before `v` (the root's at 0, another
+        // node's where its parent's key does).
+        let mut i = zero;
+        let mut step = KEYS / 2;
+        while step != 0 {
+            let m = (i + step) & (KEYS - 1);
+            if node.start[m as usize] <= v {
+                i = m;
+            }
+            step /= 2;
+        }
+        let i = i & (KEYS - 1);
+        if level >= levels {
+            return Some((node.bitmap[i as usize], node.summary[i as usize]));
+        }
+        j = j * KEYS + 1 + i;
+        level += 1;
+    }
+}
+
 /// Index of the lowest set bit of a non-zero word, without branches:
 /// the verifier would follow each outcome of a branch apart.
 #[inline(always)]
@@ -176,10 +215,10 @@ pub fn scratch() -> Option<&'static mut Scratch> {
 }
 
 /// The packet's values go into `sc` (for classification and the flow
-/// hash); returns the copy of the rule sets in force, or `None` when no
-/// rule set is in force.
+/// hash); returns the copy of the rule sets in force (`copy`, the rules
+/// word of `ACTIVE`), or `None` when no rule set is in force.
 #[inline(always)]
-pub fn prepare(ctx: &XdpContext, pkt: &Packet, sc: &mut Scratch) -> Option<u32> {
+pub fn prepare(ctx: &XdpContext, pkt: &Packet, sc: &mut Scratch, copy: u64) -> Option<u32> {
     fill(ctx, pkt, &mut sc.f)?;
     sc.frag_kind = match (pkt.frag, pkt.later_frag) {
         (false, _) => FRAG_NONE,
@@ -194,8 +233,7 @@ pub fn prepare(ctx: &XdpContext, pkt: &Packet, sc: &mut Scratch) -> Option<u32> 
             proto: u32::from(pkt.proto),
         };
     }
-    let c = *CLS_ACTIVE.get(0)?;
-    (c <= 1).then_some(c)
+    (copy <= 1).then_some(copy as u32)
 }
 
 /// [`Scratch::frag_kind`]: not a fragment, a first fragment, a later one.
@@ -349,20 +387,14 @@ pub fn opaque(sc: &mut Scratch, x: u64) -> u64 {
     }
 }
 
-/// [`opaque`] for the destination and whether the packet is a reflection
-/// (in the customer id's top bit, which ids never use).
+/// [`opaque`] for the destination.
 #[inline(always)]
-pub fn barrier(sc: &mut Scratch, dest: moat_common::DestValue, reflect: bool) -> (moat_common::DestValue, bool) {
-    const REFLECT: u32 = 1 << 31;
-    let customer = dest.customer & !REFLECT | if reflect { REFLECT } else { 0 };
-    let d = opaque(sc, u64::from(customer) | u64::from(dest.route_set) << 32);
-    (
-        moat_common::DestValue {
-            customer: d as u32 & !REFLECT,
-            route_set: (d >> 32) as u32,
-        },
-        d as u32 & REFLECT != 0,
-    )
+pub fn barrier(sc: &mut Scratch, dest: moat_common::DestValue) -> moat_common::DestValue {
+    let d = opaque(sc, u64::from(dest.customer) | u64::from(dest.route_set) << 32);
+    moat_common::DestValue {
+        customer: d as u32,
+        route_set: (d >> 32) as u32,
+    }
 }
 
 /// Fragments of datagrams whose first fragment was dropped: a first
@@ -460,14 +492,16 @@ fn classify_set(sc: &mut Scratch, c: u32, set: u32) -> u32 {
     let (first, end) = if v4 { (0, d.v4_end) } else { (d.v6_start, d.nslots) };
     let n = end.saturating_sub(first).min(CLS_SLOTS);
     let base = d.slot_base + first;
+    // The set's own bitmap: ANDed alone when no slot is for this packet,
+    // else replaced by the first slot's.
     // SAFETY: this CPU's scratch; every `ids` entry read below is written
     // first, for this classification.
     unsafe { core::ptr::write_volatile(&mut sc.ids[0], d.all) };
     let mut i = 0;
     while i < n {
         // A slot that does not narrow the set selects the set's own
-        // bitmap again (ANDing it changes nothing), so that slot `i`'s
-        // bitmap is always `ids[i + 1]`.
+        // bitmap (ANDing it changes nothing), so that slot `i`'s bitmap
+        // is always `ids[i]`.
         let found = match find(&sc.f, c, base + i, zero) {
             UNCONSTRAINED => u64::from(d.all_summary) << 32 | u64::from(d.all),
             found => found,
@@ -477,7 +511,7 @@ fn classify_set(sc: &mut Scratch, c: u32, set: u32) -> u32 {
             return 0;
         }
         // SAFETY: as above.
-        unsafe { core::ptr::write_volatile(&mut sc.ids[(i + 1) as usize & (IDS - 1)], found as u32) };
+        unsafe { core::ptr::write_volatile(&mut sc.ids[i as usize & (IDS - 1)], found as u32) };
         i += 1;
     }
     let mut term = None;
@@ -486,7 +520,7 @@ fn classify_set(sc: &mut Scratch, c: u32, set: u32) -> u32 {
         // The number of bitmaps, from memory each round: carried over,
         // the verifier would know it exactly after the first round's
         // loop and follow every count apart.
-        let m = (opaque(sc, u64::from(n)) as usize).min(CLS_SLOTS as usize) + 1;
+        let m = (opaque(sc, u64::from(n)) as usize).clamp(1, CLS_SLOTS as usize);
         // The word of the lowest span left, and both its spans at once
         // when the summaries left both.
         let w = (lowest(u64::from(spans)) / 2) as usize & (CLS_WORDS - 1);

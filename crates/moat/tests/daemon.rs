@@ -363,11 +363,11 @@ fn status_flags_and_verification_repairs_maps_changed_behind_its_back() {
     // Packets look destinations up in the multibit table first: damage
     // there is flagged and repaired too. Clear globex's root entry
     // (203.0.x.x) in the live buffer.
-    let active: Array<MapData, u64> = Array::try_from(Map::Array(
-        MapData::from_pin(d.pin_dir.join("maps/DIR_ACTIVE")).expect("pin"),
+    let mut active: Array<MapData, [u64; moat_common::active::WORDS as usize]> = Array::try_from(Map::Array(
+        MapData::from_pin(d.pin_dir.join("maps/ACTIVE")).expect("pin"),
     ))
     .expect("array");
-    let buf = active.get(&0, 0).expect("active buffer");
+    let buf = active.get(&0, 0).expect("active words")[moat_common::active::DIR4 as usize];
     assert!(buf < 2, "a multibit table is live");
     let mut root: Array<MapData, u64> = Array::try_from(Map::Array(
         MapData::from_pin(d.pin_dir.join("maps/DIR4_ROOT")).expect("pin"),
@@ -393,12 +393,11 @@ fn status_flags_and_verification_repairs_maps_changed_behind_its_back() {
     }
 
     // Rule sets switched off behind moat's back: flagged, then rewritten.
-    let mut cls: Array<MapData, u32> = Array::try_from(Map::Array(
-        MapData::from_pin(d.pin_dir.join("maps/CLS_ACTIVE")).expect("pin"),
-    ))
-    .expect("array");
-    assert!(cls.get(&0, 0).expect("active copy") < 2, "the rule is in force");
-    cls.set(0, moat_common::rules::CLS_NONE, 0).expect("tamper");
+    let mut words = active.get(&0, 0).expect("active words");
+    let rules = &mut words[moat_common::active::RULES as usize];
+    assert!(*rules < 2, "the rule is in force");
+    *rules = u64::from(moat_common::rules::CLS_NONE);
+    active.set(0, words, 0).expect("tamper");
     let out = d.cli(&["status"]).expect("moat status");
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(2), "{text}");
@@ -408,17 +407,20 @@ fn status_flags_and_verification_repairs_maps_changed_behind_its_back() {
         assert!(Instant::now() < deadline, "not repaired:\n{}", d.log());
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(cls.get(&0, 0).expect("active copy") < 2, "the rule is back in force");
+    assert!(
+        active.get(&0, 0).expect("active words")[moat_common::active::RULES as usize] < 2,
+        "the rule is back in force"
+    );
 
     // A rule table changed behind moat's back with its digest left alone
     // (the mitigation set emptied): found by reading the live copy back,
     // flagged, then rewritten.
-    let active = cls.get(&0, 0).expect("active copy");
+    let copy = active.get(&0, 0).expect("active words")[moat_common::active::RULES as usize] as u32;
     let mut sets: Array<MapData, moat_common::rules::ClsSet> = Array::try_from(Map::Array(
         MapData::from_pin(d.pin_dir.join("maps/CLS_SET")).expect("pin"),
     ))
     .expect("array");
-    let at = active * moat_common::rules::CLS_SETS;
+    let at = copy * moat_common::rules::CLS_SETS;
     let good = sets.get(&at, 0).expect("mitigation set");
     assert!(good.nterms > 0, "{good:?}");
     sets.set(at, moat_common::rules::ClsSet { nterms: 0, ..good }, 0)
@@ -435,9 +437,9 @@ fn status_flags_and_verification_repairs_maps_changed_behind_its_back() {
         assert!(Instant::now() < deadline, "not repaired:\n{}", d.log());
         std::thread::sleep(Duration::from_millis(100));
     }
-    let active = cls.get(&0, 0).expect("active copy");
+    let copy = active.get(&0, 0).expect("active words")[moat_common::active::RULES as usize] as u32;
     let now = sets
-        .get(&(active * moat_common::rules::CLS_SETS), 0)
+        .get(&(copy * moat_common::rules::CLS_SETS), 0)
         .expect("mitigation set");
     assert_eq!(now.nterms, good.nterms, "the mitigation set is whole again");
     let rules = &status(&d)["rules"];
