@@ -168,8 +168,22 @@ fn cpu_model() -> String {
 }
 
 /// Pins the calling thread to the last CPU (test runs execute where they are called).
+/// Pins this thread to the highest CPU it may run on: the machine's last,
+/// unless an affinity mask (e.g. from taskset) allows fewer.
 fn pin() -> usize {
-    let cpu = std::thread::available_parallelism().map_or(1, |n| n.get()) - 1;
+    // SAFETY: a zeroed cpu_set_t is valid; sched_getaffinity fills it for
+    // this thread, CPU_ISSET only reads it.
+    let allowed = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0 {
+            (0..libc::CPU_SETSIZE as usize)
+                .rev()
+                .find(|c| libc::CPU_ISSET(*c, &set))
+        } else {
+            None
+        }
+    };
+    let cpu = allowed.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()) - 1);
     moat_lab::sock::pin_thread(cpu);
     cpu
 }
@@ -188,7 +202,8 @@ fn main() {
         }
     };
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    // SAFETY: sysconf only reads.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
     let cpu = pin();
     println!("# moat data-plane benchmark (BPF_PROG_TEST_RUN, kernel-timed)");
     println!();
