@@ -40,8 +40,7 @@ pub const CLS_NODE_KEYS: u32 = 16;
 pub const CLS_NODE_LEVELS: u32 = 3;
 const _: () = assert!(CLS_NODE_KEYS.pow(CLS_NODE_LEVELS) >= CLS_SLOT_KEYS);
 /// The start of a node's unused keys: above every value a tree slot holds
-/// (and every start below it), so that the data plane can compare starts
-/// and values by the sign of their difference.
+/// (fields of at most 32 bits), so that no search moves onto one.
 pub const CLS_NODE_END: u64 = i64::MAX as u64;
 /// Rules (each with its counter and rate-limit bucket) per copy.
 pub const CLS_RULE_POOL: u32 = 16_384;
@@ -147,8 +146,8 @@ pub struct ClsSlot {
 const _: () = assert!(core::mem::size_of::<ClsSlot>() == 40);
 
 /// A node of a slot's search tree, a static 16-ary tree over the slot's
-/// intervals (a field of at most 32 bits: every start and value is below
-/// [`CLS_NODE_END`]). Its nodes are numbered level by level from the
+/// intervals (a field of at most 32 bits, never an IPv6 address half:
+/// every start and value is below [`CLS_NODE_END`]). Its nodes are numbered level by level from the
 /// root (0); key `i` of node `j` leads to node `16 * j + 1 + i` of the
 /// next level. A leaf (the last level) holds 16 intervals: their starts,
 /// bitmaps and summaries, in order. An inner node holds the start of the

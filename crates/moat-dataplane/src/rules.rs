@@ -233,8 +233,8 @@ fn direct_words(copy: u32, d: u32, starts: &[u128]) -> (u32, impl Iterator<Item 
 
 /// Search trees for the tables of one set, first come first served from
 /// `*next` in a pool of `pool` nodes: the fields of at most 32 bits (all
-/// but the IPv6 addresses) without a direct table. The others are
-/// searched step by step.
+/// but the IPv6 address halves, whose values reach 2^64 - 1) without a
+/// direct table. The others are searched step by step.
 fn trees_for(tables: &Tables, directs: &[Option<u32>], next: &mut u32, pool: u32) -> Vec<Option<u32>> {
     tables
         .tables
@@ -242,8 +242,9 @@ fn trees_for(tables: &Tables, directs: &[Option<u32>], next: &mut u32, pool: u32
         .zip(directs)
         .map(|(t, direct)| {
             let span = tree_span(t.starts.len() as u32);
-            let fits = t.starts.iter().all(|s| *s < u128::from(CLS_NODE_END));
-            if direct.is_none() && fits && !t.starts.is_empty() && *next + span <= pool {
+            // Every value of these fields, and so every start, is below 2^32.
+            let narrow = t.space == Space::Main && t.starts.iter().all(|s| *s <= u128::from(u32::MAX));
+            if direct.is_none() && narrow && !t.starts.is_empty() && *next + span <= pool {
                 *next += span;
                 Some(*next - span)
             } else {
@@ -716,9 +717,21 @@ mod tests {
 
     #[test]
     fn search_trees_go_to_fields_of_at_most_32_bits_while_nodes_last() {
+        // IPv6 tables never get one, not even those whose starts are all
+        // small (here the one of a set of IPv4 address rules only: [0]).
+        let v4_only = compile(&port_rules("udp.dstport", 3), &[]).unwrap().unwrap();
+        let v6: Vec<Option<u32>> = v4_only.sets[0]
+            .tables
+            .tables
+            .iter()
+            .zip(&v4_only.sets[0].trees)
+            .filter(|(t, _)| t.space == Space::V6)
+            .map(|(_, tree)| *tree)
+            .collect();
+        assert!(!v6.is_empty() && v6.iter().all(Option::is_none), "{v6:?}");
         let mut rules = port_rules("udp.dstport", 3);
         rules.extend(port_rules("tcp.dstport", 40));
-        rules.push(rule("v6", "ip.src in {2001:db8::/32}"));
+        rules.push(rule("v6", "ip.src in {::1 ::2 2001:db8::/32}"));
         let r = compile(&rules, &[]).unwrap().unwrap();
         let set = &r.sets[0];
         let kinds: Vec<(Field, Space, bool)> = set

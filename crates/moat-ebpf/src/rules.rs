@@ -83,7 +83,7 @@ fn find(f: &Fields, c: u32, d: u32, zero: u32) -> u64 {
                 Some(k) => (k.bitmap, k.summary),
                 None => return 0,
             }
-        } else if slot.tree != 0 && vh == 0 {
+        } else if slot.tree != 0 && s < slot::IP_SRC6 {
             match walk(c * CLS_NODE_POOL + slot.tree - 1, slot.levels, vl, zero) {
                 Some(found) => found,
                 None => return 0,

@@ -305,3 +305,71 @@ fn a_span_that_only_the_summaries_share_is_passed_over() {
         );
     }
 }
+
+/// IPv6 addresses whose high 64 bits are zero and whose low 64 bits are
+/// 2^63 or more (`::8000:0:0:0` and up) are classified like any other,
+/// whatever the set holds for the IPv6 addresses: nothing (rules on IPv4
+/// addresses only), or hundreds of small addresses.
+#[test]
+fn ipv6_addresses_with_a_zero_high_half_are_classified() {
+    let small: Vec<String> = (1..=300).map(|i| format!("::{i:x}")).collect();
+    let sets = [
+        vec![
+            ("v4", "ip.src in {10.0.0.0/8}".to_string()),
+            ("port", "udp.dstport == 53".to_string()),
+        ],
+        vec![
+            ("small", format!("ip.src in {{{}}}", small.join(" "))),
+            ("port", "udp.dstport == 53".to_string()),
+        ],
+    ];
+    for (n, set) in sets.iter().enumerate() {
+        let mut f = Fixture::new(&format!("rulev6{n}"));
+        let mut spec = standard_spec();
+        spec.mitigation = set
+            .iter()
+            .map(|(name, text)| moat_lab::rules::spec_rule(name, text, RuleAction::Drop))
+            .collect();
+        f.apply(spec);
+        for (src, dport, rule) in [
+            ("::ffff:ffff:ffff:ffff", 53, Some("port")),
+            ("::8000:0:0:1", 53, Some("port")),
+            ("::8000:0:0:1", 54, None),
+            ("::7fff:ffff:ffff:ffff", 53, Some("port")),
+            ("::5", 53, Some(if n == 0 { "port" } else { "small" })),
+            ("::5", 54, if n == 0 { None } else { Some("small") }),
+        ] {
+            let frame = packet::eth(
+                Frame::default(),
+                &packet::ip(
+                    src.parse().unwrap(),
+                    "2001:db8:100::5".parse().unwrap(),
+                    64,
+                    L4::Udp { sport: 4000, dport },
+                    &[0u8; 22],
+                ),
+            );
+            let before = f.dp.rule_counters().unwrap();
+            let got = f.run(&frame);
+            let want = f.with_model(|m| m.process(&frame)).expect("the model predicts it");
+            assert_eq!(
+                (got.action, &got.data),
+                (want.action.code(), &want.output),
+                "set {n}: {src} -> {dport}"
+            );
+            let moved: Vec<String> =
+                f.dp.rule_counters()
+                    .unwrap()
+                    .into_iter()
+                    .zip(before)
+                    .filter(|(a, b)| a.packets > b.packets)
+                    .map(|(a, _)| a.rule)
+                    .collect();
+            assert_eq!(
+                moved,
+                rule.into_iter().map(String::from).collect::<Vec<_>>(),
+                "set {n}: {src} -> {dport}"
+            );
+        }
+    }
+}

@@ -167,7 +167,6 @@ fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// Pins the calling thread to the last CPU (test runs execute where they are called).
 /// Pins this thread to the highest CPU it may run on: the machine's last,
 /// unless an affinity mask (e.g. from taskset) allows fewer.
 fn pin() -> usize {
