@@ -351,27 +351,52 @@ fn live(plan: &Plan) {
     // The bare XDP_DROP on the second pair's receiving end, for the run's length.
     let bare = moat_lab::baseline::PinnedBareDrop::new().expect("pin the bare drop");
     bare.attach(&sink, "s1");
-    // Per round: (bare Mpps, moat Mpps).
-    let mut run = || -> Vec<(f64, f64)> {
+    // A rate is the frames the receiving end's XDP program ran on (veth's
+    // own count), over the generator's run time: frames the receiver had
+    // no room for are not counted as its work.
+    let taken = |dev: &str| xdp_frames(&sink, dev);
+    // Per round: (bare Mpps, moat Mpps); and the frames moat took and was
+    // sent in all.
+    let mut run = || -> (Vec<(f64, f64)>, u64, u64) {
         let _in = gen.enter().expect("enter generator");
-        let mut send = |t: &moat_dataplane::flood::Template, ifindex: u32| {
-            generator
+        let (mut total, mut sent) = (0, 0);
+        let mut send = |t: &moat_dataplane::flood::Template, ifindex: u32, dev: &str| {
+            let before = taken(dev);
+            let report = generator
                 .run(t, ifindex, frames, std::time::Duration::from_secs(10))
-                .expect("flood")
-                .rate()
-                / 1e6
+                .expect("flood");
+            let n = taken(dev) - before;
+            assert!(
+                n >= report.sent / 2,
+                "{dev} took {n} of {} frames sent: the generator outruns it by far",
+                report.sent
+            );
+            (n, report.sent, n as f64 / report.elapsed.as_secs_f64() / 1e6)
         };
-        (0..rounds).map(|_| (send(&to_bare, g1), send(&to_moat, g0))).collect()
+        let rates = (0..rounds)
+            .map(|_| {
+                let (_, _, bare) = send(&to_bare, g1, "s1");
+                let (n, of, moat) = send(&to_moat, g0, "s0");
+                total += n;
+                sent += of;
+                (bare, moat)
+            })
+            .collect();
+        (rates, total, sent)
     };
     println!("## Live frames through a veth ({frames} frames per run, {rounds} rounds)");
     println!();
     println!(
-        "Each round floods the bare XDP_DROP's veth, then moat's. Mpps are medians over the rounds; \
-         time per packet is the median of the per-round ratios bare Mpps / moat Mpps."
+        "Each round floods the bare XDP_DROP's veth, then moat's. A rate is the frames the receiving XDP \
+         program ran on over the generator's run time. Mpps are medians over the rounds; time per packet \
+         is the median of the per-round ratios bare Mpps / moat Mpps."
     );
     println!();
-    println!("| receiving XDP program | Mpps | bare XDP_DROP, same rounds, Mpps | time per packet, x bare drop |");
-    println!("|---|---:|---:|---:|");
+    println!(
+        "| receiving XDP program | Mpps | bare XDP_DROP, same rounds, Mpps | time per packet, x bare drop | \
+         frames moat took, of those sent |"
+    );
+    println!("|---|---:|---:|---:|---:|");
     let mut dp = Dataplane::load().expect("load moat");
     {
         let _in = sink.enter().expect("enter sink");
@@ -432,7 +457,7 @@ fn live(plan: &Plan) {
         dp.apply(&compiled).expect("apply");
         prev = Some(compiled);
         let before = dp.counters([], []).expect("counters");
-        let rates = run();
+        let (rates, taken, sent) = run();
         let after = dp.counters([], []).expect("counters");
         let counted = after.packets(reason) - before.packets(reason);
         let moved: Vec<(Reason, u64)> = Reason::ALL
@@ -440,17 +465,45 @@ fn live(plan: &Plan) {
             .map(|r| (*r, after.packets(*r) - before.packets(*r)))
             .filter(|(_, n)| *n > 0)
             .collect();
-        let sent = frames * rounds as u64;
-        // (A rate limit lets its first packets through.)
+        // Every frame moat took ends under the row's reason (a rate limit
+        // lets its first packets through).
         assert!(
-            counted >= sent * 9 / 10,
-            "{label}: {counted} of {sent} ended as {reason:?} (counted: {moved:?})"
+            counted >= taken * 9 / 10,
+            "{label}: {counted} of the {taken} frames taken ended as {reason:?} (counted: {moved:?})"
         );
         let bare_mpps = median(rates.iter().map(|r| r.0).collect());
         let mpps = median(rates.iter().map(|r| r.1).collect());
         let time = median(rates.iter().map(|r| r.0 / r.1).collect());
-        println!("| {label} | {mpps:.2} | {bare_mpps:.2} | {time:.2} |");
+        let share = 100.0 * taken as f64 / sent.max(1) as f64;
+        println!("| {label} | {mpps:.2} | {bare_mpps:.2} | {time:.2} | {share:.1}% |");
     }
+}
+
+/// Frames the XDP program on `dev` in `ns` has run on (the sum of veth's
+/// per-queue `xdp_packets` counters).
+fn xdp_frames(ns: &moat_lab::netns::NetNs, dev: &str) -> u64 {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns.name(), "ethtool", "-S", dev])
+        .output()
+        .expect("run ethtool");
+    assert!(
+        out.status.success(),
+        "ethtool -S {dev}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats = String::from_utf8_lossy(&out.stdout);
+    let counts: Vec<u64> = stats
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.trim().split_once(':')?;
+            (k.starts_with("rx_queue_") && k.ends_with("_xdp_packets")).then(|| v.trim().parse().ok())?
+        })
+        .collect();
+    assert!(
+        !counts.is_empty(),
+        "ethtool -S {dev}: no xdp_packets counter in\n{stats}"
+    );
+    counts.iter().sum()
 }
 
 /// `n` rules of one shape (a source /24 and a destination port), of which
