@@ -232,6 +232,20 @@ fn data_plane_picks_the_models_rule_in_sets_of_1_to_1024_rules() {
 /// none in common, so that span is a false lead: the match in the second
 /// span must still be found, and a packet whose only common span is a
 /// false lead must match nothing.
+/// A UDP frame from port 4000 to `dport`, with 22 bytes of payload.
+fn udp(src: &str, dst: &str, dport: u16) -> Vec<u8> {
+    packet::eth(
+        Frame::default(),
+        &packet::ip(
+            src.parse().unwrap(),
+            dst.parse().unwrap(),
+            64,
+            L4::Udp { sport: 4000, dport },
+            &[0u8; 22],
+        ),
+    )
+}
+
 #[test]
 fn a_span_that_only_the_summaries_share_is_passed_over() {
     let mut f = Fixture::new("rulespan");
@@ -252,18 +266,6 @@ fn a_span_that_only_the_summaries_share_is_passed_over() {
     ));
     spec.mitigation = rules;
     f.apply(spec);
-    let udp = |src: &str, dport: u16| {
-        packet::eth(
-            Frame::default(),
-            &packet::ip(
-                src.parse().unwrap(),
-                "203.0.113.5".parse().unwrap(),
-                64,
-                L4::Udp { sport: 4000, dport },
-                &[0u8; 22],
-            ),
-        )
-    };
     let hits = |f: &Fixture, rule: &str| {
         f.dp.rule_counters()
             .unwrap()
@@ -280,7 +282,7 @@ fn a_span_that_only_the_summaries_share_is_passed_over() {
         ("192.0.2.2", 1001, Some("m1")),
     ] {
         let before: Vec<u64> = ["m0", "m1", "m2", "late"].iter().map(|r| hits(&f, r)).collect();
-        let frame = udp(src, dport);
+        let frame = udp(src, "203.0.113.5", dport);
         let got = f.run(&frame);
         let want = f.with_model(|m| m.process(&frame)).expect("the model predicts it");
         assert_eq!(
@@ -339,16 +341,7 @@ fn ipv6_addresses_with_a_zero_high_half_are_classified() {
             ("::5", 53, Some(if n == 0 { "port" } else { "small" })),
             ("::5", 54, if n == 0 { None } else { Some("small") }),
         ] {
-            let frame = packet::eth(
-                Frame::default(),
-                &packet::ip(
-                    src.parse().unwrap(),
-                    "2001:db8:100::5".parse().unwrap(),
-                    64,
-                    L4::Udp { sport: 4000, dport },
-                    &[0u8; 22],
-                ),
-            );
+            let frame = udp(src, "2001:db8:100::5", dport);
             let before = f.dp.rule_counters().unwrap();
             let got = f.run(&frame);
             let want = f.with_model(|m| m.process(&frame)).expect("the model predicts it");
