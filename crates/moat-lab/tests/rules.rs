@@ -246,6 +246,25 @@ fn udp(src: &str, dst: &str, dport: u16) -> Vec<u8> {
     )
 }
 
+/// Runs `frame` through the data plane, checks its verdict and output
+/// bytes against the model's, and returns the action, the model's outcome
+/// and the rules whose match counters moved.
+fn run_as_model(f: &Fixture, frame: &[u8], what: &str) -> (u32, moat_lab::model::Expect, Vec<String>) {
+    let before = f.dp.rule_counters().unwrap();
+    let got = f.run(frame);
+    let want = f.with_model(|m| m.process(frame)).expect("the model predicts it");
+    assert_eq!((got.action, &got.data), (want.action.code(), &want.output), "{what}");
+    let moved =
+        f.dp.rule_counters()
+            .unwrap()
+            .into_iter()
+            .zip(before)
+            .filter(|(a, b)| a.packets > b.packets)
+            .map(|(a, _)| a.rule)
+            .collect();
+    (got.action, want, moved)
+}
+
 #[test]
 fn a_span_that_only_the_summaries_share_is_passed_over() {
     let mut f = Fixture::new("rulespan");
@@ -266,14 +285,6 @@ fn a_span_that_only_the_summaries_share_is_passed_over() {
     ));
     spec.mitigation = rules;
     f.apply(spec);
-    let hits = |f: &Fixture, rule: &str| {
-        f.dp.rule_counters()
-            .unwrap()
-            .into_iter()
-            .find(|c| c.rule == rule)
-            .map(|c| c.packets)
-            .unwrap()
-    };
     // Terms 0 (the source) and 1 (the port) share the first span only in
     // the summaries; term 40 ("late") matches both, in the second span.
     for (src, dport, rule) in [
@@ -281,24 +292,13 @@ fn a_span_that_only_the_summaries_share_is_passed_over() {
         ("192.0.2.1", 1002, None),
         ("192.0.2.2", 1001, Some("m1")),
     ] {
-        let before: Vec<u64> = ["m0", "m1", "m2", "late"].iter().map(|r| hits(&f, r)).collect();
-        let frame = udp(src, "203.0.113.5", dport);
-        let got = f.run(&frame);
-        let want = f.with_model(|m| m.process(&frame)).expect("the model predicts it");
+        let (action, want, moved) = run_as_model(&f, &udp(src, "203.0.113.5", dport), &format!("{src} -> {dport}"));
         assert_eq!(
-            (got.action, &got.data),
-            (want.action.code(), &want.output),
+            moved,
+            rule.into_iter().map(String::from).collect::<Vec<_>>(),
             "{src} -> {dport}"
         );
-        let after: Vec<u64> = ["m0", "m1", "m2", "late"].iter().map(|r| hits(&f, r)).collect();
-        let moved: Vec<&str> = ["m0", "m1", "m2", "late"]
-            .iter()
-            .zip(before.iter().zip(&after))
-            .filter(|(_, (b, a))| a > b)
-            .map(|(r, _)| *r)
-            .collect();
-        assert_eq!(moved, rule.into_iter().collect::<Vec<_>>(), "{src} -> {dport}");
-        assert_eq!(got.action, if rule.is_some() { 1 } else { want.action.code() });
+        assert_eq!(action, if rule.is_some() { 1 } else { want.action.code() });
         assert_eq!(
             want.reason == moat_common::Reason::DropMitigationRule,
             rule.is_some(),
@@ -341,23 +341,8 @@ fn ipv6_addresses_with_a_zero_high_half_are_classified() {
             ("::5", 53, Some(if n == 0 { "port" } else { "small" })),
             ("::5", 54, if n == 0 { None } else { Some("small") }),
         ] {
-            let frame = udp(src, "2001:db8:100::5", dport);
-            let before = f.dp.rule_counters().unwrap();
-            let got = f.run(&frame);
-            let want = f.with_model(|m| m.process(&frame)).expect("the model predicts it");
-            assert_eq!(
-                (got.action, &got.data),
-                (want.action.code(), &want.output),
-                "set {n}: {src} -> {dport}"
-            );
-            let moved: Vec<String> =
-                f.dp.rule_counters()
-                    .unwrap()
-                    .into_iter()
-                    .zip(before)
-                    .filter(|(a, b)| a.packets > b.packets)
-                    .map(|(a, _)| a.rule)
-                    .collect();
+            let what = format!("set {n}: {src} -> {dport}");
+            let (_, _, moved) = run_as_model(&f, &udp(src, "2001:db8:100::5", dport), &what);
             assert_eq!(
                 moved,
                 rule.into_iter().map(String::from).collect::<Vec<_>>(),
