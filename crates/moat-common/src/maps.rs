@@ -180,6 +180,8 @@ impl Counter {
 
 /// Per-customer counters. `in_*`: internet -> customer. `out_*`: customer
 /// -> internet (decapsulated return traffic). Bytes are frame bytes as received.
+/// The data plane leaves `in_received` at zero: every such packet is
+/// forwarded or dropped, and userspace reports the sum of the two.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CustomerStats {

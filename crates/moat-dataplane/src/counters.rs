@@ -40,8 +40,11 @@ pub(crate) fn sum<V: Pod>(
     Ok(total)
 }
 
+/// Adds one CPU's counters; `in_received` is what that CPU forwarded
+/// and dropped (the data plane does not count it apart).
 fn add_customer(a: &mut CustomerStats, b: &CustomerStats) {
-    a.in_received.add(&b.in_received);
+    a.in_received.add(&b.in_forwarded);
+    a.in_received.add(&b.in_dropped);
     a.in_forwarded.add(&b.in_forwarded);
     a.in_dropped.add(&b.in_dropped);
     a.out_received.add(&b.out_received);

@@ -308,6 +308,35 @@ fn routing_failures_are_counted() {
     assert_eq!(c.customers[&0].in_received.packets, 1);
 }
 
+/// The data plane counts inbound packets as forwarded or dropped; received,
+/// which userspace reports as their sum, must still count every packet
+/// and byte once.
+#[test]
+fn received_is_every_forwarded_and_dropped_packet() {
+    let f = Fixture::new("cases-received");
+    let to_acme = |len: usize| {
+        packet::eth(
+            Frame::default(),
+            &packet::ip(a4("192.0.2.99"), a4("203.0.113.5"), 64, udp(1, 2), &vec![0u8; len]),
+        )
+    };
+    let (a, b) = (to_acme(10), to_acme(300));
+    run(&f, &a, XDP_REDIRECT, Reason::ForwardEncap);
+    run(&f, &b, XDP_REDIRECT, Reason::ForwardEncap);
+    // Land: source and destination alike, dropped by a protection.
+    let land = packet::eth(
+        Frame::default(),
+        &packet::ip(a4("203.0.113.5"), a4("203.0.113.5"), 64, udp(1, 2), &[0u8; 7]),
+    );
+    run(&f, &land, XDP_DROP, Reason::DropLand);
+    let c = f.dp.counters([0], []).unwrap().customers[&0];
+    assert_eq!((c.in_forwarded.packets, c.in_dropped.packets), (2, 1));
+    assert_eq!(c.in_received.packets, 3);
+    assert_eq!(c.in_received.bytes, (a.len() + b.len() + land.len()) as u64);
+    assert_eq!(c.in_forwarded.bytes, (a.len() + b.len()) as u64);
+    assert_eq!(c.in_dropped.bytes, land.len() as u64);
+}
+
 fn gre_frame(remote: [u8; 4], key: Option<u32>, inner: &[u8]) -> Vec<u8> {
     packet::eth(Frame::default(), &packet::gre(remote, NODE.octets(), 64, key, inner))
 }
