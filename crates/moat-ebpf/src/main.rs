@@ -293,9 +293,11 @@ mod program {
         }
         if on & ZERO_PORTS != 0 {
             if let Some(p) = pkt.ports {
-                // Network-order port bytes: source in the first two, destination in the last two.
+                // Network-order port bytes: source in the first two, destination
+                // in the last two, so each port is one half of the word.
                 let b = p.to_ne_bytes();
-                if (b[0] == 0 && b[1] == 0) || (b[2] == 0 && b[3] == 0) {
+                let (sport, dport) = (u16::from_ne_bytes([b[0], b[1]]), u16::from_ne_bytes([b[2], b[3]]));
+                if sport == 0 || dport == 0 {
                     return Err(Reason::DropZeroPort);
                 }
             }

@@ -280,19 +280,27 @@ fn fill(ctx: &XdpContext, pkt: &Packet, f: &mut Fields) -> Option<()> {
     v[IP_LEN as usize] = pkt.ip_len as u64;
     v[IP_FRAG as usize] = u64::from(pkt.frag);
     v[IP_VERSION as usize] = if v4 { 4 } else { 6 };
+    // The ports in the TCP slots for every packet: the flow hash reads
+    // them there. The values of a slot the packet lacks (see `absent`)
+    // are never read, so the flags and ICMP values are written only for
+    // packets that have them.
     v[TCP_SRCPORT as usize] = sport;
     v[TCP_DSTPORT as usize] = dport;
-    v[TCP_FLAGS as usize] = flags;
-    v[TCP_FLAG_FIN as usize] = flags & 1;
-    v[TCP_FLAG_SYN as usize] = (flags >> 1) & 1;
-    v[TCP_FLAG_RST as usize] = (flags >> 2) & 1;
-    v[TCP_FLAG_PSH as usize] = (flags >> 3) & 1;
-    v[TCP_FLAG_ACK as usize] = (flags >> 4) & 1;
-    v[TCP_FLAG_URG as usize] = (flags >> 5) & 1;
+    if tcp {
+        v[TCP_FLAGS as usize] = flags;
+        v[TCP_FLAG_FIN as usize] = flags & 1;
+        v[TCP_FLAG_SYN as usize] = (flags >> 1) & 1;
+        v[TCP_FLAG_RST as usize] = (flags >> 2) & 1;
+        v[TCP_FLAG_PSH as usize] = (flags >> 3) & 1;
+        v[TCP_FLAG_ACK as usize] = (flags >> 4) & 1;
+        v[TCP_FLAG_URG as usize] = (flags >> 5) & 1;
+    }
     v[UDP_SRCPORT as usize] = sport;
     v[UDP_DSTPORT as usize] = dport;
-    v[ICMP_TYPE as usize] = itype;
-    v[ICMP_CODE as usize] = icode;
+    if icmp {
+        v[ICMP_TYPE as usize] = itype;
+        v[ICMP_CODE as usize] = icode;
+    }
     f.absent = if tcp { 0 } else { TCP_SLOTS } | if udp { 0 } else { UDP_SLOTS } | if icmp { 0 } else { ICMP_SLOTS };
     f.skip = NO_SLOTS | if v4 { V6_SLOTS } else { V4_SLOTS };
     Some(())
