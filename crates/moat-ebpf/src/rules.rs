@@ -11,7 +11,11 @@
 //! keep token buckets (as "theoretical arrival times") per rule or per
 //! address.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, programs::XdpContext};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_jiffies64, bpf_ktime_get_ns},
+    programs::XdpContext,
+};
 use moat_common::{limits::MAX_CUSTOMERS, rules::*, Reason};
 
 use crate::{
@@ -381,6 +385,43 @@ pub struct Scratch {
     frag_kind: u32,
     /// What crosses [`opaque`].
     carry: u64,
+    /// The rate limiter's clock on this CPU (see [`now`]): what it last
+    /// read, the kernel's tick count then, and how many packets have
+    /// used the reading since.
+    clock_ns: u64,
+    clock_tick: u64,
+    clock_uses: u64,
+}
+
+/// Packets that may share one reading of the clock on a CPU.
+const CLOCK_USES: u64 = 32;
+
+/// Now, for the rate limiter: the monotonic clock as this CPU last read
+/// it, read again when the kernel's tick count has moved since (every
+/// 1-10 ms by the kernel's tick rate) or [`CLOCK_USES`] packets have used
+/// the reading. A read of the clock is a kernel call, tens of nanoseconds
+/// here; the tick count is one inlined load. The time so kept is never
+/// ahead of the clock, and behind it by at most a tick, or by the time 32
+/// packets take to arrive on this CPU if that is less (microseconds in a
+/// flood): a bucket's credit comes in such steps instead of packet by
+/// packet, and the rate over any longer time is unchanged.
+#[inline(always)]
+fn now(sc: &mut Scratch) -> u64 {
+    // SAFETY: plain helper calls (the first inlined by the kernel); the
+    // fields are this CPU's scratch.
+    unsafe {
+        let tick = bpf_jiffies64();
+        let uses = core::ptr::read_volatile(&sc.clock_uses);
+        if core::ptr::read_volatile(&sc.clock_tick) != tick || uses >= CLOCK_USES {
+            let ns = bpf_ktime_get_ns();
+            core::ptr::write_volatile(&mut sc.clock_tick, tick);
+            core::ptr::write_volatile(&mut sc.clock_ns, ns);
+            core::ptr::write_volatile(&mut sc.clock_uses, 0);
+            return ns;
+        }
+        core::ptr::write_volatile(&mut sc.clock_uses, uses + 1);
+        core::ptr::read_volatile(&sc.clock_ns)
+    }
 }
 
 /// `x`, passed through memory the compiler cannot see into: the verifier
@@ -570,9 +611,8 @@ fn classify_set(sc: &mut Scratch, c: u32, set: u32) -> u32 {
 /// is over the limit. Buckets are shared by all CPUs: concurrent packets
 /// may each pass on the same credit (at most one per CPU), never lose any.
 #[inline(always)]
-pub fn rate_allows(t: &ClsTerm, sc: &Scratch) -> bool {
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
+pub fn rate_allows(t: &ClsTerm, sc: &mut Scratch) -> bool {
+    let now = now(sc);
     let bucket = if t.per == RL_PER_RULE {
         match RL_RULE.get_ptr_mut(t.stat) {
             Some(b) => b,

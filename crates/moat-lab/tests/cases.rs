@@ -855,6 +855,44 @@ fn rate_limit_rules_pass_a_burst_then_drop() {
     }
 }
 
+/// A flow slower than its limit loses nothing, though each CPU keeps its
+/// own reading of the clock for the rate limiter and reads the clock
+/// again only when the kernel's tick has moved or the reading has served
+/// a number of packets: paced packets, far fewer than that number, must
+/// each find the clock moved on. 100 pps allows one packet per 10 ms
+/// (a burst of one); 40 packets come 25 ms apart.
+#[test]
+fn rate_limits_pass_a_flow_under_the_limit_whole() {
+    use moat_dataplane::{RateLimit, RatePer, RuleAction};
+    let mut f = Fixture::new("cases-rate-slow");
+    let mut spec = moat_lab::fixture::standard_spec();
+    spec.mitigation = vec![moat_lab::rules::spec_rule(
+        "udp-5000",
+        "udp.dstport == 5000",
+        RuleAction::RateLimit(RateLimit {
+            pps: 100,
+            per: RatePer::Rule,
+        }),
+    )];
+    f.apply(spec);
+    let frame = packet::eth(
+        Frame::default(),
+        &packet::ip(a4("192.0.2.99"), a4("203.0.113.5"), 64, udp(4000, 5000), &[]),
+    );
+    for i in 0..40 {
+        if i > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        let r = f.run(&frame);
+        assert_eq!(
+            r.action, XDP_REDIRECT,
+            "packet {i} of a 40 pps flow under a 100 pps limit"
+        );
+    }
+    let drops = f.dp.counters([], []).unwrap().packets(Reason::DropRateLimit);
+    assert_eq!(drops, 0, "no packet counted as over the limit");
+}
+
 /// A first fragment carries its datagram's L4 header: rules and the
 /// reflection protection judge it by its ports, and when they drop it, the
 /// datagram's later fragments (which carry no ports) are dropped for the
