@@ -494,3 +494,29 @@ impl Dataplane {
         self.links.iter().map(|(i, _)| i.as_str())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use aya_obj::generated::{BPF_CALL, BPF_JMP, BPF_PSEUDO_CALL};
+
+    /// Every program of the data plane is one function: a BPF-to-BPF call
+    /// costs tens of nanoseconds per packet on CPUs whose return-stack
+    /// mitigations make every return slow, and the compiler makes one
+    /// silently (an outlined closure, a `memset` for a large zeroed value,
+    /// a program body it stops inlining).
+    #[test]
+    fn the_programs_make_no_bpf_to_bpf_calls() {
+        let obj = aya_obj::Object::parse(super::OBJECT).expect("the data plane object parses");
+        assert!(
+            obj.functions.values().any(|f| f.name == super::PROGRAM),
+            "no function {} in the object",
+            super::PROGRAM
+        );
+        for f in obj.functions.values() {
+            for (i, insn) in f.instructions.iter().enumerate() {
+                let call = u32::from(insn.code) == BPF_JMP | BPF_CALL && u32::from(insn.src_reg()) == BPF_PSEUDO_CALL;
+                assert!(!call, "{} calls another BPF function at instruction {i}", f.name);
+            }
+        }
+    }
+}

@@ -131,8 +131,13 @@ fn forward_inner(
         return Err(Reason::DropTtlExpired);
     }
 
-    // SAFETY: an all-zero bpf_fib_lookup is a valid starting value.
-    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    let mut fib = core::mem::MaybeUninit::<bpf_fib_lookup>::uninit();
+    // SAFETY: zeroes the whole structure, a plain C struct (sized and
+    // aligned for `zero`) for which all-zero is a valid starting value.
+    let fib = unsafe {
+        crate::mem::zero(fib.as_mut_ptr());
+        fib.assume_init_mut()
+    };
     fib.l4_protocol = inner.proto;
     fib.__bindgen_anon_1.tot_len = inner.ip_len as u16;
     // SAFETY: reading a field of the context the kernel handed us.
@@ -153,14 +158,7 @@ fn forward_inner(
     }
     let orig_macs = load::<[u16; 6]>(ctx, 0).ok_or(Reason::DropInternal)?;
     // SAFETY: `fib` is a valid, exclusively borrowed lookup structure of the size passed.
-    let rc = unsafe {
-        fib_lookup(
-            ctx.ctx as *mut _,
-            &mut fib,
-            core::mem::size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    } as u32;
+    let rc = unsafe { fib_lookup(ctx.ctx as *mut _, fib, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) } as u32;
     let ethertype = match family {
         Family::V4 => ETH_P_IPV4,
         Family::V6 => ETH_P_IPV6,

@@ -7,6 +7,8 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 // The atomic add of the rate limiter's buckets (see rules.rs).
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+// `#[inline(always)]` on the flow-hash closure handed to `encap`.
+#![cfg_attr(target_arch = "bpf", feature(stmt_expr_attributes))]
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
@@ -48,7 +50,11 @@ mod program {
     /// The result of processing: an XDP action and the reason it is counted under.
     pub type Outcome = Result<(u32, Reason), Reason>;
 
+    // `#[xdp]` calls this function from the program's entry point: it is
+    // inlined there, or every packet pays a BPF-to-BPF call (see
+    // loader.rs's test that the object has none).
     #[xdp]
+    #[inline(always)]
     pub fn moat_ingress(ctx: XdpContext) -> u32 {
         ingress(&ctx)
     }
@@ -74,12 +80,14 @@ mod program {
     /// pipeline rewrites in an unpadded frame) so that BPF_PROG_TEST_RUN's
     /// repeat loop feeds it the same input every time.
     #[xdp]
+    #[inline(always)]
     pub fn moat_bench(ctx: XdpContext) -> u32 {
         bench_around(&ctx, true)
     }
 
     /// The harness around no pipeline at all: its cost is the restore overhead.
     #[xdp]
+    #[inline(always)]
     pub fn moat_bench_nop(ctx: XdpContext) -> u32 {
         bench_around(&ctx, false)
     }
@@ -180,7 +188,13 @@ mod program {
                         Err(reason)
                     }
                     Ok(()) if dest.route_set == NO_ROUTE_SET => Err(Reason::DropNoRoute),
-                    Ok(()) => encap::encapsulate(ctx, deliver, dest.route_set, || rules::flow_hash(sc)),
+                    Ok(()) => encap::encapsulate(
+                        ctx,
+                        deliver,
+                        dest.route_set,
+                        #[inline(always)]
+                        || rules::flow_hash(sc),
+                    ),
                 };
                 (dest, out)
             }
