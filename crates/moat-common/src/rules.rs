@@ -142,8 +142,21 @@ pub struct ClsSlot {
     /// pool (0: none), and its number of levels.
     pub tree: u32,
     pub levels: u32,
+    /// A slot of at most [`CLS_NEAR`] intervals of a field of at most 32
+    /// bits holds them here (`near`: 1, else 0), so that finding the
+    /// packet's takes no further map read: their starts (the first is 0;
+    /// unused ones [`CLS_NODE_END`]), bitmaps and summaries. The data plane
+    /// counts the starts at or before the value without a branch.
+    pub near: u32,
+    pub pad: u32,
+    pub near_start: [u64; CLS_NEAR],
+    pub near_bitmap: [u32; CLS_NEAR],
+    pub near_summary: [u32; CLS_NEAR],
 }
-const _: () = assert!(core::mem::size_of::<ClsSlot>() == 40);
+const _: () = assert!(core::mem::size_of::<ClsSlot>() == 112);
+
+/// The most intervals a slot descriptor holds itself (see [`ClsSlot`]).
+pub const CLS_NEAR: usize = 4;
 
 /// A node of a slot's search tree, a static 16-ary tree over the slot's
 /// intervals (a field of at most 32 bits, never an IPv6 address half:
@@ -152,9 +165,9 @@ const _: () = assert!(core::mem::size_of::<ClsSlot>() == 40);
 /// next level. A leaf (the last level) holds 16 intervals: their starts,
 /// bitmaps and summaries, in order. An inner node holds the start of the
 /// first interval under each child. Unused keys start at
-/// [`CLS_NODE_END`]. Per level, the data plane reads one node and counts
-/// the keys starting at or before the value, with no branch: the last of
-/// them is the key to follow, or in a leaf the interval holding the value.
+/// [`CLS_NODE_END`]. Per level, the data plane reads one node and finds
+/// in 4 steps the last key starting at or before the value: the key to
+/// follow, or in a leaf the interval holding the value.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClsNode {

@@ -242,9 +242,7 @@ fn trees_for(tables: &Tables, directs: &[Option<u32>], next: &mut u32, pool: u32
         .zip(directs)
         .map(|(t, direct)| {
             let span = tree_span(t.starts.len() as u32);
-            // Every value of these fields, and so every start, is below 2^32.
-            let narrow = t.space == Space::Main && t.starts.iter().all(|s| *s <= u128::from(u32::MAX));
-            if direct.is_none() && narrow && !t.starts.is_empty() && *next + span <= pool {
+            if direct.is_none() && narrow(t) && t.starts.len() > CLS_NEAR && *next + span <= pool {
                 *next += span;
                 Some(*next - span)
             } else {
@@ -253,6 +251,30 @@ fn trees_for(tables: &Tables, directs: &[Option<u32>], next: &mut u32, pool: u32
         })
         .collect()
 }
+
+/// Whether every value of the table's field, and so every start, is below
+/// 2^32 (all fields but the IPv6 address halves).
+fn narrow(t: &classify::FieldTable) -> bool {
+    t.space == Space::Main && t.starts.iter().all(|s| *s <= u128::from(u32::MAX))
+}
+
+/// The intervals a slot descriptor holds itself (see `ClsSlot::near`):
+/// those of a narrow field's table of at most `CLS_NEAR` intervals, as
+/// (starts, bitmap ids, summaries); `None` for any other table.
+fn near(t: &classify::FieldTable, bitmap_base: u32, bitmaps: &[classify::Bitmap]) -> Option<NearIntervals> {
+    if !narrow(t) || t.starts.is_empty() || t.starts.len() > CLS_NEAR {
+        return None;
+    }
+    let mut n = ([CLS_NODE_END; CLS_NEAR], [0; CLS_NEAR], [0; CLS_NEAR]);
+    for (i, (start, b)) in t.starts.iter().zip(&t.bitmaps).enumerate() {
+        n.0[i] = *start as u64;
+        n.1[i] = bitmap_base + b;
+        n.2[i] = summary(&bitmaps[*b as usize]);
+    }
+    Some(n)
+}
+
+type NearIntervals = ([u64; CLS_NEAR], [u32; CLS_NEAR], [u32; CLS_NEAR]);
 
 /// The nodes a search tree over `len` intervals spans (the number of its
 /// last node, plus one: see [`ClsNode`]).
@@ -324,15 +346,16 @@ fn entries(r: &RuleTables, copy: u32) -> Vec<Entry> {
         let n = n as u32;
         let (descs, v4_end, v6_start) = slots(&set.tables);
         for (i, (slot, table, absent)) in descs.iter().enumerate() {
-            let (len, key_base, direct, first, tree) = match table {
+            let (len, key_base, direct, first, tree, near) = match table {
                 Some(t) => (
                     set.tables.tables[*t].starts.len() as u32,
                     set.key_bases[*t],
                     set.directs[*t].map_or(0, |d| d + 1),
                     set.tables.tables[*t].bitmaps.first().copied(),
                     set.trees[*t],
+                    near(&set.tables.tables[*t], set.bitmap_base, &set.tables.bitmaps),
                 ),
-                None => (0, 0, 0, None, None),
+                None => (0, 0, 0, None, None, None),
             };
             let d = ClsSlot {
                 slot: *slot,
@@ -345,6 +368,11 @@ fn entries(r: &RuleTables, copy: u32) -> Vec<Entry> {
                 first_summary: first.map_or(0, |b| summary(&set.tables.bitmaps[b as usize])),
                 tree: tree.map_or(0, |root| root + 1),
                 levels: tree.map_or(0, |_| tree_levels(len)),
+                near: u32::from(near.is_some()),
+                pad: 0,
+                near_start: near.map_or([0; CLS_NEAR], |n| n.0),
+                near_bitmap: near.map_or([0; CLS_NEAR], |n| n.1),
+                near_summary: near.map_or([0; CLS_NEAR], |n| n.2),
             };
             out.push(Entry::Slot(copy * CLS_SLOT_POOL + set.slot_base + i as u32, d));
         }
@@ -767,5 +795,79 @@ mod tests {
         let trees = trees_for(&set.tables, &set.directs, &mut next, room);
         assert_eq!(trees.iter().filter(|t| t.is_some()).count(), 1, "{trees:?}");
         assert_eq!(next, spans[0].1);
+    }
+
+    /// The data plane's count over a descriptor's own intervals (moat-ebpf's
+    /// `find`, the `near` case).
+    fn near_find(d: &ClsSlot, v: u64) -> (u32, u32) {
+        let mut i = 0;
+        for k in 1..CLS_NEAR {
+            i += d.near_start[k].wrapping_sub(v + 1) >> 63;
+        }
+        let i = i as usize & (CLS_NEAR - 1);
+        (d.near_bitmap[i], d.near_summary[i])
+    }
+
+    #[test]
+    fn small_narrow_tables_live_in_their_descriptors_and_find_each_value() {
+        let mut rules = vec![
+            rule("dns", "udp.dstport == 53"),
+            rule("nets", "ip.src in {10.0.0.0/8 192.0.2.0/24} and ip.ttl < 3"),
+            rule("v6", "ip.src in {2001:db8::/32}"),
+        ];
+        // Five intervals: one too many for a descriptor.
+        rules.push(rule("two", "tcp.dstport in {80 443}"));
+        let r = compile(&rules, &[]).unwrap().unwrap();
+        let set = &r.sets[0];
+        let written: Vec<ClsSlot> = entries(&r, 0)
+            .into_iter()
+            .filter_map(|e| match e {
+                Entry::Slot(_, d) => Some(d),
+                _ => None,
+            })
+            .collect();
+        let (descs, _, _) = slots(&set.tables);
+        let mut seen = Vec::new();
+        for ((_, table, _), d) in descs.iter().zip(&written) {
+            let Some(table) = table else { continue };
+            let tree = set.trees[*table].is_some();
+            let t = &set.tables.tables[*table];
+            seen.push((t.field, t.space, d.near != 0, tree));
+            if d.near == 0 {
+                continue;
+            }
+            assert!(t.starts.len() <= CLS_NEAR && t.starts[0] == 0, "{t:?}");
+            // Every value around every start finds the last interval
+            // starting at or before it.
+            let mut values: Vec<u64> = t
+                .starts
+                .iter()
+                .flat_map(|s| {
+                    let s = *s as u64;
+                    [s.saturating_sub(1), s, s + 1]
+                })
+                .collect();
+            values.push(u64::from(u32::MAX));
+            for v in values {
+                let k = t.starts.iter().rposition(|s| *s as u64 <= v).unwrap();
+                let want = (
+                    set.bitmap_base + t.bitmaps[k],
+                    summary(&set.tables.bitmaps[t.bitmaps[k] as usize]),
+                );
+                assert_eq!(near_find(d, v), want, "{:?} value {v}", t.field);
+            }
+        }
+        // In the descriptor: the UDP port (3 intervals), the IPv4 sources
+        // (5) are not, nor the TCP port (5), nor IPv6 addresses ever; the
+        // TTL (2). Those not held there get a search tree, IPv6 apart.
+        for want in [
+            (Field::UdpDstPort, Space::Main, true, false),
+            (Field::IpTtl, Space::Main, true, false),
+            (Field::IpSrc, Space::Main, false, true),
+            (Field::TcpDstPort, Space::Main, false, true),
+            (Field::IpSrc, Space::V6, false, false),
+        ] {
+            assert!(seen.contains(&want), "{want:?} in {seen:?}");
+        }
     }
 }

@@ -1,16 +1,16 @@
 //! Rule sets (operator mitigation rules, customer firewalls):
 //! classification by per-field interval tables and term bitmaps
 //! (moat_common::rules). Per packet and set: for every slot the set's
-//! rules constrain, one binary search for the interval holding the
-//! packet's value (one lookup in the slot's direct table for a field of
-//! 16 bits with many intervals; or the "field absent" bitmap), whose
+//! rules constrain, the interval holding the packet's value (from the
+//! slot descriptor itself when it has at most 4 intervals; else a walk
+//! down the slot's search tree, one lookup in its direct table, or a
+//! binary search; or the "field absent" bitmap), whose
 //! bitmap's 32-bit summary is ANDed in; then the bitmaps themselves are
 //! ANDed one 32-term span at a time, over the spans the summaries leave,
 //! lowest first; the lowest bit left is the first matching term. The cost
 //! follows the fields the rules use, not how many rules there are. Rate-limit rules
 //! keep token buckets (as "theoretical arrival times") per rule or per
 //! address.
-
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_jiffies64, bpf_ktime_get_ns},
@@ -28,8 +28,12 @@ use crate::{
 
 /// Bitmaps one classification may select: one per slot (or the set's own).
 const IDS: usize = 32;
-const _: () =
-    assert!((CLS_SLOTS as usize) < IDS && CLS_BITMAP_POOL.is_power_of_two() && CLS_SLOT_KEYS.is_power_of_two());
+const _: () = assert!(
+    (CLS_SLOTS as usize) < IDS
+        && CLS_BITMAP_POOL.is_power_of_two()
+        && CLS_SLOT_KEYS.is_power_of_two()
+        && CLS_NEAR.is_power_of_two()
+);
 
 /// [`find`]: the slot does not narrow the set for this packet.
 const UNCONSTRAINED: u64 = u64::MAX;
@@ -72,7 +76,18 @@ fn find(f: &Fields, c: u32, d: u32, zero: u32) -> u64 {
         (slot.absent, slot.absent_summary)
     } else {
         let base = c * CLS_KEY_POOL + slot.key_base;
-        if slot.direct != 0 && slot.direct <= CLS_DIRECT_TABLES && vh == 0 && vl < u64::from(CLS_DIRECT_VALUES) {
+        if slot.near != 0 && s < slot::IP_SRC6 {
+            // The intervals in the descriptor: the number of starts after
+            // the first at or before the value, counted without a branch
+            // (`start - (v + 1)` wraps below zero exactly when start <= v,
+            // both being below 2^63) is the index of the one holding it.
+            let mut i = 0;
+            for k in 1..CLS_NEAR {
+                i += slot.near_start[k].wrapping_sub(vl + 1) >> 63;
+            }
+            let i = i as usize & (CLS_NEAR - 1);
+            (slot.near_bitmap[i], slot.near_summary[i])
+        } else if slot.direct != 0 && slot.direct <= CLS_DIRECT_TABLES && vh == 0 && vl < u64::from(CLS_DIRECT_VALUES) {
             // The interval straight from the slot's direct table.
             let v = vl as u32;
             let at = (c * CLS_DIRECT_TABLES + slot.direct - 1) * CLS_DIRECT_WORDS + v / 4;
