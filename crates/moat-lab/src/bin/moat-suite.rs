@@ -1182,7 +1182,7 @@ fn targets(r: &mut Report, plan: &Plan, res: &Results) {
         &|v| v >= 1.0,
         "xdp-filter matches one field per rule with one array lookup (no prefix-and-port rules); moat \
          finds the packet's interval per field the rules use (the port in a direct table, the source by a \
-         binary search) and ANDs 1,024-bit candidate sets, inline (no BPF call, each of which costs tens \
+         3-level search tree) and ANDs 1,024-bit candidate sets, inline (no BPF call, each of which costs tens \
          of ns under this CPU's SRSO \"Safe RET\" mitigation), then counts the packet per rule, customer \
          and reason. Needs a measurement on a machine without Safe RET.",
     );
