@@ -260,12 +260,49 @@ fn a_million_frames_within_the_time_limit() {
     let report = send(&p, &mut flood, &template, 1_000_000);
     let n = counted(&p, Reason::DropInvalidTcpFlags, before, report.sent);
     println!(
-        "flood: {} frames in {:.2} s, {:.2} Mpps from one core; {n} counted by moat",
+        "flood: {} frames in {:.2} s ({:.2} s sending, {} calls), {:.2} Mpps from one core; {n} counted by moat",
         report.sent,
         report.elapsed.as_secs_f64(),
+        report.busy.as_secs_f64(),
+        report.calls,
         report.rate() / 1e6
     );
     assert_eq!(report.sent, 1_000_000);
     // Frames the veth could not queue are lost at the transmit side: most arrive.
     assert!(n >= report.sent * 9 / 10, "{n} of {} arrived", report.sent);
+}
+
+/// A run bounded by time fills it with a few long system calls (each call's
+/// setup sends nothing), ends near its limit, and reports the time frames
+/// flowed apart from the time the calls took.
+#[test]
+fn a_time_bounded_run_makes_few_long_calls_and_ends_near_its_limit() {
+    let p = pair("fcalls");
+    let mut flood = Flood::load().expect("load the generator");
+    let template = flood::tcp(&p.target, 80, 0x03);
+    let limit = Duration::from_secs(1);
+    let report = {
+        let _in = p.gen.enter().expect("enter generator namespace");
+        flood.run(&template, p.g0, u64::MAX, limit).expect("flood")
+    };
+    println!(
+        "{} frames in {} calls: {:.3} s, {:.3} s of it sending",
+        report.sent,
+        report.calls,
+        report.elapsed.as_secs_f64(),
+        report.busy.as_secs_f64()
+    );
+    // A probe, then calls sized to what is left.
+    assert!((2..=5).contains(&report.calls), "{} calls", report.calls);
+    assert!(
+        report.elapsed > limit * 8 / 10 && report.elapsed < limit * 3 / 2,
+        "a run of {:?} for a limit of {limit:?}",
+        report.elapsed
+    );
+    assert!(
+        report.busy < report.elapsed && report.busy > report.elapsed / 2,
+        "sending {:?} of {:?}",
+        report.busy,
+        report.elapsed
+    );
 }

@@ -352,8 +352,10 @@ fn live(plan: &Plan) {
     let bare = moat_lab::baseline::PinnedBareDrop::new().expect("pin the bare drop");
     bare.attach(&sink, "s1");
     // A rate is the frames the receiving end's XDP program ran on (veth's
-    // own count), over the generator's run time: frames the receiver had
-    // no room for are not counted as its work.
+    // own count), over the time the generator's send loop ran as the
+    // kernel timed it (the receiver runs inside it, on the same CPU; each
+    // system call's setup outside it sends nothing, see `Flood::run`):
+    // frames the receiver had no room for are not counted as its work.
     let taken = |dev: &str| xdp_frames(&sink, dev);
     // Per round: (bare Mpps, moat Mpps); and the frames moat took and was
     // sent in all.
@@ -371,7 +373,7 @@ fn live(plan: &Plan) {
                 "{dev} took {n} of {} frames sent: the generator outruns it by far",
                 report.sent
             );
-            (n, report.sent, n as f64 / report.elapsed.as_secs_f64() / 1e6)
+            (n, report.sent, n as f64 / report.busy.as_secs_f64() / 1e6)
         };
         let rates = (0..rounds)
             .map(|_| {
@@ -388,7 +390,8 @@ fn live(plan: &Plan) {
     println!();
     println!(
         "Each round floods the bare XDP_DROP's veth, then moat's. A rate is the frames the receiving XDP \
-         program ran on over the generator's run time. Mpps are medians over the rounds; time per packet \
+         program ran on over the time the generator's send loop ran (as the kernel timed it; the receiver \
+         runs inside it, on the same CPU). Mpps are medians over the rounds; time per packet \
          is the median of the per-round ratios bare Mpps / moat Mpps."
     );
     println!();

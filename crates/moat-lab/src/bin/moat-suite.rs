@@ -11,7 +11,8 @@
 //! Method for throughput rows: the generator runs on one CPU, the receiving
 //! veth polls in its own NAPI thread pinned to the other CPU, and the rate is
 //! the frames the receiving side took from its queue (veth's
-//! `rx_queue_N_xdp_packets`) over the generator's run time: what one core of
+//! `rx_queue_N_xdp_packets`) over the time the generator's send loop ran, as
+//! the kernel timed it (each system call's setup sends nothing): what one core of
 //! the receiver gets through. Every row checks that the frames met the fate
 //! it claims (dropped by the filter's rule, or delivered through the path).
 //!
@@ -169,7 +170,7 @@ fn threaded_napi(ns: &NetNs, dev: &str, cpu: usize) -> Res<()> {
 }
 
 /// One flood of `frames` from `gen`'s g0; returns Mpps through the
-/// receiver (frames `count` moved by, over the generator's run time) and
+/// receiver (frames `count` moved by, over the generator's send-loop time) and
 /// the frames counted.
 fn flood_rate(
     plan: &Plan,
@@ -187,7 +188,7 @@ fn flood_rate(
     // The receiver finishes what is queued.
     std::thread::sleep(Duration::from_millis(50));
     let n = count()? - before;
-    Ok((n as f64 / r.elapsed.as_secs_f64() / 1e6, n))
+    Ok((n as f64 / r.busy.as_secs_f64() / 1e6, n))
 }
 
 /// The UDP flood of the filtering rows: 64-byte frames from 192.0.2.0/24
@@ -502,9 +503,11 @@ fn cpus_row(plan: &Plan, cpus: usize) -> Res<Fig> {
     let frames = plan.frames;
     let mut rates = Vec::new();
     for _ in 0..plan.runs {
-        let before = dp.counters([], [])?.packets(Reason::DropMitigationRule);
+        // Each CPU's frames are dropped on that CPU: the rate is the sum
+        // of each CPU's drops over its generator's send-loop time.
+        let before = dp.reason_per_cpu(Reason::DropMitigationRule)?;
         let ready = std::sync::Barrier::new(cpus);
-        let elapsed = std::thread::scope(|s| -> Res<f64> {
+        let busy = std::thread::scope(|s| -> Res<Vec<f64>> {
             let threads: Vec<_> = (0..cpus)
                 .map(|cpu| {
                     let (gen, template, ready) = (&gen, &template, &ready);
@@ -516,23 +519,24 @@ fn cpus_row(plan: &Plan, cpus: usize) -> Res<Fig> {
                         let r = flood
                             .run(template, g0, frames, Duration::from_secs(20))
                             .map_err(|e| e.to_string())?;
-                        Ok(r.elapsed.as_secs_f64())
+                        Ok(r.busy.as_secs_f64())
                     })
                 })
                 .collect();
-            let mut longest = 0.0f64;
+            let mut busy = Vec::new();
             for t in threads {
-                longest = longest.max(t.join().map_err(|_| "generator thread panicked")??);
+                busy.push(t.join().map_err(|_| "generator thread panicked")??);
             }
-            Ok(longest)
+            Ok(busy)
         })?;
         std::thread::sleep(Duration::from_millis(50));
-        let dropped = dp.counters([], [])?.packets(Reason::DropMitigationRule) - before;
+        let after = dp.reason_per_cpu(Reason::DropMitigationRule)?;
+        let dropped: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
         let took = taken(&sink, "s0")?;
-        if dropped == 0 {
-            return Err(format!("{cpus} CPUs: nothing dropped ({took} taken)").into());
+        if dropped.iter().take(cpus).any(|n| *n == 0) {
+            return Err(format!("{cpus} CPUs: a CPU dropped nothing: {dropped:?} ({took} taken)").into());
         }
-        rates.push(dropped as f64 / elapsed / 1e6);
+        rates.push(dropped.iter().zip(&busy).map(|(n, t)| *n as f64 / t).sum::<f64>() / 1e6);
     }
     // Back to the suite's CPU.
     sock::pin_thread(plan.gen_cpu);
@@ -837,8 +841,9 @@ fn real_main() -> Res<()> {
     ));
     r.line(format!(
         "- Method: the live-frames generator on CPU {} floods a veth whose other end polls in its own NAPI thread \
-         pinned to CPU {}; a rate is the frames that end took from its queue over the generator's run time \
-         ({} frames per run). Every figure is the median of {} run(s) with min-max; every throughput also as a \
+         pinned to CPU {}; a rate is the frames that end took from its queue over the time the generator's \
+         send loop ran, as the kernel timed it (each system call's setup around it sends nothing; {} frames \
+         per run). Every figure is the median of {} run(s) with min-max; every throughput also as a \
          ratio to the bare XDP_DROP ceiling of this run. Every row checks the frames' fate (dropped by the \
          filter's own count, or delivered through the path) and fails otherwise.",
         plan.gen_cpu, plan.rx_cpu, plan.frames, plan.runs
