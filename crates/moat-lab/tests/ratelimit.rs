@@ -54,7 +54,7 @@ fn flowing(dp: &Dataplane, from: u64, running: impl Fn() -> bool) -> Duration {
     }
     match (first, end) {
         (Some(first), Some(end)) => end - first,
-        _ => panic!("the limit dropped nothing"),
+        _ => panic!("no packet reached the rate-limited rule"),
     }
 }
 
