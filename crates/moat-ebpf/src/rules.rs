@@ -11,6 +11,7 @@
 //! follows the fields the rules use, not how many rules there are. Rate-limit rules
 //! keep token buckets (as "theoretical arrival times") per rule or per
 //! address.
+
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_jiffies64, bpf_ktime_get_ns},
