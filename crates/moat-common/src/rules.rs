@@ -54,7 +54,8 @@ pub const SET_MITIGATION: u32 = 0;
 /// `CUSTOMER_FW` for a customer without firewall rules.
 pub const SET_NONE: u32 = 0;
 
-/// A term bitmap's summary, kept beside every reference to the bitmap:
+/// A term bitmap's summary, kept beside every reference to the bitmap
+/// in a set of more than [`CLS_EXACT_TERMS`] terms (see [`set_summary`]):
 /// bit `k` is set when any of terms `[32k, 32k + 32)` is. The data plane
 /// ANDs the summaries of a packet's bitmaps first and reads only the
 /// bitmap words whose summary bit survives, lowest first.
@@ -72,6 +73,23 @@ pub const fn summary(b: &[u64; CLS_WORDS]) -> u32 {
 }
 const _: () = assert!(CLS_WORDS * 2 == 32);
 
+/// Sets of at most this many terms keep exact summaries (see
+/// [`set_summary`]): ANDed, the summaries alone name the terms a packet
+/// matches, and the data plane reads no bitmap at all.
+pub const CLS_EXACT_TERMS: u32 = 32;
+
+/// The summary kept beside every reference to bitmap `b` of a set of
+/// `nterms` terms: for a set of at most [`CLS_EXACT_TERMS`] terms, the
+/// bitmap's first 32 bits themselves (bit `k` set when term `k` is);
+/// for a larger set, its [`summary`].
+pub const fn set_summary(nterms: u32, b: &[u64; CLS_WORDS]) -> u32 {
+    if nterms <= CLS_EXACT_TERMS {
+        b[0] as u32
+    } else {
+        summary(b)
+    }
+}
+
 /// One rule set of one copy: its slot descriptors, the bitmap of all its
 /// terms and its terms, as indexes into the copy's pools.
 #[repr(C)]
@@ -86,9 +104,10 @@ pub struct ClsSet {
     pub v6_start: u32,
     pub all: u32,
     pub term_base: u32,
-    /// 0: the set is empty (nothing to classify).
+    /// 0: the set is empty (nothing to classify). It also says which
+    /// summaries the set keeps (see [`set_summary`]).
     pub nterms: u32,
-    /// [`summary`] of the bitmap `all`.
+    /// [`set_summary`] of the bitmap `all`.
     pub all_summary: u32,
 }
 const _: () = assert!(core::mem::size_of::<ClsSet>() == 32);
@@ -132,7 +151,7 @@ pub struct ClsSlot {
     pub absent: u32,
     pub key_base: u32,
     pub direct: u32,
-    /// [`summary`] of the bitmap `absent`.
+    /// [`set_summary`] of the bitmap `absent`.
     pub absent_summary: u32,
     /// The first interval's bitmap and its summary (what a search that
     /// moves past no interval finds).
@@ -213,7 +232,7 @@ pub const fn tree_level_first(level: u32) -> u32 {
 
 /// An interval's start (a 128-bit value as two halves; integers and IPv4
 /// addresses in `lo`) and its bitmap (an index into the bitmap pool, and
-/// the bitmap's [`summary`]).
+/// the bitmap's [`set_summary`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClsKey {
@@ -319,5 +338,20 @@ mod tests {
         }
         assert_eq!(summary(&b), 1 | 1 << 1 | 1 << 2 | 1 << 15 | 1 << 31);
         assert_eq!(summary(&[u64::MAX; CLS_WORDS]), u32::MAX);
+    }
+
+    #[test]
+    fn small_sets_keep_their_terms_in_the_summary_and_larger_ones_spans() {
+        let mut b = [0u64; CLS_WORDS];
+        for term in [0usize, 5, 31, 40, 700] {
+            b[term / 64] |= 1 << (term % 64);
+        }
+        // Terms past the set's size never appear in its bitmaps: only the
+        // first 32 bits count.
+        assert_eq!(set_summary(1, &b), 1 | 1 << 5 | 1 << 31);
+        assert_eq!(set_summary(CLS_EXACT_TERMS, &b), 1 | 1 << 5 | 1 << 31);
+        assert_eq!(set_summary(CLS_EXACT_TERMS + 1, &b), summary(&b));
+        assert_eq!(summary(&b), 1 | 1 << 1 | 1 << 21);
+        assert_eq!(set_summary(7, &[0; CLS_WORDS]), 0);
     }
 }

@@ -260,8 +260,8 @@ fn narrow(t: &classify::FieldTable) -> bool {
 
 /// The intervals a slot descriptor holds itself (see `ClsSlot::near`):
 /// those of a narrow field's table of at most `CLS_NEAR` intervals, as
-/// (starts, bitmap ids, summaries); `None` for any other table.
-fn near(t: &classify::FieldTable, bitmap_base: u32, bitmaps: &[classify::Bitmap]) -> Option<NearIntervals> {
+/// (starts, bitmap ids, summaries by `sum`); `None` for any other table.
+fn near(t: &classify::FieldTable, bitmap_base: u32, sum: impl Fn(u32) -> u32) -> Option<NearIntervals> {
     if !narrow(t) || t.starts.is_empty() || t.starts.len() > CLS_NEAR {
         return None;
     }
@@ -269,7 +269,7 @@ fn near(t: &classify::FieldTable, bitmap_base: u32, bitmaps: &[classify::Bitmap]
     for (i, (start, b)) in t.starts.iter().zip(&t.bitmaps).enumerate() {
         n.0[i] = *start as u64;
         n.1[i] = bitmap_base + b;
-        n.2[i] = summary(&bitmaps[*b as usize]);
+        n.2[i] = sum(*b);
     }
     Some(n)
 }
@@ -345,6 +345,9 @@ fn entries(r: &RuleTables, copy: u32) -> Vec<Entry> {
     for (n, set) in r.sets.iter().enumerate() {
         let n = n as u32;
         let (descs, v4_end, v6_start) = slots(&set.tables);
+        let nterms = set.tables.term_rule.len() as u32;
+        // The summary kept beside a reference to the set's bitmap `b`.
+        let sum = |b: u32| set_summary(nterms, &set.tables.bitmaps[b as usize]);
         for (i, (slot, table, absent)) in descs.iter().enumerate() {
             let (len, key_base, direct, first, tree, near) = match table {
                 Some(t) => (
@@ -353,7 +356,7 @@ fn entries(r: &RuleTables, copy: u32) -> Vec<Entry> {
                     set.directs[*t].map_or(0, |d| d + 1),
                     set.tables.tables[*t].bitmaps.first().copied(),
                     set.trees[*t],
-                    near(&set.tables.tables[*t], set.bitmap_base, &set.tables.bitmaps),
+                    near(&set.tables.tables[*t], set.bitmap_base, sum),
                 ),
                 None => (0, 0, 0, None, None, None),
             };
@@ -363,9 +366,9 @@ fn entries(r: &RuleTables, copy: u32) -> Vec<Entry> {
                 absent: set.bitmap_base + absent,
                 key_base,
                 direct,
-                absent_summary: summary(&set.tables.bitmaps[*absent as usize]),
+                absent_summary: sum(*absent),
                 first: first.map_or(0, |b| set.bitmap_base + b),
-                first_summary: first.map_or(0, |b| summary(&set.tables.bitmaps[b as usize])),
+                first_summary: first.map_or(0, sum),
                 tree: tree.map_or(0, |root| root + 1),
                 levels: tree.map_or(0, |_| tree_levels(len)),
                 near: u32::from(near.is_some()),
@@ -382,7 +385,7 @@ fn entries(r: &RuleTables, copy: u32) -> Vec<Entry> {
                     hi: (start >> 64) as u64,
                     lo: *start as u64,
                     bitmap: set.bitmap_base + bitmap,
-                    summary: summary(&set.tables.bitmaps[*bitmap as usize]),
+                    summary: sum(*bitmap),
                 };
                 out.push(Entry::Key(copy * CLS_KEY_POOL + key_base + i as u32, key));
             }
@@ -390,11 +393,7 @@ fn entries(r: &RuleTables, copy: u32) -> Vec<Entry> {
         for (t, tree) in set.tables.tables.iter().zip(&set.trees) {
             let Some(root) = tree else { continue };
             let starts: Vec<u64> = t.starts.iter().map(|s| *s as u64).collect();
-            let bitmaps: Vec<(u32, u32)> = t
-                .bitmaps
-                .iter()
-                .map(|b| (set.bitmap_base + b, summary(&set.tables.bitmaps[*b as usize])))
-                .collect();
+            let bitmaps: Vec<(u32, u32)> = t.bitmaps.iter().map(|b| (set.bitmap_base + b, sum(*b))).collect();
             for (j, node) in tree_nodes(&starts, &bitmaps) {
                 out.push(Entry::Node(copy * CLS_NODE_POOL + root + j, node));
             }
@@ -414,8 +413,8 @@ fn entries(r: &RuleTables, copy: u32) -> Vec<Entry> {
             v6_start,
             all: set.bitmap_base,
             term_base: set.term_base,
-            nterms: set.tables.term_rule.len() as u32,
-            all_summary: summary(&set.tables.bitmaps[0]),
+            nterms,
+            all_summary: sum(0),
         };
         out.push(Entry::Set(copy * CLS_SETS + n, d));
         if let Some((id, _)) = &set.customer {
@@ -852,7 +851,10 @@ mod tests {
                 let k = t.starts.iter().rposition(|s| *s as u64 <= v).unwrap();
                 let want = (
                     set.bitmap_base + t.bitmaps[k],
-                    summary(&set.tables.bitmaps[t.bitmaps[k] as usize]),
+                    set_summary(
+                        set.tables.term_rule.len() as u32,
+                        &set.tables.bitmaps[t.bitmaps[k] as usize],
+                    ),
                 );
                 assert_eq!(near_find(d, v), want, "{:?} value {v}", t.field);
             }

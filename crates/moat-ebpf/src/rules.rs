@@ -5,12 +5,13 @@
 //! slot descriptor itself when it has at most 4 intervals; else a walk
 //! down the slot's search tree, one lookup in its direct table, or a
 //! binary search; or the "field absent" bitmap), whose
-//! bitmap's 32-bit summary is ANDed in; then the bitmaps themselves are
-//! ANDed one 32-term span at a time, over the spans the summaries leave,
-//! lowest first; the lowest bit left is the first matching term. The cost
-//! follows the fields the rules use, not how many rules there are. Rate-limit rules
-//! keep token buckets (as "theoretical arrival times") per rule or per
-//! address.
+//! bitmap's 32-bit summary is ANDed in; then (in a set of more than 32
+//! terms, whose summaries mark 32-term spans, not terms) the bitmaps
+//! themselves are ANDed one 32-term span at a time, over the spans the
+//! summaries leave, lowest first; the lowest bit left is the first
+//! matching term. The cost follows the fields the rules use, not how
+//! many rules there are. Rate-limit rules keep token buckets (as
+//! "theoretical arrival times") per rule or per address.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -533,11 +534,14 @@ pub fn classify(sc: &mut Scratch, c: u32, set: u32) -> Option<&'static ClsTerm> 
 /// this machine every call costs tens of nanoseconds.
 ///
 /// First every slot's bitmap is found and only the summaries are ANDed
-/// (a packet no term can match stops there); then, lowest first, each
-/// bitmap word holding a 32-term span the summaries leave is ANDed over
-/// the bitmaps (masked to those spans) until one leaves a term. A span the summaries keep but the bitmaps empty costs
-/// one more round; a set's cost follows the fields its rules use and how
-/// many spans the packet's bitmaps share, not how many rules there are.
+/// (a packet no term can match stops there). In a set of at most 32
+/// terms the summaries are the terms themselves, and the lowest bit left
+/// is the match. In a larger one, lowest first, each bitmap word holding
+/// a 32-term span the summaries leave is ANDed over the bitmaps (masked
+/// to those spans) until one leaves a term. A span the summaries keep but
+/// the bitmaps empty costs one more round; a set's cost follows the
+/// fields its rules use and how many spans the packet's bitmaps share,
+/// not how many rules there are.
 #[inline(always)]
 fn classify_set(sc: &mut Scratch, c: u32, set: u32) -> u32 {
     if c > 1 || set >= CLS_SETS {
@@ -578,6 +582,15 @@ fn classify_set(sc: &mut Scratch, c: u32, set: u32) -> u32 {
         // SAFETY: as above.
         unsafe { core::ptr::write_volatile(&mut sc.ids[i as usize & (IDS - 1)], found as u32) };
         i += 1;
+    }
+    // A small set's summaries are its terms: the lowest left is the match.
+    if d.nterms <= CLS_EXACT_TERMS {
+        let term = lowest(u64::from(spans));
+        return if term < d.nterms {
+            c * CLS_TERM_POOL + d.term_base + term + 1
+        } else {
+            0
+        };
     }
     let mut term = None;
     let mut round = 0;

@@ -226,12 +226,6 @@ fn data_plane_picks_the_models_rule_in_sets_of_1_to_1024_rules() {
     println!("{total} packets compared");
 }
 
-/// The data plane first ANDs 32-bit summaries of the packet's bitmaps
-/// (one bit per 32 terms), then reads the bitmaps span by span. Here the
-/// source's and the port's bitmaps both have terms in the first span but
-/// none in common, so that span is a false lead: the match in the second
-/// span must still be found, and a packet whose only common span is a
-/// false lead must match nothing.
 /// A UDP frame from port 4000 to `dport`, with 22 bytes of payload.
 fn udp(src: &str, dst: &str, dport: u16) -> Vec<u8> {
     packet::eth(
@@ -265,6 +259,13 @@ fn run_as_model(f: &Fixture, frame: &[u8], what: &str) -> (u32, moat_lab::model:
     (got.action, want, moved)
 }
 
+/// In a set of more than 32 terms the data plane first ANDs 32-bit
+/// summaries of the packet's bitmaps (one bit per 32 terms), then reads
+/// the bitmaps span by span. Here (41 terms) the source's and the port's
+/// bitmaps both have terms in the first span but none in common, so that
+/// span is a false lead: the match in the second span must still be
+/// found, and a packet whose only common span is a false lead must match
+/// nothing.
 #[test]
 fn a_span_that_only_the_summaries_share_is_passed_over() {
     let mut f = Fixture::new("rulespan");
@@ -305,6 +306,49 @@ fn a_span_that_only_the_summaries_share_is_passed_over() {
             "{src} -> {dport}: {:?}",
             want.reason
         );
+    }
+}
+
+/// A set of at most 32 terms keeps the terms themselves in its
+/// summaries and reads no bitmap; a larger one keeps spans. Across that
+/// line (31, 32 and 33 one-term rules), a packet matching two rules is
+/// decided by the first, and the last rule (term 30, 31 or 32) is found
+/// as any other.
+#[test]
+fn sets_either_side_of_32_terms_find_the_first_matching_rule() {
+    let mut f = Fixture::new("rule32");
+    for n in [31usize, 32, 33] {
+        let mut spec = standard_spec();
+        // Rule i: one source and one port; the last: the first port from
+        // any source.
+        let mut rules: Vec<RuleSpec> = (0..n - 1)
+            .map(|i| {
+                moat_lab::rules::spec_rule(
+                    &format!("m{i}"),
+                    &format!("ip.src == 192.0.2.{} and udp.dstport == {}", i + 1, 1000 + i),
+                    RuleAction::Drop,
+                )
+            })
+            .collect();
+        rules.push(moat_lab::rules::spec_rule(
+            "last",
+            "udp.dstport == 1000",
+            RuleAction::Drop,
+        ));
+        spec.mitigation = rules;
+        f.apply(spec);
+        for (src, dport, rule) in [
+            ("192.0.2.1", 1000, Some("m0")),
+            ("192.0.2.9", 1000, Some("last")),
+            ("192.0.2.2", 1000, Some("last")),
+            ("192.0.2.2", 1001, Some("m1")),
+            ("192.0.2.1", 1001, None),
+        ] {
+            let what = format!("{n} rules: {src} -> {dport}");
+            let (action, want, moved) = run_as_model(&f, &udp(src, "203.0.113.5", dport), &what);
+            assert_eq!(moved, rule.into_iter().map(String::from).collect::<Vec<_>>(), "{what}");
+            assert_eq!(action, if rule.is_some() { 1 } else { want.action.code() }, "{what}");
+        }
     }
 }
 
