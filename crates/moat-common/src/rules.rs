@@ -31,8 +31,9 @@ pub const CLS_DIRECT_MIN_KEYS: u32 = 8;
 pub const CLS_DIRECT_VALUES: u32 = 65_536;
 pub const CLS_DIRECT_WORDS: u32 = CLS_DIRECT_VALUES / 4;
 /// Search-tree nodes per copy (see [`ClsNode`]): a slot of a field of at
-/// most 32 bits without a direct table gets a tree while they last; the
-/// others are searched step by step, so running out costs time only.
+/// most 32 bits without a direct table or a trie gets a tree while they
+/// last; the others are searched step by step, so running out costs time
+/// only.
 pub const CLS_NODE_POOL: u32 = 16_384;
 /// Keys of a search-tree node.
 pub const CLS_NODE_KEYS: u32 = 16;
@@ -42,6 +43,28 @@ const _: () = assert!(CLS_NODE_KEYS.pow(CLS_NODE_LEVELS) >= CLS_SLOT_KEYS);
 /// The start of a node's unused keys: above every value a tree slot holds
 /// (fields of at most 32 bits), so that no search moves onto one.
 pub const CLS_NODE_END: u64 = i64::MAX as u64;
+/// Tries per copy (see [`CLS_TRIE_CHILD`]): an IPv4 address slot of more
+/// than [`CLS_NEAR`] intervals gets one while roots and nodes last; the
+/// others get a search tree. A trie finds a value's interval in one to
+/// three dependent loads, where a tree of three levels takes twelve
+/// search steps.
+pub const CLS_TRIE_ROOTS: u32 = 8;
+/// Entries of a trie's root (one per value of an address's first 16
+/// bits) and of one of its nodes (one per value of the next byte).
+pub const CLS_TRIE_ROOT: u32 = 65_536;
+pub const CLS_TRIE_NODE: u32 = 256;
+/// Nodes per copy, shared by its tries.
+pub const CLS_TRIE_NODES: u32 = 2048;
+/// Words of one copy of the trie map: its roots, then its nodes.
+pub const CLS_TRIE_WORDS: u32 = CLS_TRIE_ROOTS * CLS_TRIE_ROOT + CLS_TRIE_NODES * CLS_TRIE_NODE;
+/// A trie entry with this bit set leads to the node whose number (in the
+/// copy's nodes) is in the bits below it; without it, the entry is the
+/// bitmap of the interval holding every value under the entry, as
+/// `summary << 32 | bitmap id`. The root's entry for a value is read by
+/// its first 16 bits, a node's by the next byte: an IPv4 address takes at
+/// most three reads.
+pub const CLS_TRIE_CHILD: u64 = 1 << 31;
+const _: () = assert!(CLS_TRIE_NODES.is_power_of_two() && (CLS_BITMAP_POOL as u64) < CLS_TRIE_CHILD);
 /// Rules (each with its counter and rate-limit bucket) per copy.
 pub const CLS_RULE_POOL: u32 = 16_384;
 /// Per-address rate-limit buckets (LRU: a flood of spoofed sources evicts
@@ -167,7 +190,9 @@ pub struct ClsSlot {
     /// unused ones [`CLS_NODE_END`]), bitmaps and summaries. The data plane
     /// counts the starts at or before the value without a branch.
     pub near: u32,
-    pub pad: u32,
+    /// Its trie: `1 +` the number of its root in the copy's tries (0:
+    /// none; see [`CLS_TRIE_CHILD`]).
+    pub trie: u32,
     pub near_start: [u64; CLS_NEAR],
     pub near_bitmap: [u32; CLS_NEAR],
     pub near_summary: [u32; CLS_NEAR],

@@ -29,6 +29,9 @@ pub struct SetTables {
     pub key_bases: Vec<u32>,
     /// Per table: its direct table in `CLS_DIRECT`, if it has one.
     pub directs: Vec<Option<u32>>,
+    /// Per table: its trie, if it has one, as the number of its root and
+    /// of its first node in the copy's tries.
+    pub tries: Vec<Option<(u32, u32)>>,
     /// Per table: the root of its search tree in `CLS_NODE`, if it has one.
     pub trees: Vec<Option<u32>>,
     pub bitmap_base: u32,
@@ -127,7 +130,7 @@ pub(crate) fn compile(
     crate::compile::check_capacity("customers with firewall rules", firewalls.len(), CLS_SETS - 1)?;
     let mut sets = Vec::with_capacity(1 + firewalls.len());
     let (mut slot_next, mut key_next, mut bitmap_next, mut term_next, mut stat_next) = (0u32, 0u32, 0u32, 0u32, 0u32);
-    let (mut direct_next, mut node_next) = (0u32, 0u32);
+    let (mut direct_next, mut node_next, mut trie_next, mut trie_node_next) = (0u32, 0u32, 0u32, 0u32);
     let owners = std::iter::once(None).chain(firewalls.iter().map(|f| Some((f.0, f.1, f.2))));
     let owners: Vec<_> = owners.collect();
     for owner in owners {
@@ -171,13 +174,38 @@ pub(crate) fn compile(
                 }
             })
             .collect::<Vec<_>>();
-        let trees = trees_for(&tables, &directs, &mut node_next, CLS_NODE_POOL);
+        // Tries, first come first served: IPv4 address tables too large
+        // for a descriptor, while roots and nodes last.
+        let tries = tables
+            .tables
+            .iter()
+            .map(|t| {
+                let v4 = matches!(t.field, Field::IpSrc | Field::IpDst) && narrow(t);
+                if !v4 || t.starts.len() <= CLS_NEAR || trie_next >= CLS_TRIE_ROOTS {
+                    return None;
+                }
+                let nodes = trie_layout(&t.starts).1.len() as u32;
+                if trie_node_next + nodes > CLS_TRIE_NODES {
+                    return None;
+                }
+                trie_next += 1;
+                trie_node_next += nodes;
+                Some((trie_next - 1, trie_node_next - nodes))
+            })
+            .collect::<Vec<_>>();
+        let elsewhere: Vec<bool> = directs
+            .iter()
+            .zip(&tries)
+            .map(|(d, t)| d.is_some() || t.is_some())
+            .collect();
+        let trees = trees_for(&tables, &elsewhere, &mut node_next, CLS_NODE_POOL);
         let set = SetTables {
             customer,
             rules: rules.iter().map(|r| (r.name.clone(), r.action)).collect(),
             slot_base: slot_next,
             key_bases,
             directs,
+            tries,
             trees,
             bitmap_base: bitmap_next,
             term_base: term_next,
@@ -231,18 +259,90 @@ fn direct_words(copy: u32, d: u32, starts: &[u128]) -> (u32, impl Iterator<Item 
     (base, words)
 }
 
+/// A trie entry as [`trie_layout`] gives it: the interval holding every
+/// value under the entry (its index in the table), or a node (its number
+/// among the trie's nodes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TrieEntry {
+    Interval(u32),
+    Node(u32),
+}
+
+/// The trie over a narrow table's interval starts (see `CLS_TRIE_CHILD`):
+/// its root's entries and its nodes, numbered from 0. A block of values
+/// (a root entry's 2^16, a node entry's 2^8, a single value) inside one
+/// interval is that interval; one that holds the start of another gets a
+/// node.
+fn trie_layout(starts: &[u128]) -> (Vec<TrieEntry>, Vec<Vec<TrieEntry>>) {
+    // The interval holding `v`: the last one starting at or before it
+    // (the first starts at 0).
+    let at = |v: u128| (starts.partition_point(|s| *s <= v).max(1) - 1) as u32;
+    let mut nodes: Vec<Vec<TrieEntry>> = Vec::new();
+    // The entry for the block of 2^bits values from `lo`.
+    fn entry(lo: u128, bits: u32, at: &dyn Fn(u128) -> u32, nodes: &mut Vec<Vec<TrieEntry>>) -> TrieEntry {
+        let first = at(lo);
+        if bits == 0 || at(lo + (1 << bits) - 1) == first {
+            return TrieEntry::Interval(first);
+        }
+        let n = nodes.len();
+        nodes.push(Vec::new());
+        let below = (0..CLS_TRIE_NODE)
+            .map(|b| entry(lo + (u128::from(b) << (bits - 8)), bits - 8, at, nodes))
+            .collect();
+        nodes[n] = below;
+        TrieEntry::Node(n as u32)
+    }
+    let root = (0..CLS_TRIE_ROOT)
+        .map(|h| entry(u128::from(h) << 16, 16, &at, &mut nodes))
+        .collect();
+    (root, nodes)
+}
+
+/// Trie `root` (its first node `first`) of copy `copy` over the table
+/// `t` of a set whose bitmaps start at `bitmap_base`, with summaries by
+/// `sum`: every word, as (index in `CLS_TRIE`, word).
+fn trie_words(
+    copy: u32,
+    (root, first): (u32, u32),
+    t: &classify::FieldTable,
+    bitmap_base: u32,
+    sum: impl Fn(u32) -> u32,
+) -> Vec<(u32, u64)> {
+    let base = copy * CLS_TRIE_WORDS;
+    let node_base = base + CLS_TRIE_ROOTS * CLS_TRIE_ROOT;
+    let word = |e: &TrieEntry| match *e {
+        TrieEntry::Interval(k) => {
+            let b = t.bitmaps[k as usize];
+            u64::from(sum(b)) << 32 | u64::from(bitmap_base + b)
+        }
+        TrieEntry::Node(n) => CLS_TRIE_CHILD | u64::from(first + n),
+    };
+    let (top, nodes) = trie_layout(&t.starts);
+    let mut out: Vec<(u32, u64)> = top
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (base + root * CLS_TRIE_ROOT + i as u32, word(e)))
+        .collect();
+    for (n, node) in nodes.iter().enumerate() {
+        let at = node_base + (first + n as u32) * CLS_TRIE_NODE;
+        out.extend(node.iter().enumerate().map(|(i, e)| (at + i as u32, word(e))));
+    }
+    out
+}
+
 /// Search trees for the tables of one set, first come first served from
 /// `*next` in a pool of `pool` nodes: the fields of at most 32 bits (all
-/// but the IPv6 address halves, whose values reach 2^64 - 1) without a
-/// direct table. The others are searched step by step.
-fn trees_for(tables: &Tables, directs: &[Option<u32>], next: &mut u32, pool: u32) -> Vec<Option<u32>> {
+/// but the IPv6 address halves, whose values reach 2^64 - 1) not looked up
+/// `elsewhere` (a direct table or a trie). The others are searched step
+/// by step.
+fn trees_for(tables: &Tables, elsewhere: &[bool], next: &mut u32, pool: u32) -> Vec<Option<u32>> {
     tables
         .tables
         .iter()
-        .zip(directs)
-        .map(|(t, direct)| {
+        .zip(elsewhere)
+        .map(|(t, elsewhere)| {
             let span = tree_span(t.starts.len() as u32);
-            if direct.is_none() && narrow(t) && t.starts.len() > CLS_NEAR && *next + span <= pool {
+            if !elsewhere && narrow(t) && t.starts.len() > CLS_NEAR && *next + span <= pool {
                 *next += span;
                 Some(*next - span)
             } else {
@@ -349,7 +449,7 @@ fn entries(r: &RuleTables, copy: u32) -> Vec<Entry> {
         // The summary kept beside a reference to the set's bitmap `b`.
         let sum = |b: u32| set_summary(nterms, &set.tables.bitmaps[b as usize]);
         for (i, (slot, table, absent)) in descs.iter().enumerate() {
-            let (len, key_base, direct, first, tree, near) = match table {
+            let (len, key_base, direct, first, tree, near, trie) = match table {
                 Some(t) => (
                     set.tables.tables[*t].starts.len() as u32,
                     set.key_bases[*t],
@@ -357,8 +457,9 @@ fn entries(r: &RuleTables, copy: u32) -> Vec<Entry> {
                     set.tables.tables[*t].bitmaps.first().copied(),
                     set.trees[*t],
                     near(&set.tables.tables[*t], set.bitmap_base, sum),
+                    set.tries[*t].map_or(0, |(root, _)| root + 1),
                 ),
-                None => (0, 0, 0, None, None, None),
+                None => (0, 0, 0, None, None, None, 0),
             };
             let d = ClsSlot {
                 slot: *slot,
@@ -372,7 +473,7 @@ fn entries(r: &RuleTables, copy: u32) -> Vec<Entry> {
                 tree: tree.map_or(0, |root| root + 1),
                 levels: tree.map_or(0, |_| tree_levels(len)),
                 near: u32::from(near.is_some()),
-                pad: 0,
+                trie,
                 near_start: near.map_or([0; CLS_NEAR], |n| n.0),
                 near_bitmap: near.map_or([0; CLS_NEAR], |n| n.1),
                 near_summary: near.map_or([0; CLS_NEAR], |n| n.2),
@@ -491,6 +592,16 @@ impl Dataplane {
                     written += CLS_DIRECT_WORDS as usize;
                 }
             }
+            for (t, trie) in set.tables.tables.iter().zip(&set.tries) {
+                if let Some(trie) = trie {
+                    let nterms = set.tables.term_rule.len() as u32;
+                    let sum = |b: u32| set_summary(nterms, &set.tables.bitmaps[b as usize]);
+                    for (i, w) in trie_words(idle, *trie, t, set.bitmap_base, sum) {
+                        m.cls_trie.set(i, w);
+                        written += 1;
+                    }
+                }
+            }
             for rule in 0..set.rules.len() as u32 {
                 let stat = idle * CLS_RULE_POOL + set.stat_base + rule;
                 crate::apply::zero_per_cpu(&mut m.rule_stats, "RULE_STATS", stat)?;
@@ -594,6 +705,16 @@ impl Dataplane {
                     let (base, words) = direct_words(active, *d, &t.starts);
                     if words.enumerate().any(|(i, w)| m.cls_direct.get(base + i as u32) != w) {
                         differ(format!("direct table {d}"));
+                    }
+                }
+            }
+            for (t, trie) in set.tables.tables.iter().zip(&set.tries) {
+                if let Some(trie) = trie {
+                    let nterms = set.tables.term_rule.len() as u32;
+                    let sum = |b: u32| set_summary(nterms, &set.tables.bitmaps[b as usize]);
+                    let words = trie_words(active, *trie, t, set.bitmap_base, sum);
+                    if words.iter().any(|(i, w)| m.cls_trie.get(*i) != *w) {
+                        differ(format!("trie {}", trie.0));
                     }
                 }
             }
@@ -757,6 +878,7 @@ mod tests {
             .collect();
         assert!(!v6.is_empty() && v6.iter().all(Option::is_none), "{v6:?}");
         let mut rules = port_rules("udp.dstport", 3);
+        rules.extend(port_rules("udp.srcport", 3));
         rules.extend(port_rules("tcp.dstport", 40));
         rules.push(rule("v6", "ip.src in {::1 ::2 2001:db8::/32}"));
         let r = compile(&rules, &[]).unwrap().unwrap();
@@ -768,11 +890,12 @@ mod tests {
             .zip(&set.trees)
             .map(|(t, tree)| (t.field, t.space, tree.is_some()))
             .collect();
-        // The IPv4 sources and the UDP port: trees; the TCP port has a
-        // direct table, the IPv6 sources are searched.
+        // The UDP ports: trees; the IPv4 sources have a trie, the TCP port
+        // a direct table, the IPv6 sources are searched.
         for want in [
-            (Field::IpSrc, Space::Main, true),
+            (Field::IpSrc, Space::Main, false),
             (Field::UdpDstPort, Space::Main, true),
+            (Field::UdpSrcPort, Space::Main, true),
             (Field::TcpDstPort, Space::Main, false),
             (Field::IpSrc, Space::V6, false),
         ] {
@@ -791,9 +914,126 @@ mod tests {
         // With room for only the first, the second is searched.
         let room = spans[0].1 + spans[1].1 - 1;
         let mut next = 0;
-        let trees = trees_for(&set.tables, &set.directs, &mut next, room);
+        let elsewhere: Vec<bool> = set
+            .directs
+            .iter()
+            .zip(&set.tries)
+            .map(|(d, t)| d.is_some() || t.is_some())
+            .collect();
+        let trees = trees_for(&set.tables, &elsewhere, &mut next, room);
         assert_eq!(trees.iter().filter(|t| t.is_some()).count(), 1, "{trees:?}");
         assert_eq!(next, spans[0].1);
+    }
+
+    /// The data plane's trie lookup (moat-ebpf's `trie`), over the words
+    /// of copy 0 by index.
+    fn trie_find(words: &std::collections::HashMap<u32, u64>, root: u32, v: u32) -> (u32, u32) {
+        let nodes = CLS_TRIE_ROOTS * CLS_TRIE_ROOT;
+        let mut e = words[&(root * CLS_TRIE_ROOT + (v >> 16))];
+        for shift in [8, 0] {
+            if e & CLS_TRIE_CHILD == 0 {
+                break;
+            }
+            let node = e as u32 & (CLS_TRIE_NODES - 1);
+            e = words[&(nodes + node * CLS_TRIE_NODE + ((v >> shift) & 0xff))];
+        }
+        assert_eq!(e & CLS_TRIE_CHILD, 0, "a third level leads on");
+        (e as u32, (e >> 32) as u32)
+    }
+
+    #[test]
+    fn tries_find_the_interval_holding_each_ipv4_address() {
+        // Whole /16s, /24s, single addresses and ranges that end
+        // anywhere, in both address fields; both kinds of summary.
+        let mut rules = vec![
+            rule(
+                "a",
+                "ip.src in {10.1.0.0/16 10.2.3.0/24 10.2.3.4 192.0.2.128/25 0.0.0.0}",
+            ),
+            rule(
+                "b",
+                "ip.dst in {198.51.100.7 198.51.100.9 203.0.113.0/24} and ip.src in {255.255.255.255}",
+            ),
+            rule("c", "ip.src in {172.16.5.64/26 172.16.200.0/22 172.18.0.0/15}"),
+        ];
+        for extra in [0, 40] {
+            rules.extend((0..extra).map(|i| rule(&format!("x{i}"), &format!("ip.dst == 100.64.{i}.1"))));
+            let r = compile(&rules, &[]).unwrap().unwrap();
+            let set = &r.sets[0];
+            let nterms = set.tables.term_rule.len() as u32;
+            let sum = |b: u32| set_summary(nterms, &set.tables.bitmaps[b as usize]);
+            let mut tried = 0;
+            for (t, trie) in set.tables.tables.iter().zip(&set.tries) {
+                let Some(trie) = trie else { continue };
+                tried += 1;
+                let words: std::collections::HashMap<u32, u64> =
+                    trie_words(0, *trie, t, set.bitmap_base, sum).into_iter().collect();
+                let (_, nodes) = trie_layout(&t.starts);
+                assert_eq!(words.len() as u32, CLS_TRIE_ROOT + nodes.len() as u32 * CLS_TRIE_NODE);
+                let mut values: Vec<u32> = t
+                    .starts
+                    .iter()
+                    .flat_map(|s| {
+                        let s = *s as u32;
+                        [s.saturating_sub(1), s, s.saturating_add(1), s | 0xff, s | 0xffff]
+                    })
+                    .collect();
+                values.extend([0, u32::MAX, 0x0a01_8000]);
+                for v in values {
+                    let k = t.starts.iter().rposition(|s| *s <= u128::from(v)).unwrap();
+                    let b = t.bitmaps[k];
+                    let want = (set.bitmap_base + b, sum(b));
+                    assert_eq!(trie_find(&words, trie.0, v), want, "{:?} {v:#x}", t.field);
+                }
+            }
+            assert_eq!(tried, 2, "both address fields have a trie");
+        }
+    }
+
+    #[test]
+    fn tries_go_to_ipv4_address_tables_while_roots_and_nodes_last() {
+        // One node per /16 holding a boundary, and one more per /24
+        // holding a boundary off its edges.
+        let starts: Vec<u128> = vec![0, 0x0a00_0100, 0x0a00_0200, 0x0a00_0205, 0x0a00_0206, 0x0b00_0000];
+        let (root, nodes) = trie_layout(&starts);
+        assert_eq!(nodes.len(), 2, "{nodes:?}");
+        assert_eq!(root[0x0a00], TrieEntry::Node(0));
+        assert_eq!(root[0x0b00], TrieEntry::Interval(5));
+        assert_eq!(root[0x0a01], TrieEntry::Interval(4));
+        assert_eq!(nodes[0][2], TrieEntry::Node(1));
+        assert_eq!(nodes[1][5..7], [TrieEntry::Interval(3), TrieEntry::Interval(4)]);
+        // Nine sets of IPv4 sources: the first eight get the roots, the
+        // ninth a search tree; nodes follow one another.
+        let firewalls: Vec<Vec<RuleSpec>> = (0..9)
+            .map(|k| {
+                vec![rule(
+                    "f",
+                    &format!("ip.src in {{10.{k}.1.0/24 10.{k}.3.0/24 10.{k}.5.0/24}}"),
+                )]
+            })
+            .collect();
+        let named: Vec<(u32, String)> = (0..9).map(|k| (k, format!("c{k}"))).collect();
+        let fw: Vec<(u32, &str, &[RuleSpec])> = named
+            .iter()
+            .zip(&firewalls)
+            .map(|((id, n), r)| (*id, n.as_str(), r.as_slice()))
+            .collect();
+        let r = compile(&[], &fw).unwrap().unwrap();
+        let got: Vec<(Option<(u32, u32)>, bool)> = r.sets[1..]
+            .iter()
+            .map(|s| {
+                let i = s
+                    .tables
+                    .tables
+                    .iter()
+                    .position(|t| t.field == Field::IpSrc && t.space == Space::Main)
+                    .unwrap();
+                (s.tries[i], s.trees[i].is_some())
+            })
+            .collect();
+        let want: Vec<(Option<(u32, u32)>, bool)> =
+            (0..8).map(|k| (Some((k, k)), false)).chain([(None, true)]).collect();
+        assert_eq!(got, want);
     }
 
     /// The data plane's count over a descriptor's own intervals (moat-ebpf's
@@ -861,11 +1101,12 @@ mod tests {
         }
         // In the descriptor: the UDP port (3 intervals), the IPv4 sources
         // (5) are not, nor the TCP port (5), nor IPv6 addresses ever; the
-        // TTL (2). Those not held there get a search tree, IPv6 apart.
+        // TTL (2). Those not held there get a search tree, IPv6 apart, and
+        // IPv4 addresses, which get a trie.
         for want in [
             (Field::UdpDstPort, Space::Main, true, false),
             (Field::IpTtl, Space::Main, true, false),
-            (Field::IpSrc, Space::Main, false, true),
+            (Field::IpSrc, Space::Main, false, false),
             (Field::TcpDstPort, Space::Main, false, true),
             (Field::IpSrc, Space::V6, false, false),
         ] {

@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use moat_common::rules::{
     ClsKey, ClsNode, ClsSet, ClsSlot, ClsTerm, FragKey, RlKey, CLS_BITMAP_POOL, CLS_DIRECT_TABLES, CLS_DIRECT_WORDS,
-    CLS_KEY_POOL, CLS_NODE_POOL, CLS_RULE_POOL, CLS_SETS, CLS_SLOT_POOL, CLS_TERM_POOL, CLS_WORDS, FRAG_DROPS_ENTRIES,
-    RL_ADDR_ENTRIES,
+    CLS_KEY_POOL, CLS_NODE_POOL, CLS_RULE_POOL, CLS_SETS, CLS_SLOT_POOL, CLS_TERM_POOL, CLS_TRIE_WORDS, CLS_WORDS,
+    FRAG_DROPS_ENTRIES, RL_ADDR_ENTRIES,
 };
 use moat_common::{
     limits::*, Counter, CustomerStats, DecapKey, DecapValue, DestValue, EcmpTable, Reason, SourceKey4, SourceKey6,
@@ -120,6 +120,10 @@ pub static CLS_NODE: Array<ClsNode> = Array::with_max_entries(2 * CLS_NODE_POOL,
 /// mapped by userspace, which fills the idle copy's tables in place.
 #[map]
 pub static CLS_DIRECT: Array<u64> = Array::with_max_entries(2 * CLS_DIRECT_TABLES * CLS_DIRECT_WORDS, BPF_F_MMAPABLE);
+/// Tries of IPv4 address slots (see moat_common::rules::CLS_TRIE_CHILD),
+/// per copy; mapped by userspace, which fills the idle copy in place.
+#[map]
+pub static CLS_TRIE: Array<u64> = Array::with_max_entries(2 * CLS_TRIE_WORDS, BPF_F_MMAPABLE);
 #[map]
 pub static CLS_BITMAP: Array<[u64; CLS_WORDS]> = Array::with_max_entries(2 * CLS_BITMAP_POOL, 0);
 #[map]

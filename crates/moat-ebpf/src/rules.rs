@@ -2,9 +2,10 @@
 //! classification by per-field interval tables and term bitmaps
 //! (moat_common::rules). Per packet and set: for every slot the set's
 //! rules constrain, the interval holding the packet's value (from the
-//! slot descriptor itself when it has at most 4 intervals; else a walk
-//! down the slot's search tree, one lookup in its direct table, or a
-//! binary search; or the "field absent" bitmap), whose
+//! slot descriptor itself when it has at most 4 intervals; else one
+//! lookup in its direct table, one to three in its trie (IPv4 addresses),
+//! a walk down its search tree, or a binary search; or the "field
+//! absent" bitmap), whose
 //! bitmap's 32-bit summary is ANDed in; then (in a set of more than 32
 //! terms, whose summaries mark 32-term spans, not terms) the bitmaps
 //! themselves are ANDed one 32-term span at a time, over the spans the
@@ -22,8 +23,8 @@ use moat_common::{limits::MAX_CUSTOMERS, rules::*, Reason};
 
 use crate::{
     maps::{
-        CLS_BITMAP, CLS_DIRECT, CLS_KEY, CLS_NODE, CLS_SCRATCH, CLS_SET, CLS_SLOT, CLS_TERM, CUSTOMER_FW, FRAG_DROPS,
-        RL_ADDR, RL_RULE,
+        CLS_BITMAP, CLS_DIRECT, CLS_KEY, CLS_NODE, CLS_SCRATCH, CLS_SET, CLS_SLOT, CLS_TERM, CLS_TRIE, CUSTOMER_FW,
+        FRAG_DROPS, RL_ADDR, RL_RULE,
     },
     parse::{self, Family, Packet},
 };
@@ -102,6 +103,11 @@ fn find(f: &Fields, c: u32, d: u32, zero: u32) -> u64 {
             }
             match CLS_KEY.get(base + lo) {
                 Some(k) => (k.bitmap, k.summary),
+                None => return 0,
+            }
+        } else if slot.trie != 0 && slot.trie <= CLS_TRIE_ROOTS && s < slot::IP_SRC6 {
+            match trie(c, slot.trie - 1, vl as u32) {
+                Some(found) => found,
                 None => return 0,
             }
         } else if slot.tree != 0 && s < slot::IP_SRC6 {
@@ -192,6 +198,29 @@ fn walk(root: u32, levels: u32, v: u64, zero: u32) -> Option<(u32, u32)> {
         j = j * KEYS + 1 + i;
         level += 1;
     }
+}
+
+/// The bitmap (id, summary) of the interval holding the IPv4 address
+/// `v` in trie `root` of copy `c` (see `CLS_TRIE_CHILD`): the root's
+/// entry for its first 16 bits, then while an entry leads to a node, that
+/// node's entry for the next byte. `None`: out of the map, or a third
+/// level that still leads on (a malformed trie).
+#[inline(always)]
+fn trie(c: u32, root: u32, v: u32) -> Option<(u32, u32)> {
+    let base = c * CLS_TRIE_WORDS;
+    let nodes = base + CLS_TRIE_ROOTS * CLS_TRIE_ROOT;
+    let mut e = *CLS_TRIE.get(base + root * CLS_TRIE_ROOT + (v >> 16))?;
+    for shift in [8, 0] {
+        if e & CLS_TRIE_CHILD == 0 {
+            break;
+        }
+        let node = e as u32 & (CLS_TRIE_NODES - 1);
+        e = *CLS_TRIE.get(nodes + node * CLS_TRIE_NODE + ((v >> shift) & 0xff))?;
+    }
+    if e & CLS_TRIE_CHILD != 0 {
+        return None;
+    }
+    Some((e as u32, (e >> 32) as u32))
 }
 
 /// Index of the lowest set bit of a non-zero word, without branches:

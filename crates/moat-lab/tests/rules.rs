@@ -5,7 +5,8 @@
 //! (which evaluates each rule's expression directly), and after each set
 //! every rule's match counter must equal the number of packets the model
 //! saw that rule decide: the data plane picked the same rule every time.
-//! Large sets hold fields looked up in direct tables and fields searched.
+//! Large sets hold fields looked up in direct tables, IPv4 addresses
+//! looked up in tries, and fields searched.
 
 use std::net::IpAddr;
 
@@ -151,24 +152,26 @@ fn data_plane_picks_the_models_rule_in_sets_of_1_to_1024_rules() {
         f.apply(spec.clone());
         f.rule_hits.borrow_mut().clear();
         // Fields with many intervals look their value up in a direct table
-        // (while tables last), the rest search: both ways are compared.
-        let (direct, searched) =
+        // (while tables last), IPv4 addresses in a trie (while tries last),
+        // the rest search: every way is compared.
+        let (direct, trie, searched) =
             f.dp.applied()
                 .and_then(|a| a.rules())
                 .map(|r| {
                     r.sets
                         .iter()
-                        .flat_map(|s| &s.directs)
-                        .fold((0, 0), |(d, n), x| match x {
-                            Some(_) => (d + 1, n),
-                            None => (d, n + 1),
+                        .flat_map(|s| s.directs.iter().zip(&s.tries))
+                        .fold((0, 0, 0), |(d, t, n), x| match x {
+                            (Some(_), _) => (d + 1, t, n),
+                            (None, Some(_)) => (d, t + 1, n),
+                            (None, None) => (d, t, n + 1),
                         })
                 })
-                .unwrap_or((0, 0));
+                .unwrap_or((0, 0, 0));
         if n >= 100 {
             assert!(
-                direct > 0 && searched > 0,
-                "{n} rules: {direct} direct, {searched} searched"
+                direct > 0 && trie > 0 && searched > 0,
+                "{n} rules: {direct} direct, {trie} tries, {searched} searched"
             );
         }
         let mut dropped_by_rules = 0;
@@ -215,7 +218,8 @@ fn data_plane_picks_the_models_rule_in_sets_of_1_to_1024_rules() {
             .unwrap_or(0);
         println!(
             "{n} rules per set: {PACKETS} packets agree; {matched} rule matches, {dropped_by_rules} dropped by rules, \
-             highest mitigation rule matched: m{last_matching}; fields with a direct table {direct}, searched {searched}"
+             highest mitigation rule matched: m{last_matching}; fields with a direct table {direct}, a trie {trie}, \
+             searched {searched}"
         );
         assert!(matched > 0, "seed {seed}, {n} rules: no rule ever matched");
         if n >= 100 {
@@ -394,4 +398,60 @@ fn ipv6_addresses_with_a_zero_high_half_are_classified() {
             );
         }
     }
+}
+
+/// An IPv4 address table of many intervals gets a trie: packets from its
+/// /24s are decided by the right rule, and a word of the trie changed
+/// behind moat's back is found by the comparison of the live copy that
+/// `moat status` makes, and the next apply writes it back.
+#[test]
+fn a_changed_trie_word_is_found_and_rewritten() {
+    let mut f = Fixture::new("ruletrie");
+    let mut spec = standard_spec();
+    spec.mitigation = (0..64)
+        .map(|i| {
+            moat_lab::rules::spec_rule(
+                &format!("m{i}"),
+                &format!("ip.src in {{10.9.{}.0/24}}", 2 * i),
+                RuleAction::Drop,
+            )
+        })
+        .collect();
+    f.apply(spec.clone());
+    let rules = f.dp.applied().and_then(|a| a.rules()).expect("rule sets").clone();
+    let set = &rules.sets[0];
+    let table = set
+        .tables
+        .tables
+        .iter()
+        .position(|t| t.field == moat_expr::Field::IpSrc && t.space == moat_dataplane::classify::Space::Main)
+        .expect("an IPv4 source table");
+    let (root, _) = set.tries[table].expect("the sources have a trie");
+    for (src, rule) in [
+        ("10.9.6.1", Some("m3")),
+        ("10.9.7.1", None),
+        ("10.9.126.255", Some("m63")),
+    ] {
+        let (_, _, moved) = run_as_model(&f, &udp(src, "203.0.113.5", 53), src);
+        assert_eq!(moved, rule.into_iter().map(String::from).collect::<Vec<_>>(), "{src}");
+    }
+    let verify = |f: &Fixture| f.dp.verify_rules(f.dp.applied().unwrap()).unwrap();
+    assert_eq!(verify(&f), Vec::<String>::new());
+    // The root's entry for 10.9/16, in the live copy.
+    use moat_common::rules::*;
+    let copy = f.dp.maps.active.get(moat_common::active::RULES) as u32;
+    let at = copy * CLS_TRIE_WORDS + root * CLS_TRIE_ROOT + 0x0a09;
+    let good = f.dp.maps.cls_trie.get(at);
+    assert_ne!(good & CLS_TRIE_CHILD, 0, "10.9/16 leads to a node");
+    f.dp.maps.cls_trie.set(at, 0);
+    assert_eq!(
+        verify(&f),
+        vec![format!("rule sets: trie {root} differs from this generation's")]
+    );
+    // Applying the same rules again writes the idle copy whole and makes it live.
+    f.dp.resync();
+    f.apply(spec);
+    assert_eq!(verify(&f), Vec::<String>::new());
+    let (_, _, moved) = run_as_model(&f, &udp("10.9.6.1", "203.0.113.5", 53), "after the rewrite");
+    assert_eq!(moved, ["m3"]);
 }
