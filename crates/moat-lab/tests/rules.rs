@@ -270,11 +270,10 @@ fn run_as_model(f: &Fixture, frame: &[u8], what: &str) -> (u32, moat_lab::model:
 /// span is a false lead: the match in the second span must still be
 /// found, and a packet whose only common span is a false lead must match
 /// nothing.
-#[test]
-fn a_span_that_only_the_summaries_share_is_passed_over() {
-    let mut f = Fixture::new("rulespan");
-    let mut spec = standard_spec();
-    let mut rules: Vec<RuleSpec> = (0..40)
+/// `n` drop rules "m0", "m1", ...: rule i on the source 192.0.2.(i + 1)
+/// and the UDP port 1000 + i.
+fn source_port_rules(n: usize) -> Vec<RuleSpec> {
+    (0..n)
         .map(|i| {
             moat_lab::rules::spec_rule(
                 &format!("m{i}"),
@@ -282,7 +281,24 @@ fn a_span_that_only_the_summaries_share_is_passed_over() {
                 RuleAction::Drop,
             )
         })
-        .collect();
+        .collect()
+}
+
+/// Checks that a UDP frame from `src` to port `dport` fares as the model
+/// says and is dropped by the mitigation rule `rule` (`None`: no rule
+/// matches it); returns the model's outcome.
+fn decided_by(f: &Fixture, src: &str, dport: u16, rule: Option<&str>, what: &str) -> moat_lab::model::Expect {
+    let (action, want, moved) = run_as_model(f, &udp(src, "203.0.113.5", dport), what);
+    assert_eq!(moved, rule.into_iter().map(String::from).collect::<Vec<_>>(), "{what}");
+    assert_eq!(action, if rule.is_some() { 1 } else { want.action.code() }, "{what}");
+    want
+}
+
+#[test]
+fn a_span_that_only_the_summaries_share_is_passed_over() {
+    let mut f = Fixture::new("rulespan");
+    let mut spec = standard_spec();
+    let mut rules = source_port_rules(40);
     rules.push(moat_lab::rules::spec_rule(
         "late",
         "ip.src == 192.0.2.1 and udp.dstport == 1001",
@@ -297,13 +313,7 @@ fn a_span_that_only_the_summaries_share_is_passed_over() {
         ("192.0.2.1", 1002, None),
         ("192.0.2.2", 1001, Some("m1")),
     ] {
-        let (action, want, moved) = run_as_model(&f, &udp(src, "203.0.113.5", dport), &format!("{src} -> {dport}"));
-        assert_eq!(
-            moved,
-            rule.into_iter().map(String::from).collect::<Vec<_>>(),
-            "{src} -> {dport}"
-        );
-        assert_eq!(action, if rule.is_some() { 1 } else { want.action.code() });
+        let want = decided_by(&f, src, dport, rule, &format!("{src} -> {dport}"));
         assert_eq!(
             want.reason == moat_common::Reason::DropMitigationRule,
             rule.is_some(),
@@ -325,15 +335,7 @@ fn sets_either_side_of_32_terms_find_the_first_matching_rule() {
         let mut spec = standard_spec();
         // Rule i: one source and one port; the last: the first port from
         // any source.
-        let mut rules: Vec<RuleSpec> = (0..n - 1)
-            .map(|i| {
-                moat_lab::rules::spec_rule(
-                    &format!("m{i}"),
-                    &format!("ip.src == 192.0.2.{} and udp.dstport == {}", i + 1, 1000 + i),
-                    RuleAction::Drop,
-                )
-            })
-            .collect();
+        let mut rules = source_port_rules(n - 1);
         rules.push(moat_lab::rules::spec_rule(
             "last",
             "udp.dstport == 1000",
@@ -348,10 +350,7 @@ fn sets_either_side_of_32_terms_find_the_first_matching_rule() {
             ("192.0.2.2", 1001, Some("m1")),
             ("192.0.2.1", 1001, None),
         ] {
-            let what = format!("{n} rules: {src} -> {dport}");
-            let (action, want, moved) = run_as_model(&f, &udp(src, "203.0.113.5", dport), &what);
-            assert_eq!(moved, rule.into_iter().map(String::from).collect::<Vec<_>>(), "{what}");
-            assert_eq!(action, if rule.is_some() { 1 } else { want.action.code() }, "{what}");
+            decided_by(&f, src, dport, rule, &format!("{n} rules: {src} -> {dport}"));
         }
     }
 }
@@ -432,8 +431,7 @@ fn a_changed_trie_word_is_found_and_rewritten() {
         ("10.9.7.1", None),
         ("10.9.126.255", Some("m63")),
     ] {
-        let (_, _, moved) = run_as_model(&f, &udp(src, "203.0.113.5", 53), src);
-        assert_eq!(moved, rule.into_iter().map(String::from).collect::<Vec<_>>(), "{src}");
+        decided_by(&f, src, 53, rule, src);
     }
     let verify = |f: &Fixture| f.dp.verify_rules(f.dp.applied().unwrap()).unwrap();
     assert_eq!(verify(&f), Vec::<String>::new());
@@ -452,6 +450,5 @@ fn a_changed_trie_word_is_found_and_rewritten() {
     f.dp.resync();
     f.apply(spec);
     assert_eq!(verify(&f), Vec::<String>::new());
-    let (_, _, moved) = run_as_model(&f, &udp("10.9.6.1", "203.0.113.5", 53), "after the rewrite");
-    assert_eq!(moved, ["m3"]);
+    decided_by(&f, "10.9.6.1", 53, Some("m3"), "after the rewrite");
 }
