@@ -40,6 +40,14 @@ pub struct SetTables {
     pub stat_base: u32,
 }
 
+impl SetTables {
+    /// The summary kept beside every reference to the set's bitmap `b`
+    /// (exact terms or 32-term spans by the set's size: `set_summary`).
+    fn summary(&self, b: u32) -> u32 {
+        set_summary(self.tables.term_rule.len() as u32, &self.tables.bitmaps[b as usize])
+    }
+}
+
 /// Every rule set, laid out. Set 0 is the mitigation rules (possibly empty).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RuleTables {
@@ -446,8 +454,7 @@ fn entries(r: &RuleTables, copy: u32) -> Vec<Entry> {
         let n = n as u32;
         let (descs, v4_end, v6_start) = slots(&set.tables);
         let nterms = set.tables.term_rule.len() as u32;
-        // The summary kept beside a reference to the set's bitmap `b`.
-        let sum = |b: u32| set_summary(nterms, &set.tables.bitmaps[b as usize]);
+        let sum = |b: u32| set.summary(b);
         for (i, (slot, table, absent)) in descs.iter().enumerate() {
             let (len, key_base, direct, first, tree, near, trie) = match table {
                 Some(t) => (
@@ -594,8 +601,7 @@ impl Dataplane {
             }
             for (t, trie) in set.tables.tables.iter().zip(&set.tries) {
                 if let Some(trie) = trie {
-                    let nterms = set.tables.term_rule.len() as u32;
-                    let sum = |b: u32| set_summary(nterms, &set.tables.bitmaps[b as usize]);
+                    let sum = |b: u32| set.summary(b);
                     for (i, w) in trie_words(idle, *trie, t, set.bitmap_base, sum) {
                         m.cls_trie.set(i, w);
                         written += 1;
@@ -710,8 +716,7 @@ impl Dataplane {
             }
             for (t, trie) in set.tables.tables.iter().zip(&set.tries) {
                 if let Some(trie) = trie {
-                    let nterms = set.tables.term_rule.len() as u32;
-                    let sum = |b: u32| set_summary(nterms, &set.tables.bitmaps[b as usize]);
+                    let sum = |b: u32| set.summary(b);
                     let words = trie_words(active, *trie, t, set.bitmap_base, sum);
                     if words.iter().any(|(i, w)| m.cls_trie.get(*i) != *w) {
                         differ(format!("trie {}", trie.0));
@@ -960,8 +965,7 @@ mod tests {
             rules.extend((0..extra).map(|i| rule(&format!("x{i}"), &format!("ip.dst == 100.64.{i}.1"))));
             let r = compile(&rules, &[]).unwrap().unwrap();
             let set = &r.sets[0];
-            let nterms = set.tables.term_rule.len() as u32;
-            let sum = |b: u32| set_summary(nterms, &set.tables.bitmaps[b as usize]);
+            let sum = |b: u32| set.summary(b);
             let mut tried = 0;
             for (t, trie) in set.tables.tables.iter().zip(&set.tries) {
                 let Some(trie) = trie else { continue };
