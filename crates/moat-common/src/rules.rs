@@ -96,6 +96,36 @@ pub const fn summary(b: &[u64; CLS_WORDS]) -> u32 {
 }
 const _: () = assert!(CLS_WORDS * 2 == 32);
 
+/// The lowest set bit of a non-zero word `x`, as the data plane finds it
+/// without a branch (the verifier would follow each outcome of a branch
+/// apart) or a bit-counting instruction (BPF has none): `x`'s lowest bit
+/// alone, times [`DE_BRUIJN`], leaves in its top 6 bits a number unique to
+/// that bit, which [`LOWEST_BIT`] maps back to the bit.
+pub const fn lowest_bit(x: u64) -> u32 {
+    LOWEST_BIT[lowest_bit_key(x)] as u32
+}
+
+/// [`lowest_bit`]'s index into [`LOWEST_BIT`].
+pub const fn lowest_bit_key(x: u64) -> usize {
+    ((x & x.wrapping_neg()).wrapping_mul(DE_BRUIJN) >> 58) as usize
+}
+
+/// A de Bruijn sequence of order 6: its 64 windows of 6 bits, read from
+/// the top with zeros shifted in below, are 64 different numbers.
+pub const DE_BRUIJN: u64 = 0x03f7_9d71_b4cb_0a89;
+
+/// [`lowest_bit`]'s table: for each number, the bit whose product with
+/// [`DE_BRUIJN`] has it in its top 6 bits.
+pub const LOWEST_BIT: [u8; 64] = {
+    let mut t = [0u8; 64];
+    let mut bit = 0;
+    while bit < 64 {
+        t[lowest_bit_key(1 << bit)] = bit as u8;
+        bit += 1;
+    }
+    t
+};
+
 /// Sets of at most this many terms keep exact summaries (see
 /// [`set_summary`]): ANDed, the summaries alone name the terms a packet
 /// matches, and the data plane reads no bitmap at all.
@@ -350,6 +380,27 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lowest_bit_is_the_index_of_the_lowest_set_bit() {
+        // Every key is taken once, so the table names every bit.
+        let mut keys: Vec<usize> = (0..64).map(|b| lowest_bit_key(1 << b)).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, (0..64).collect::<Vec<_>>());
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for bit in 0..64 {
+            assert_eq!(lowest_bit(1 << bit), bit);
+            assert_eq!(lowest_bit(u64::MAX << bit), bit);
+            // Words with the same lowest bit and anything above it.
+            for _ in 0..1000 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let w = (x | 1) << bit;
+                assert_eq!(lowest_bit(w), w.trailing_zeros(), "{w:#x}");
+            }
+        }
+    }
 
     #[test]
     fn summary_marks_each_32_term_span_holding_a_term() {

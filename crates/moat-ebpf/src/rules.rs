@@ -223,17 +223,19 @@ fn trie(c: u32, root: u32, v: u32) -> Option<(u32, u32)> {
     Some((e as u32, (e >> 32) as u32))
 }
 
-/// Index of the lowest set bit of a non-zero word, without branches:
-/// the verifier would follow each outcome of a branch apart.
+/// Index of the lowest set bit of a non-zero word (see
+/// `moat_common::rules::lowest_bit`).
 #[inline(always)]
 fn lowest(x: u64) -> u32 {
-    // The bits below the lowest set bit, counted.
-    let v = (x & x.wrapping_neg()).wrapping_sub(1);
-    let v = v - ((v >> 1) & 0x5555_5555_5555_5555);
-    let v = (v & 0x3333_3333_3333_3333) + ((v >> 2) & 0x3333_3333_3333_3333);
-    let v = (v + (v >> 4)) & 0x0f0f_0f0f_0f0f_0f0f;
-    (v.wrapping_mul(0x0101_0101_0101_0101) >> 56) as u32
+    // SAFETY: a read inside the table, which nothing writes.
+    u32::from(unsafe { core::ptr::read_volatile(&raw const LOWEST[lowest_bit_key(x) & 63]) })
 }
+
+/// `moat_common::rules::LOWEST_BIT`, in the program's data. Mutable
+/// though never written: the compiler would otherwise assume the values
+/// it holds, and drop a bound the verifier needs on a bitmap word's index
+/// computed from one.
+static mut LOWEST: [u8; 64] = LOWEST_BIT;
 
 /// The packet's value for every slot (see `moat_common::rules::slot`),
 /// gathered once per packet: the low halves by slot, the high halves of
