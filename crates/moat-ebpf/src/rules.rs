@@ -224,7 +224,7 @@ fn trie(c: u32, root: u32, v: u32) -> Option<(u32, u32)> {
 }
 
 /// Index of the lowest set bit of a non-zero word (see
-/// `moat_common::rules::lowest_bit`).
+/// `moat_common::rules::lowest_bit`); 0 for 0, which callers rule out.
 #[inline(always)]
 fn lowest(x: u64) -> u32 {
     // SAFETY: a read inside the table, which nothing writes.
@@ -614,10 +614,12 @@ fn classify_set(sc: &mut Scratch, c: u32, set: u32) -> u32 {
         unsafe { core::ptr::write_volatile(&mut sc.ids[i as usize & (IDS - 1)], found as u32) };
         i += 1;
     }
-    // A small set's summaries are its terms: the lowest left is the match.
+    // A small set's summaries are its terms: the lowest left is the match
+    // (none left: a set with no slot for this packet whose own summary is
+    // empty, which a well-formed set never has).
     if d.nterms <= CLS_EXACT_TERMS {
         let term = lowest(u64::from(spans));
-        return if term < d.nterms {
+        return if spans != 0 && term < d.nterms {
             c * CLS_TERM_POOL + d.term_base + term + 1
         } else {
             0
