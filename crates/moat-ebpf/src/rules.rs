@@ -578,7 +578,11 @@ fn classify_set(sc: &mut Scratch, c: u32, set: u32) -> u32 {
     if c > 1 || set >= CLS_SETS {
         return 0;
     }
-    let Some(d) = CLS_SET.get(c * CLS_SETS + set) else {
+    // Copied out of the map once. Read from the map at each use instead,
+    // every read is a new value to the verifier, which then follows both
+    // ways of checks already decided for the first: it processed about
+    // 490,000 instructions that way, against 350,000.
+    let Some(&d) = CLS_SET.get(c * CLS_SETS + set) else {
         return 0;
     };
     if d.nterms == 0 || d.all >= CLS_BITMAP_POOL {
