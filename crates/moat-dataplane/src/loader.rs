@@ -463,6 +463,16 @@ impl Dataplane {
         Ok(info.id())
     }
 
+    /// The instructions the kernel's verifier processed to load the
+    /// program, of its limit of 1,000,000 (`None`: the kernel does not say).
+    pub fn verified_instructions(&self) -> Result<Option<u32>, Error> {
+        let info = self.program()?.info().map_err(|e| Error::Program {
+            program: PROGRAM,
+            source: Box::new(e),
+        })?;
+        Ok(info.verified_instruction_count())
+    }
+
     /// Detaches from every interface attached without pinning.
     pub fn detach_all(&mut self) -> Result<(), Error> {
         let links = std::mem::take(&mut self.links);
