@@ -456,21 +456,21 @@ impl Dataplane {
 
     /// The kernel's id of the program (as shown by `bpftool prog`).
     pub fn program_id(&self) -> Result<u32, Error> {
-        let info = self.program()?.info().map_err(|e| Error::Program {
-            program: PROGRAM,
-            source: Box::new(e),
-        })?;
-        Ok(info.id())
+        Ok(self.program_info()?.id())
     }
 
     /// The instructions the kernel's verifier processed to load the
     /// program, of its limit of 1,000,000 (`None`: the kernel does not say).
     pub fn verified_instructions(&self) -> Result<Option<u32>, Error> {
-        let info = self.program()?.info().map_err(|e| Error::Program {
+        Ok(self.program_info()?.verified_instruction_count())
+    }
+
+    /// What the kernel reports of the loaded program.
+    fn program_info(&self) -> Result<aya::programs::ProgramInfo, Error> {
+        self.program()?.info().map_err(|e| Error::Program {
             program: PROGRAM,
             source: Box::new(e),
-        })?;
-        Ok(info.verified_instruction_count())
+        })
     }
 
     /// Detaches from every interface attached without pinning.
